@@ -1,0 +1,69 @@
+"""Argument checks shared by every public constructor.
+
+Errors follow one pattern: ``Expected `name` to be <what>, but got <value>.`` A value of the
+wrong type raises :class:`TypeError`; a value of the right type but out of range raises
+:class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+def _fail(name: str, expected: str, value: Any, exc: type[Exception] = ValueError) -> Exception:
+    return exc(f"Expected `{name}` to be {expected}, but got {value!r}.")
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    strict: bool = True,
+    allow_inf: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """Check a real number against a lower bound and return it as ``float`` (or None)."""
+    bound = ""
+    if minimum is not None:
+        bound = f" {'>' if strict else '>='} {minimum:g}"
+    expected = f"a number{bound}{' (inf allowed)' if allow_inf else ''}{' or None' if allow_none else ''}"
+    if value is None:
+        if allow_none:
+            return None
+        raise _fail(name, expected, value, TypeError)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(name, expected, value, TypeError)
+    number = float(value)
+    if math.isnan(number) or (math.isinf(number) and not (allow_inf and number > 0)):
+        raise _fail(name, expected, value)
+    if minimum is not None and (number <= minimum if strict else number < minimum):
+        raise _fail(name, expected, value)
+    return number
+
+
+def check_int(name: str, value: Any, *, minimum: int, allow_none: bool = False) -> int | None:
+    """Check an integer ``>= minimum`` (bools are refused) and return it."""
+    expected = f"an int >= {minimum}{' or None' if allow_none else ''}"
+    if value is None:
+        if allow_none:
+            return None
+        raise _fail(name, expected, value, TypeError)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(name, expected, value, TypeError)
+    if value < minimum:
+        raise _fail(name, expected, value)
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """Check that ``value`` is one of the given strings and return it."""
+    options = tuple(choices)
+    expected = "one of " + ", ".join(repr(c) for c in options)
+    if not isinstance(value, str):
+        raise _fail(name, expected, value, TypeError)
+    if value not in options:
+        raise _fail(name, expected, value)
+    return value

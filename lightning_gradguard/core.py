@@ -1,0 +1,486 @@
+"""The framework-free guard: measure, detect, clip and skip, for one optimizer step at a time.
+
+:class:`GuardCore` imports torch only. The Lightning callback
+(:class:`lightning_gradguard.GradGuard`) is a thin adapter over it, and a plain PyTorch loop uses it
+directly::
+
+    guard = GuardCore(model, clip=NormClip(max_norm=1.0))
+    for batch in loader:
+        optimizer.zero_grad()
+        loss = model(batch)
+        guard.observe_loss(loss)          # optional: lets a NaN loss be named as the origin
+        loss.backward()
+        report = guard.step(optimizer)    # measure, detect, clip, skip if needed
+        if not report.skipped:
+            optimizer.step()
+
+Under fp16 AMP call ``scaler.unscale_(optimizer)`` first, then ``guard.step(optimizer,
+scaler=scaler)``, then ``scaler.step(optimizer)``.
+
+Cost: every step, one ``_foreach_norm`` per (device, dtype) group, a few device reductions, the
+clip, and exactly one host sync (reading the non-finite flags, which the skip decision needs).
+On logging steps the per-layer norms are one extra scatter on the device and ride along in that same
+sync. Only a faulty step pays more (to list its non-finite layers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gradguard import alerts
+from lightning_gradguard._validate import check_choice, check_int, check_number
+from lightning_gradguard.clip import Clipper, ClipOutcome
+from lightning_gradguard.detect import describe_nonfinite, nonfinite_tensors, origin_of
+from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
+from lightning_gradguard.events import GradEvent
+from lightning_gradguard.layers import LayerMap
+from lightning_gradguard.measure import combine_norms, grad_norms, group_norms
+
+__all__ = ["GuardCore", "OnNonFinite", "StepReport", "METRIC_PREFIX"]
+
+OnNonFinite = Literal["skip", "warn", "raise", "stop"]
+GroupBy = Literal["layer", "parameter"]
+METRIC_PREFIX = "gradguard/"
+_POLICIES = ("skip", "warn", "raise", "stop")
+
+
+@dataclass
+class StepReport:
+    """What :meth:`GuardCore.step` found and did on one optimizer step.
+
+    Attributes:
+        step: the step number the report belongs to.
+        total_norm: the total gradient norm before clipping (0-d device tensor; no sync to build).
+        skipped: the guard set every gradient of the optimizer to None: do not call
+            ``optimizer.step()`` (calling it anyway is harmless: torch optimizers skip parameters
+            whose grad is None).
+        nonfinite: the step had a non-finite gradient or loss (not counting fp16 overflows that a
+            GradScaler handles).
+        amp_overflow: a GradScaler found Inf/NaN and will skip this step itself.
+        should_stop: the policy asks the training loop to stop.
+        event: the event recorded for this step, if any.
+        logged: whether this was a logging step.
+        metrics: on logging steps, every metric as ``{key: float}``; empty otherwise.
+        layer_norms: on logging steps, the norm of each layer before clipping.
+    """
+
+    step: int
+    total_norm: Tensor
+    skipped: bool = False
+    nonfinite: bool = False
+    amp_overflow: bool = False
+    should_stop: bool = False
+    event: GradEvent | None = None
+    logged: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    layer_norms: dict[str, float] = field(default_factory=dict)
+
+
+class GuardCore:
+    """Guards the gradients of any optimizer, in any training loop.
+
+    Args:
+        model: the model whose parameters are named by layer. Without one, parameters are named
+            ``unregistered.g<group>.p<index>``. Can be set later with :meth:`watch`.
+        clip: a :class:`~lightning_gradguard.clip.Clipper` applied before the optimizer step, or None.
+        norm_type: the order of every reported norm, ``> 0``; ``float('inf')`` for the max-norm.
+        on_nonfinite: ``"skip"`` (drop the step: every gradient of the optimizer set to None),
+            ``"warn"`` (report only), ``"raise"`` (raise :class:`NonFiniteGradientError`) or ``"stop"``
+            (skip, and ask the loop to stop through ``report.should_stop``).
+        max_consecutive_skips: the skipped step that makes this many in a row raises
+            :class:`NonFiniteGradientError`, so that training never skips forever in silence.
+        group_by: ``"layer"`` or ``"parameter"``: the unit of the per-layer norms.
+        log_every_n_steps: steps ``s`` with ``(s + 1) % n == 0`` are logging steps; None: never
+            (unless :meth:`step` is told ``log=True``).
+        max_events: how many events :attr:`events` keeps (the newest).
+        emit: called with each event; defaults to :func:`lightning_gradguard.alerts.emit`.
+
+    Raises:
+        ValueError: an argument is out of range; the message names it.
+        TypeError: an argument has the wrong type.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_gradguard import NormClip
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> guard = GuardCore(model, clip=NormClip(max_norm=0.5), log_every_n_steps=1)
+        >>> loss = model(torch.randn(16, 4)).pow(2).mean()
+        >>> loss.backward()
+        >>> report = guard.step(opt)
+        >>> report.skipped, sorted(report.layer_norms)
+        (False, ['0', '2'])
+        >>> report.metrics["gradguard/total_norm_clipped"] <= 0.5 + 1e-6
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        clip: Clipper | None = None,
+        norm_type: float = 2.0,
+        on_nonfinite: OnNonFinite = "skip",
+        max_consecutive_skips: int = 25,
+        group_by: GroupBy = "layer",
+        log_every_n_steps: int | None = 50,
+        max_events: int = 1000,
+        emit: Callable[[GradEvent], None] | None = None,
+    ) -> None:
+        if clip is not None and not isinstance(clip, Clipper):
+            raise TypeError(
+                f"Expected `clip` to be a Clipper such as NormClip(max_norm=1.0), or None, but got {clip!r}."
+            )
+        self.clip = clip
+        self.norm_type = float(check_number("norm_type", norm_type, minimum=0.0, allow_inf=True))  # type: ignore[arg-type]
+        self.on_nonfinite: OnNonFinite = check_choice("on_nonfinite", on_nonfinite, _POLICIES)  # type: ignore[assignment]
+        self.max_consecutive_skips = int(check_int("max_consecutive_skips", max_consecutive_skips, minimum=1))  # type: ignore[arg-type]
+        self.group_by: GroupBy = check_choice("group_by", group_by, ("layer", "parameter"))  # type: ignore[assignment]
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
+        self.max_events = int(check_int("max_events", max_events, minimum=1))  # type: ignore[arg-type]
+        self.emit = emit if emit is not None else alerts.emit
+        self.layers = LayerMap(self.group_by)
+        self._events: deque[GradEvent] = deque(maxlen=self.max_events)
+        self._loss_finite: Tensor | None = None
+        self._clipped: Tensor | None = None  # device counter of steps whose norm clip bit
+        self._warned: set[str] = set()
+        self.steps = 0
+        self.skipped_steps = 0
+        self.nonfinite_steps = 0
+        self.consecutive_skips = 0
+        self.amp_overflow_steps = 0
+        self.origins: dict[str, int] = {}
+        if model is not None:
+            self.watch(model)
+
+    # ------------------------------------------------------------------ setup
+    def watch(self, model: nn.Module) -> None:
+        """Name ``model``'s parameters by layer and record its forward order on the next forward."""
+        self.layers.watch(model)
+
+    def unwatch(self) -> None:
+        """Remove every hook the guard registered on the model."""
+        self.layers.unwatch()
+
+    @property
+    def events(self) -> list[GradEvent]:
+        """The recorded events, oldest first (at most ``max_events``)."""
+        return list(self._events)
+
+    def observe_loss(self, loss: Tensor) -> None:
+        """Note whether ``loss`` is finite (no host sync), so a non-finite loss is named the origin.
+
+        Call it before each backward; micro-batches of one optimizer step combine.
+        """
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+
+    # ------------------------------------------------------------------- step
+    def is_logging_step(self, step: int) -> bool:
+        """Whether ``step`` is a logging step under ``log_every_n_steps``."""
+        n = self.log_every_n_steps
+        return n is not None and (step + 1) % n == 0
+
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        step: int | None = None,
+        log: bool | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        optimizer_idx: int = 0,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> StepReport:
+        """Measure, detect, clip and (per the policy) skip one optimizer step.
+
+        Call it after backward and before ``optimizer.step()``.
+
+        Args:
+            optimizer: the optimizer about to step; its parameters are the ones guarded.
+            step: the step number for events and cadence (default: this guard's call count).
+            log: force (True) or suppress (False) the logging work; default follows
+                ``log_every_n_steps``.
+            scaler: the fp16 ``GradScaler``, if any. Call ``scaler.unscale_(optimizer)`` first; a
+                fused optimizer that unscales inside ``step()`` is measured by dividing by the scale.
+            optimizer_idx: recorded in events.
+            reduce: sums a small flag tensor across ranks (e.g. ``all_reduce``), so that every rank
+                takes the same decision. None on a single process.
+
+        Returns:
+            A :class:`StepReport`.
+
+        Raises:
+            NonFiniteGradientError: under ``on_nonfinite="raise"`` on a non-finite step, or when
+                ``max_consecutive_skips`` steps in a row were skipped.
+        """
+        step = self.steps if step is None else step
+        is_log = self.is_logging_step(step) if log is None else log
+        layout = self.layers.layout(optimizer)
+        params = layout.params
+        grads: list[Tensor] = []
+        owners: list[int] = []
+        for i, p in enumerate(params):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                self._warn_once("sparse", "GradGuard: sparse gradients are not measured or clipped; they are skipped.")
+                continue
+            grads.append(g)
+            owners.append(i)
+        if not grads:
+            self._warn_once(
+                "empty",
+                "GradGuard: the optimizer has no parameter with a gradient this step; nothing to measure.",
+            )
+            self.steps += 1
+            self.layers.freeze_order()
+            return StepReport(step, torch.zeros(()))
+        device = grads[0].device
+        inv_scale, amp_found = self._amp_state(optimizer, scaler, device)
+
+        norms = grad_norms(grads, self.norm_type)
+        if inv_scale is not None:
+            norms = norms * inv_scale
+        total = combine_norms(norms, self.norm_type)
+        finite = torch.isfinite(total)
+        if inv_scale is not None:  # scaled grads: an overflow is the scaler's business
+            amp_found = ~finite
+        loss_bad = (~self._loss_finite) if self._loss_finite is not None else torch.zeros((), dtype=torch.bool)
+        flags = torch.stack(
+            [
+                (~finite).float(),
+                loss_bad.to(device).float(),
+                (amp_found if amp_found is not None else torch.zeros((), device=device)).to(device).float(),
+            ]
+        )
+        if reduce is not None:
+            flags = reduce(flags)
+
+        outcome: ClipOutcome | None = None
+        if self.clip is not None and not self.clip.deferred:
+            outcome = self.clip.clip_(grads, norms, total, finite, self.norm_type, is_log)
+            self._count_clipped(outcome.coef)
+
+        layer_ids: list[int] = []
+        packed = [flags]
+        if is_log:
+            tensor_layer = [layout.param_layer[i] for i in owners]
+            layer_ids = sorted(set(tensor_layer))
+            index = torch.tensor(tensor_layer, device=norms.device)
+            per_layer = group_norms(norms, index, len(layout.layer_names), self.norm_type)[layer_ids]
+            extras = [total]
+            if outcome is not None:
+                extras += [outcome.clipped_total if outcome.clipped_total is not None else total, outcome.coef]
+            packed += [torch.stack(extras), per_layer]
+        # The one deliberate host sync of the step: the skip decision needs the flags.
+        values = torch.cat([t.reshape(-1).to(flags.device, torch.float32) for t in packed]).tolist()
+        grad_bad, loss_bad_now, amp_bad = (v > 0 for v in values[:3])
+        logged = values[3:]
+
+        self.steps += 1
+        self.layers.freeze_order()
+        report = StepReport(step, total, logged=is_log)
+        if amp_bad:
+            report.amp_overflow = True
+            self.amp_overflow_steps += 1
+            report.event = self._record(
+                GradEvent(
+                    "amp_overflow",
+                    step=step,
+                    value=logged[0] if is_log else math.inf,
+                    message=f"GradGuard: fp16 overflow at step {step}; the GradScaler skips this step "
+                    "and lowers its scale.",
+                    optimizer_idx=optimizer_idx,
+                    action="none",
+                )
+            )
+        elif grad_bad or loss_bad_now:
+            self._handle_nonfinite(report, params, grads, owners, layout, norms, loss_bad_now, optimizer_idx)
+        else:
+            self.consecutive_skips = 0
+            if self.clip is not None and self.clip.deferred:
+                late = self.clip.clip_(grads, norms, total, finite, self.norm_type, is_log)
+                self._count_clipped(late.coef)
+                if is_log:  # a deferred clipper's clipped norm costs one more read (documented)
+                    clipped = late.clipped_total if late.clipped_total is not None else total
+                    logged[1:1] = torch.stack([clipped, late.coef]).tolist()
+        if is_log and self.clip is not None and len(logged) == 1 + len(layer_ids):
+            logged[1:1] = [logged[0], 1.0]  # clipper not applied on this (non-finite) step
+        self._loss_finite = None
+        if is_log:
+            self._fill_metrics(report, logged, layout.layer_names, layer_ids)
+        return report
+
+    # --------------------------------------------------------------- helpers
+    def _amp_state(
+        self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, device: torch.device
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(1/scale if the gradients are still scaled, the scaler's found-inf flag if it unscaled)."""
+        if scaler is None or not scaler.is_enabled():
+            return None, None
+        from torch.amp.grad_scaler import OptState
+
+        state = scaler._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.UNSCALED:
+            found = state["found_inf_per_device"]
+            flag = sum((v.to(device).reshape(()) for v in found.values()), torch.zeros((), device=device))
+            return None, flag
+        if self.clip is not None and self.clip.deferred:
+            raise GradGuardError(
+                f"GradGuard: {self.clip!r} cannot clip gradients that are still scaled by the GradScaler "
+                "(a fused optimizer unscales inside step()). Use NormClip, or call scaler.unscale_(optimizer) "
+                "before the guard."
+            )
+        scale = scaler._scale
+        assert scale is not None
+        return scale.double().reciprocal().float().to(device), None
+
+    def _count_clipped(self, coef: Tensor) -> None:
+        bit = (coef < 1).to(torch.int64)
+        self._clipped = bit if self._clipped is None else self._clipped + bit.to(self._clipped.device)
+
+    def _handle_nonfinite(
+        self,
+        report: StepReport,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        owners: Sequence[int],
+        layout: Any,
+        norms: Tensor,
+        loss_bad: bool,
+        optimizer_idx: int,
+    ) -> None:
+        report.nonfinite = True
+        self.nonfinite_steps += 1
+        bad_layers = {layout.param_layer[owners[i]] for i in nonfinite_tensors(norms)}
+        names = [layout.layer_names[i] for i in self.layers.ordered(layout, bad_layers)]
+        origin = origin_of(names, loss_bad)
+        policy = self.on_nonfinite
+        action = {"skip": "skipped", "stop": "stopped", "raise": "raised", "warn": "warned"}[policy]
+        if policy in ("skip", "stop"):
+            for p in params:
+                p.grad = None
+            report.skipped = True
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+        report.should_stop = policy == "stop"
+        total = float(report.total_norm) if report.total_norm.numel() else math.nan
+        event = GradEvent(
+            "nonfinite",
+            step=report.step,
+            layers=tuple(names),
+            origin=origin,
+            value=total,
+            message=describe_nonfinite(report.step, names, origin, total, action, optimizer_idx),
+            optimizer_idx=optimizer_idx,
+            action=action,
+        )
+        key = origin or "unknown"
+        self.origins[key] = self.origins.get(key, 0) + 1
+        report.event = self._record(event)
+        if policy == "raise":
+            raise NonFiniteGradientError(event.message, event)
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteGradientError(
+                f"GradGuard: {self.consecutive_skips} consecutive optimizer steps were skipped for non-finite "
+                f"gradients (max_consecutive_skips={self.max_consecutive_skips}); the run is not recovering. "
+                f"Last: {event.message}",
+                event,
+            )
+
+    def _record(self, event: GradEvent) -> GradEvent:
+        self._events.append(event)
+        self.emit(event)
+        return event
+
+    def _fill_metrics(self, report: StepReport, logged: list[float], layer_names: list[str], layer_ids: list[int]) -> None:
+        p = METRIC_PREFIX
+        metrics = {f"{p}total_norm": logged[0]}
+        rest = logged[1:]
+        if self.clip is not None:
+            metrics[f"{p}total_norm_clipped"], metrics[f"{p}clip_coef"] = rest[0], rest[1]
+            rest = rest[2:]
+        else:
+            metrics[f"{p}clip_coef"] = 1.0
+        report.layer_norms = {layer_names[i]: v for i, v in zip(layer_ids, rest)}
+        for name, v in report.layer_norms.items():
+            metrics[f"{p}layer/{name}"] = v
+        metrics[f"{p}skipped_steps"] = float(self.skipped_steps)
+        metrics[f"{p}nonfinite_steps"] = float(self.nonfinite_steps)
+        report.metrics = metrics
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            if alerts.is_rank_zero():
+                import warnings
+
+                warnings.warn(message, alerts.GradGuardWarning, stacklevel=3)
+
+    # ------------------------------------------------------------- reporting
+    @property
+    def clipped_steps(self) -> int:
+        """How many steps the norm clipper actually shrank (one host read)."""
+        return 0 if self._clipped is None else int(self._clipped.item())
+
+    def summary(self) -> str:
+        """A one-paragraph summary of the run so far.
+
+        Example::
+
+            >>> GuardCore().summary()
+            'GradGuard summary: 0 optimizer steps guarded; no clipping configured; 0 skipped; 0 non-finite steps.'
+        """
+        steps = self.steps
+        if self.clip is None:
+            clip = "no clipping configured"
+        else:
+            frac = self.clipped_steps / steps if steps else 0.0
+            clip = f"{self.clipped_steps} clipped ({frac:.1%}) by {self.clip!r}"
+        text = (
+            f"GradGuard summary: {steps} optimizer steps guarded; {clip}; {self.skipped_steps} skipped; "
+            f"{self.nonfinite_steps} non-finite steps"
+        )
+        if self.origins:
+            text += " (origins: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.origins.items(), key=lambda kv: -kv[1])) + ")"
+        if self.amp_overflow_steps:
+            text += f"; {self.amp_overflow_steps} fp16 overflows handled by the GradScaler"
+        return text + "."
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and clipper state, as plain values."""
+        return {
+            "version": 1,
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_steps": self.nonfinite_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "amp_overflow_steps": self.amp_overflow_steps,
+            "clipped_steps": self.clipped_steps,
+            "origins": dict(self.origins),
+            "clip": self.clip.state_dict() if self.clip is not None else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; missing keys (older checkpoints) keep their defaults."""
+        self.steps = int(state.get("steps", self.steps))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.amp_overflow_steps = int(state.get("amp_overflow_steps", 0))
+        self._clipped = torch.tensor(int(state.get("clipped_steps", 0)))
+        self.origins = {str(k): int(v) for k, v in dict(state.get("origins", {})).items()}
+        if self.clip is not None and state.get("clip"):
+            self.clip.load_state_dict(state["clip"])

@@ -1,0 +1,55 @@
+"""Gradient events: what the guard noticed, at which step, where, and how bad.
+
+A :class:`GradEvent` is a plain, picklable record. The guard appends each one to ``guard.events``
+and hands it to the alerting layer (:mod:`lightning_gradguard.alerts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = ["EventKind", "GradEvent"]
+
+EventKind = Literal["nonfinite", "amp_overflow"]
+
+
+@dataclass(frozen=True)
+class GradEvent:
+    """One thing the guard noticed about the gradients of one optimizer step.
+
+    Args:
+        kind: what happened: ``"nonfinite"`` (NaN or Inf gradients, or a non-finite loss) or
+            ``"amp_overflow"`` (an fp16 overflow that the GradScaler already handles).
+        step: the optimizer step (``trainer.global_step`` as ``training_step`` saw it).
+        layers: every layer whose gradient is non-finite, in forward order.
+        origin: where the fault began: ``"loss"`` when the loss itself was non-finite, otherwise the
+            non-finite layer that runs first in the backward pass (the last in forward order), or
+            ``None`` when it cannot be told.
+        value: the total gradient norm before clipping (``nan`` or ``inf`` for a non-finite step).
+        message: a one-line, human-readable description.
+        optimizer_idx: index of the optimizer in ``trainer.optimizers`` (0 for a single optimizer).
+        action: what the guard did: ``"skipped"``, ``"warned"``, ``"raised"``, ``"stopped"`` or
+            ``"none"``.
+
+    Example::
+
+        >>> ev = GradEvent("nonfinite", step=7, layers=("enc", "head"), origin="head",
+        ...                value=float("nan"), message="NaN gradient")
+        >>> ev.kind, ev.origin, ev.as_dict()["step"]
+        ('nonfinite', 'head', 7)
+    """
+
+    kind: EventKind
+    step: int
+    layers: tuple[str, ...] = ()
+    origin: str | None = None
+    value: float = float("nan")
+    message: str = ""
+    optimizer_idx: int = 0
+    action: str = "none"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the event as a plain dict (for JSON, checkpoints and handlers)."""
+        return asdict(self)

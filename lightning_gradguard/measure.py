@@ -1,0 +1,112 @@
+"""Measuring gradients: per-tensor, total and per-layer norms, without host syncs.
+
+The hot path mirrors what :func:`torch.nn.utils.clip_grad_norm_` does inside: one
+``torch._foreach_norm`` call per (device, dtype) group gives every tensor's norm, and the total and
+per-layer norms are reductions of that vector on the device. Nothing here calls ``.item()``.
+
+The norms are accumulated in float32 (float64 for float64 gradients), so fp16 and bf16 gradients
+do not overflow while being measured. A gradient whose norm overflows float32 reads as ``inf``,
+exactly as it would for ``clip_grad_norm_``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["combine_norms", "grad_norms", "group_norms", "total_norm"]
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def grad_norms(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """Return a 1-D tensor with the ``norm_type`` norm of every tensor in ``grads``.
+
+    The result lives on the device of the first gradient. Gradients on several devices or of several
+    dtypes are grouped, as ``clip_grad_norm_`` does, with one ``_foreach_norm`` per group.
+
+    Args:
+        grads: the gradient tensors (dense).
+        norm_type: the norm's order, ``> 0``; ``float('inf')`` for the max-norm.
+
+    Example::
+
+        >>> import torch
+        >>> grad_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0])]).tolist()
+        [5.0, 2.0]
+        >>> grad_norms([torch.tensor([3.0, -4.0])], float("inf")).tolist()
+        [4.0]
+    """
+    if len(grads) == 0:
+        return torch.zeros(0)
+    device = grads[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, g in enumerate(grads):
+        groups[(g.device, g.dtype)].append(i)
+    if len(groups) == 1:
+        (dev, dtype), _ = next(iter(groups.items()))
+        acc = _acc_dtype(grads[0])
+        norms = torch._foreach_norm(list(grads), norm_type, dtype=acc)
+        return torch.stack(norms).float() if acc != torch.float64 else torch.stack(norms)
+    out = torch.empty(len(grads), dtype=torch.float32, device=device)
+    for (_dev, _dtype), index in groups.items():
+        group = [grads[i] for i in index]
+        norms = torch._foreach_norm(group, norm_type, dtype=_acc_dtype(group[0]))
+        out[torch.tensor(index, device=device)] = torch.stack(norms).to(device, torch.float32)
+    return out
+
+
+def combine_norms(norms: Tensor, norm_type: float = 2.0) -> Tensor:
+    """Combine per-tensor norms into the norm of their concatenation (a 0-d tensor).
+
+    Example::
+
+        >>> import torch
+        >>> combine_norms(torch.tensor([3.0, 4.0])).item()
+        5.0
+    """
+    if norms.numel() == 0:
+        return torch.zeros((), dtype=norms.dtype, device=norms.device)
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
+def total_norm(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """The total gradient norm over ``grads``, as :func:`torch.nn.utils.get_total_norm` computes it.
+
+    Example::
+
+        >>> import torch
+        >>> total_norm([torch.tensor([3.0]), torch.tensor([4.0])]).item()
+        5.0
+    """
+    return combine_norms(grad_norms(grads, norm_type), norm_type)
+
+
+def group_norms(norms: Tensor, index: Tensor, num_groups: int, norm_type: float = 2.0) -> Tensor:
+    """Combine per-tensor ``norms`` into ``num_groups`` group norms, ``index[i]`` naming the group.
+
+    One scatter on the device, whatever the number of tensors. A group with no tensor reads 0.
+
+    Args:
+        norms: 1-D per-tensor norms.
+        index: 1-D int64 tensor of the same length, each entry in ``[0, num_groups)``.
+        num_groups: the number of groups.
+        norm_type: the norm's order.
+
+    Example::
+
+        >>> import torch
+        >>> group_norms(torch.tensor([3.0, 4.0, 2.0]), torch.tensor([0, 0, 1]), 2).tolist()
+        [5.0, 2.0]
+    """
+    out = torch.zeros(num_groups, dtype=norms.dtype, device=norms.device)
+    if math.isinf(norm_type):
+        return out.scatter_reduce(0, index, norms, reduce="amax", include_self=True)
+    powered = norms.pow(norm_type)
+    return out.index_add(0, index, powered).pow(1.0 / norm_type)
