@@ -15,7 +15,7 @@ torch only) does the same in a plain PyTorch loop.
 
 from lightning_gradguard.alerts import GradGuardWarning
 from lightning_gradguard.callback import GradGuard
-from lightning_gradguard.clip import Clipper, ClipOutcome, NormClip, ValueClip
+from lightning_gradguard.clip import ClipOutcome, Clipper, NormClip, ValueClip
 from lightning_gradguard.core import GuardCore, StepReport
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.events import GradEvent

@@ -15,9 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_gradguard._validate import check_int
@@ -183,7 +183,8 @@ class GradGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         step = trainer.global_step
-        n = self.log_every_n_steps or trainer.log_every_n_steps
+        # The Trainer sets `log_every_n_steps` dynamically; 0 there means Lightning never logs.
+        n = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
         strategy = trainer.strategy
 
@@ -193,7 +194,7 @@ class GradGuard(Callback):
         report = self.core.step(
             optimizer,
             step=step,
-            log=(step + 1) % n == 0,
+            log=n > 0 and (step + 1) % n == 0,
             scaler=getattr(trainer.precision_plugin, "scaler", None),
             optimizer_idx=idx,
             reduce=reduce if trainer.world_size > 1 else None,

@@ -36,14 +36,14 @@ from torch import Tensor, nn
 
 from lightning_gradguard import alerts
 from lightning_gradguard._validate import check_choice, check_int, check_number
-from lightning_gradguard.clip import Clipper, ClipOutcome
+from lightning_gradguard.clip import ClipOutcome, Clipper
 from lightning_gradguard.detect import describe_nonfinite, nonfinite_tensors, origin_of
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.layers import LayerMap
 from lightning_gradguard.measure import combine_norms, grad_norms, group_norms
 
-__all__ = ["GuardCore", "OnNonFinite", "StepReport", "METRIC_PREFIX"]
+__all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "StepReport"]
 
 OnNonFinite = Literal["skip", "warn", "raise", "stop"]
 GroupBy = Literal["layer", "parameter"]
@@ -404,7 +404,9 @@ class GuardCore:
         self.emit(event)
         return event
 
-    def _fill_metrics(self, report: StepReport, logged: list[float], layer_names: list[str], layer_ids: list[int]) -> None:
+    def _fill_metrics(
+        self, report: StepReport, logged: list[float], layer_names: list[str], layer_ids: list[int]
+    ) -> None:
         p = METRIC_PREFIX
         metrics = {f"{p}total_norm": logged[0]}
         rest = logged[1:]
@@ -413,7 +415,7 @@ class GuardCore:
             rest = rest[2:]
         else:
             metrics[f"{p}clip_coef"] = 1.0
-        report.layer_norms = {layer_names[i]: v for i, v in zip(layer_ids, rest)}
+        report.layer_norms = {layer_names[i]: v for i, v in zip(layer_ids, rest, strict=True)}
         for name, v in report.layer_norms.items():
             metrics[f"{p}layer/{name}"] = v
         metrics[f"{p}skipped_steps"] = float(self.skipped_steps)
@@ -453,7 +455,8 @@ class GuardCore:
             f"{self.nonfinite_steps} non-finite steps"
         )
         if self.origins:
-            text += " (origins: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.origins.items(), key=lambda kv: -kv[1])) + ")"
+            ranked = sorted(self.origins.items(), key=lambda kv: -kv[1])
+            text += " (origins: " + ", ".join(f"{k} x{v}" for k, v in ranked) + ")"
         if self.amp_overflow_steps:
             text += f"; {self.amp_overflow_steps} fp16 overflows handled by the GradScaler"
         return text + "."

@@ -71,4 +71,5 @@ def describe_nonfinite(
         "raised": "Raising.",
         "warned": "Step NOT skipped (on_nonfinite='warn').",
     }.get(action, "")
-    return f"GradGuard: non-finite gradient at step {step}{opt} (total norm {total:g}), {where}{listed}. {verdict}".strip()
+    head = f"GradGuard: non-finite gradient at step {step}{opt} (total norm {total:g})"
+    return f"{head}, {where}{listed}. {verdict}".strip()

@@ -20,7 +20,7 @@ non-finite gradient (the non-finite layer nearest the loss) at no cost on health
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,10 +104,7 @@ class LayerMap:
                 if id(param) in self._names:
                     continue  # tied: first owner wins
                 full = f"{module_name}.{param_name}" if module_name else param_name
-                if self.group_by == "parameter":
-                    layer = full
-                else:
-                    layer = layer_name_of(module_name, module, param_name)
+                layer = full if self.group_by == "parameter" else layer_name_of(module_name, module, param_name)
                 self._names[id(param)] = (layer, module_name, declared)
                 declared += 1
             if own and module_name:
@@ -144,7 +141,7 @@ class LayerMap:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         cached = self._layouts.get(id(optimizer))
         if cached is not None and len(cached.params) == len(params) and all(
-            a is b for a, b in zip(cached.params, params)
+            a is b for a, b in zip(cached.params, params, strict=True)
         ):
             return cached
         layout = self._build(optimizer.param_groups, params)
@@ -158,7 +155,8 @@ class LayerMap:
         seen: set[int] = set()
         flat = 0
         for g, group in enumerate(param_groups):
-            for i, p in enumerate(group["params"]):  # type: ignore[arg-type]
+            group_params: list[Tensor] = group["params"]  # type: ignore[assignment]
+            for i, p in enumerate(group_params):
                 info = self._names.get(id(p))
                 if info is None:
                     name, module_name, declared = f"unregistered.g{g}.p{i}", "", 10**9 + flat
@@ -188,7 +186,7 @@ class LayerMap:
             forward_rank[layer_index[name]] = r
         return OptimizerLayout(params, param_layer, names, forward_rank)
 
-    def ordered(self, layout: OptimizerLayout, layer_ids: Sequence[int]) -> list[int]:
+    def ordered(self, layout: OptimizerLayout, layer_ids: Iterable[int]) -> list[int]:
         """``layer_ids`` sorted in forward order."""
         return sorted(set(layer_ids), key=lambda i: layout.forward_rank[i])
 

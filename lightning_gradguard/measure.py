@@ -50,7 +50,6 @@ def grad_norms(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     for i, g in enumerate(grads):
         groups[(g.device, g.dtype)].append(i)
     if len(groups) == 1:
-        (dev, dtype), _ = next(iter(groups.items()))
         acc = _acc_dtype(grads[0])
         norms = torch._foreach_norm(list(grads), norm_type, dtype=acc)
         return torch.stack(norms).float() if acc != torch.float64 else torch.stack(norms)
@@ -73,7 +72,8 @@ def combine_norms(norms: Tensor, norm_type: float = 2.0) -> Tensor:
     """
     if norms.numel() == 0:
         return torch.zeros((), dtype=norms.dtype, device=norms.device)
-    return torch.linalg.vector_norm(norms, norm_type)
+    result: Tensor = torch.linalg.vector_norm(norms, norm_type)
+    return result
 
 
 def total_norm(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:

@@ -1,0 +1,172 @@
+"""Shared test fixtures: real faults, small models, an in-memory logger."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers.logger import Logger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Poison(torch.autograd.Function):
+    """Identity forward; backward replaces the incoming gradient by ``value`` (NaN or Inf)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, value: float) -> Tensor:
+        ctx.value = value
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return torch.full_like(grad, ctx.value), None
+
+
+def poison(x: Tensor, value: float) -> Tensor:
+    return Poison.apply(x, value)  # type: ignore[no-any-return]
+
+
+class MemoryLogger(Logger):
+    """Records every ``log_metrics`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def series(self, key: str) -> dict[int, float]:
+        return {s: m[key] for s, m in self.rows if key in m and s is not None}
+
+
+def loader(n: int = 64, dim: int = 4, batch: int = 8, seed: int = 0) -> DataLoader[tuple[Tensor, ...]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    y = torch.randn(n, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+class FaultNet(pl.LightningModule):
+    """An MLP l0 -> l1 -> l2. ``faults`` maps global_step -> (kind, value):
+
+    * ("grad", layer_index, value): the gradient at the output of layer ``layer_index`` becomes value;
+    * ("loss", value): the loss becomes value;
+    * ("input", value): the batch is filled with value.
+    """
+
+    def __init__(self, faults: dict[int, tuple[Any, ...]] | None = None, lr: float = 0.01, optim: str = "adamw") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l0 = nn.Linear(4, 8)
+        self.l1 = nn.Linear(8, 8)
+        self.l2 = nn.Linear(8, 1)
+        self.faults = faults or {}
+        self.lr = lr
+        self.optim = optim
+        self.snapshots: dict[int, tuple[dict[str, Tensor], dict[str, Any]]] = {}
+        self.after: dict[int, tuple[dict[str, Tensor], dict[str, Any]]] = {}
+
+    def fault(self) -> tuple[Any, ...] | None:
+        return self.faults.get(self.trainer.global_step) if self._trainer is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.fault()
+        h = x
+        for i, layer in enumerate((self.l0, self.l1, self.l2)):
+            h = layer(h)
+            if f is not None and f[0] == "grad" and f[1] == i:
+                h = poison(h, f[2])
+            if i < 2:
+                h = torch.tanh(h)
+        return h
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        f = self.fault()
+        if f is not None and f[0] == "input":
+            x = torch.full_like(x, f[1])
+        loss = nn.functional.mse_loss(self(x), y)
+        if f is not None and f[0] == "loss":
+            loss = loss * f[1]
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.snapshots[self.trainer.global_step] = snapshot(self, self.trainer.optimizers[0])
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.after[self.trainer.global_step - 1] = snapshot(self, self.trainer.optimizers[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optim == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=0.1)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        return loader()
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return weights, copy.deepcopy(opt.state_dict())
+
+
+def assert_same_state(a: Any, b: Any) -> None:
+    """Bit-identical nested structures of tensors and plain values."""
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b), (a, b)
+    elif isinstance(a, dict):
+        assert set(a) == set(b), (set(a), set(b))
+        for k in a:
+            assert_same_state(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_state(x, y)
+    else:
+        assert a == b, (a, b)
+
+
+def trainer(callbacks: list[pl.Callback], steps: int = 8, **kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = dict(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+ReferenceFn = Callable[[list[Tensor]], Tensor]
+
+
+class GradRecorder(pl.Callback):
+    """Listed after the guard: records the gradients the optimizer is about to see."""
+
+    def __init__(self) -> None:
+        self.grads: dict[int, list[Tensor | None]] = {}
+        self.before: dict[int, list[Tensor | None]] = {}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.grads[trainer.global_step] = [None if p.grad is None else p.grad.detach().clone() for p in params]
