@@ -1,0 +1,76 @@
+"""Run by tests/test_ddp.py as a script: Lightning's DDP launcher re-executes it once per rank.
+
+Usage: python tests/ddp_run.py OUTDIR [policy]
+Each rank writes OUTDIR/rank<r>.json with its guard's counters, events and a weight checksum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from lightning_gradguard import GradGuard, NonFiniteGradientError
+from tests.helpers import FaultNet, trainer
+
+
+class RankFaultNet(FaultNet):
+    """Faults that happen on one rank only."""
+
+    def __init__(self, rank_faults: dict[int, dict[int, tuple[Any, ...]]]) -> None:
+        super().__init__()
+        self.rank_faults = rank_faults
+
+    def fault(self) -> tuple[Any, ...] | None:
+        return self.rank_faults.get(self.global_rank, {}).get(self.trainer.global_step)
+
+
+class RecordingGuard(GradGuard):
+    """Writes down a raise on this rank, then waits for the other rank at a barrier before re-raising.
+
+    If the ranks disagreed (one raising, one stepping on), the barrier would never complete and the
+    test's timeout would fail it: passing proves the decision was shared.
+    """
+
+    out: Path
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        try:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        except NonFiniteGradientError as exc:
+            record = {"rank": trainer.global_rank, "step": trainer.global_step, "error": str(exc)}
+            (self.out / f"raised{trainer.global_rank}.json").write_text(json.dumps(record))
+            trainer.strategy.barrier("gradguard-raise")
+            raise
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    policy = sys.argv[2] if len(sys.argv) > 2 else "skip"
+    faults = {1: {2: ("loss", math.nan)}, 0: {4: ("grad", 1, math.nan)}}
+    model = RankFaultNet(faults)
+    guard = RecordingGuard(on_nonfinite=policy)  # type: ignore[arg-type]
+    guard.out = out
+    t = trainer([guard], steps=6, strategy="ddp", devices=2, use_distributed_sampler=True)
+    t.fit(model)
+    rank = t.global_rank
+    result = {
+        "rank": rank,
+        "global_step": t.global_step,
+        "skipped": guard.skipped_steps,
+        "nonfinite": guard.nonfinite_steps,
+        "events": [(e.kind, e.step, e.origin, list(e.layers), e.action) for e in guard.events],
+        "weights": float(sum(p.double().sum() for p in model.parameters())),
+        "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""DDP with 2 CPU processes (gloo): a fault on one rank leads every rank to the same decision."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("ddp_run.py")
+
+
+def run_ddp(tmp_path: Path, policy: str, prefix: str = "rank", check: bool = True) -> list[dict[str, object]]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), policy],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=SCRIPT.parents[1],
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = [tmp_path / f"{prefix}{r}.json" for r in (0, 1)]
+    assert all(f.exists() for f in files), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(f.read_text()) for f in files]
+
+
+def test_fault_on_one_rank_skips_on_both(tmp_path: Path) -> None:
+    r0, r1 = run_ddp(tmp_path, "skip")
+    expected = [
+        ["nonfinite", 2, "loss", ["l0", "l1", "l2"], "skipped"],
+        ["nonfinite", 4, "l1", ["l0", "l1"], "skipped"],
+    ]
+    assert r0["events"] == r1["events"] == expected
+    assert r0["skipped"] == r1["skipped"] == 2
+    assert r0["global_step"] == r1["global_step"] == 6
+    assert r0["finite"] and r1["finite"]
+    assert r0["weights"] == r1["weights"]
+
+
+def test_raise_on_one_rank_raises_on_both_without_hang(tmp_path: Path) -> None:
+    # Each rank records its NonFiniteGradientError, then meets the other at a barrier before
+    # re-raising: had one rank not raised, the barrier would hang and the timeout would fail the test.
+    # (Lightning then tears the process group down; the exit status is not what is tested.)
+    r0, r1 = run_ddp(tmp_path, "raise", prefix="raised", check=False)
+    assert r0["step"] == r1["step"] == 2
+    assert "origin 'loss'" in str(r0["error"]) and "origin 'loss'" in str(r1["error"])
+
+
+@pytest.mark.parametrize("policy", ["stop"])
+def test_stop_is_shared(tmp_path: Path, policy: str) -> None:
+    r0, r1 = run_ddp(tmp_path, policy)
+    assert r0["global_step"] == r1["global_step"] == 3
+    assert r0["skipped"] == r1["skipped"] == 1
