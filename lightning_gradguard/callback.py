@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_gradguard import dashboard
 from lightning_gradguard._validate import check_int
 from lightning_gradguard.clip import Clipper
 from lightning_gradguard.core import GroupBy, GuardCore, OnNonFinite, StepReport
@@ -42,7 +43,12 @@ class GradGuard(Callback):
     ``gradguard/layer/<layer>``         each layer's gradient norm before clipping
     ``gradguard/skipped_steps``         skipped steps so far (cumulative)
     ``gradguard/nonfinite_steps``       non-finite steps so far (cumulative)
+    ``gradguard/timestep/<name>/...``   ``first_last_ratio``, ``decay_per_step`` and ``horizon`` of
+                                        each tracked sequence (see :mod:`~lightning_gradguard.timesteps`)
     ==================================  ==========================================================
+
+    With a ``TensorBoardLogger``, each tracked sequence also gets an image ``gradguard/timestep/<name>``:
+    a heatmap of log10 per-timestep norms over recent logging steps (needs matplotlib).
 
     A logging step is one with ``(trainer.global_step + 1) % n == 0``, ``n`` being
     ``log_every_n_steps`` (default: the Trainer's). Logging steps follow that cadence with or without
@@ -62,6 +68,10 @@ class GradGuard(Callback):
             :class:`~lightning_gradguard.NonFiniteGradientError`.
         log_every_n_steps: the logging cadence; None follows ``trainer.log_every_n_steps``.
         group_by: ``"layer"`` (the module owning the parameters) or ``"parameter"``.
+        track_timesteps: track per-timestep gradient norms of every ``nn.RNN``/``LSTM``/``GRU`` and
+            recurrent cell (True), none (False), or only the named modules (a list).
+        timestep_vanish_ratio: a ``first_last_ratio`` below this gives a ``vanishing_in_time`` event,
+            above its reciprocal an ``exploding_in_time`` event (at most one per 100 steps each).
 
     Raises:
         ValueError: an argument is out of range (the message names it).
@@ -88,6 +98,8 @@ class GradGuard(Callback):
         max_consecutive_skips: int = 25,
         log_every_n_steps: int | None = None,
         group_by: GroupBy = "layer",
+        track_timesteps: bool | list[str] = True,
+        timestep_vanish_ratio: float = 1e-4,
     ) -> None:
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         self.core = GuardCore(
@@ -97,6 +109,8 @@ class GradGuard(Callback):
             max_consecutive_skips=max_consecutive_skips,
             group_by=group_by,
             log_every_n_steps=None,
+            track_timesteps=track_timesteps,
+            timestep_vanish_ratio=timestep_vanish_ratio,
         )
 
     # ------------------------------------------------------------ read-only
@@ -176,6 +190,17 @@ class GradGuard(Callback):
                     "on scaled gradients, or a non-fused optimizer."
                 )
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        n = self._cadence(trainer)
+        step = trainer.global_step
+        self.core.begin_step(step, log=n > 0 and (step + 1) % n == 0)
+
+    def _cadence(self, trainer: pl.Trainer) -> int:
+        # The Trainer sets `log_every_n_steps` dynamically; 0 there means Lightning never logs.
+        return self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
+
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self.core.observe_loss(loss)
 
@@ -183,8 +208,7 @@ class GradGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         step = trainer.global_step
-        # The Trainer sets `log_every_n_steps` dynamically; 0 there means Lightning never logs.
-        n = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
+        n = self._cadence(trainer)
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
         strategy = trainer.strategy
 
@@ -203,6 +227,8 @@ class GradGuard(Callback):
         if report.metrics:
             for logger in trainer.loggers:
                 logger.log_metrics(report.metrics, step=step)
+            if report.timesteps:
+                dashboard.log_timestep_images(trainer.loggers, self.core, step)
         if report.should_stop:
             trainer.should_stop = True
 

@@ -42,6 +42,7 @@ from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.layers import LayerMap
 from lightning_gradguard.measure import combine_norms, grad_norms, group_norms
+from lightning_gradguard.timesteps import TimestepTracker, summarize_profile
 
 __all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "StepReport"]
 
@@ -69,6 +70,7 @@ class StepReport:
         logged: whether this was a logging step.
         metrics: on logging steps, every metric as ``{key: float}``; empty otherwise.
         layer_norms: on logging steps, the norm of each layer before clipping.
+        timesteps: on logging steps, each tracked sequence's per-timestep norms (1-D CPU tensors).
     """
 
     step: int
@@ -81,6 +83,7 @@ class StepReport:
     logged: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
     layer_norms: dict[str, float] = field(default_factory=dict)
+    timesteps: dict[str, Tensor] = field(default_factory=dict)
 
 
 class GuardCore:
@@ -136,6 +139,9 @@ class GuardCore:
         log_every_n_steps: int | None = 50,
         max_events: int = 1000,
         emit: Callable[[GradEvent], None] | None = None,
+        track_timesteps: bool | Sequence[str] = True,
+        timestep_vanish_ratio: float = 1e-4,
+        timestep_history: int = 64,
     ) -> None:
         if clip is not None and not isinstance(clip, Clipper):
             raise TypeError(
@@ -150,6 +156,28 @@ class GuardCore:
         self.max_events = int(check_int("max_events", max_events, minimum=1))  # type: ignore[arg-type]
         self.emit = emit if emit is not None else alerts.emit
         self.layers = LayerMap(self.group_by)
+        if not isinstance(track_timesteps, bool) and (
+            isinstance(track_timesteps, str)
+            or not isinstance(track_timesteps, Sequence)
+            or not all(isinstance(n, str) for n in track_timesteps)
+        ):
+            raise TypeError(
+                f"Expected `track_timesteps` to be a bool or a list of module names, but got {track_timesteps!r}."
+            )
+        ratio = check_number("timestep_vanish_ratio", timestep_vanish_ratio, minimum=0.0)
+        self.timestep_vanish_ratio = float(ratio) if ratio is not None else 1e-4
+        if self.timestep_vanish_ratio >= 1:
+            raise ValueError(
+                f"Expected `timestep_vanish_ratio` to be a number in (0, 1), but got {timestep_vanish_ratio!r}."
+            )
+        self.timestep_history = int(check_int("timestep_history", timestep_history, minimum=1))  # type: ignore[arg-type]
+        self.timesteps: TimestepTracker | None = None
+        if track_timesteps is not False:
+            self.timesteps = TimestepTracker(self.norm_type, True if track_timesteps is True else list(track_timesteps))
+        self.timestep_norms: dict[str, Tensor] = {}
+        self.timestep_summaries: dict[str, dict[str, float]] = {}
+        self.timestep_heat: dict[str, deque[tuple[int, Tensor]]] = {}
+        self._rate: dict[tuple[str, str], list[int]] = {}
         self._events: deque[GradEvent] = deque(maxlen=self.max_events)
         self._loss_finite: Tensor | None = None
         self._clipped: Tensor | None = None  # device counter of steps whose norm clip bit
@@ -165,12 +193,40 @@ class GuardCore:
 
     # ------------------------------------------------------------------ setup
     def watch(self, model: nn.Module) -> None:
-        """Name ``model``'s parameters by layer and record its forward order on the next forward."""
+        """Name ``model``'s parameters by layer, record its forward order on the next forward, and
+        attach the (dormant) per-timestep hooks to its recurrent modules."""
         self.layers.watch(model)
+        if self.timesteps is not None:
+            tracked = self.timesteps.watch(model)
+            missing = sorted((self.timesteps.only or set()) - set(tracked))
+            if missing:
+                self._warn_once(
+                    "ts-missing",
+                    f"GradGuard: track_timesteps names {missing}, which match no recurrent module of the model.",
+                )
 
     def unwatch(self) -> None:
         """Remove every hook the guard registered on the model."""
         self.layers.unwatch()
+        if self.timesteps is not None:
+            self.timesteps.unwatch()
+
+    def begin_step(self, step: int | None = None, log: bool | None = None) -> None:
+        """Call before the forward pass(es) of an optimizer step, to arm per-timestep tracking.
+
+        Only on logging steps are the timestep hooks armed; on other steps this costs one branch.
+        Micro-batches of one optimizer step may call it each; their profiles combine.
+        """
+        if self.timesteps is None:
+            return
+        step = self.steps if step is None else step
+        if self.is_logging_step(step) if log is None else log:
+            if self.timesteps.armed:
+                self.timesteps.new_forward()
+            else:
+                self.timesteps.arm()
+        elif self.timesteps.armed:
+            self.timesteps.disarm()
 
     @property
     def events(self) -> list[GradEvent]:
@@ -283,10 +339,20 @@ class GuardCore:
             if outcome is not None:
                 extras += [outcome.clipped_total if outcome.clipped_total is not None else total, outcome.coef]
             packed += [torch.stack(extras), per_layer]
+        profiles: dict[str, Tensor] = {}
+        if self.timesteps is not None:
+            if is_log and self.timesteps.armed:
+                scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
+                profiles = self.timesteps.collect(scale)
+                packed += list(profiles.values())
+            elif self.timesteps.armed:
+                self.timesteps.disarm()
         # The one deliberate host sync of the step: the skip decision needs the flags.
         values = torch.cat([t.reshape(-1).to(flags.device, torch.float32) for t in packed]).tolist()
         grad_bad, loss_bad_now, amp_bad = (v > 0 for v in values[:3])
-        logged = values[3:]
+        profile_len = sum(int(t.numel()) for t in profiles.values())
+        logged = values[3 : len(values) - profile_len]
+        profile_vals = values[len(values) - profile_len :]
 
         self.steps += 1
         self.layers.freeze_order()
@@ -320,7 +386,50 @@ class GuardCore:
         self._loss_finite = None
         if is_log:
             self._fill_metrics(report, logged, layout.layer_names, layer_ids)
+            self._timestep_metrics(report, profiles, profile_vals)
         return report
+
+    def _timestep_metrics(self, report: StepReport, profiles: dict[str, Tensor], values: list[float]) -> None:
+        offset = 0
+        for name, dev in profiles.items():
+            n = int(dev.numel())
+            profile = torch.tensor(values[offset : offset + n], dtype=torch.float32)
+            offset += n
+            self.timestep_norms[name] = profile
+            report.timesteps[name] = profile
+            heat = self.timestep_heat.setdefault(name, deque(maxlen=self.timestep_history))
+            heat.append((report.step, profile))
+            summary = summarize_profile(profile)
+            self.timestep_summaries[name] = summary
+            for key, value in summary.items():
+                report.metrics[f"{METRIC_PREFIX}timestep/{name}/{key}"] = value
+            ratio = summary["first_last_ratio"]
+            if ratio < self.timestep_vanish_ratio:
+                self._rate_limited(report.step, "vanishing_in_time", name, ratio, "vanishes")
+            elif ratio > 1.0 / self.timestep_vanish_ratio:
+                self._rate_limited(report.step, "exploding_in_time", name, ratio, "explodes")
+
+    def _rate_limited(self, step: int, kind: str, name: str, ratio: float, verb: str, every: int = 100) -> None:
+        """One event per (kind, name) per ``every`` optimizer steps; the rest are counted."""
+        last, suppressed = self._rate.get((kind, name), [-(10**12), 0])
+        if step - last < every:
+            self._rate[(kind, name)] = [last, suppressed + 1]
+            return
+        self._rate[(kind, name)] = [step, 0]
+        more = f" ({suppressed} more times since step {last})" if suppressed else ""
+        threshold = self.timestep_vanish_ratio
+        self._record(
+            GradEvent(
+                kind,  # type: ignore[arg-type]
+                step=step,
+                layers=(name,),
+                origin=name,
+                value=ratio,
+                message=f"GradGuard: the gradient through time {verb} in '{name}' at step {step}: "
+                f"first/last timestep norm ratio {ratio:.3g} (threshold {threshold:g}){more}.",
+                action="none",
+            )
+        )
 
     # --------------------------------------------------------------- helpers
     def _amp_state(
@@ -473,6 +582,7 @@ class GuardCore:
             "amp_overflow_steps": self.amp_overflow_steps,
             "clipped_steps": self.clipped_steps,
             "origins": dict(self.origins),
+            "rate": {f"{k}|{n}": v for (k, n), v in self._rate.items()},
             "clip": self.clip.state_dict() if self.clip is not None else {},
         }
 
@@ -485,5 +595,6 @@ class GuardCore:
         self.amp_overflow_steps = int(state.get("amp_overflow_steps", 0))
         self._clipped = torch.tensor(int(state.get("clipped_steps", 0)))
         self.origins = {str(k): int(v) for k, v in dict(state.get("origins", {})).items()}
+        self._rate = {tuple(k.split("|", 1)): list(v) for k, v in dict(state.get("rate", {})).items()}  # type: ignore[misc]
         if self.clip is not None and state.get("clip"):
             self.clip.load_state_dict(state["clip"])

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 __all__ = ["EventKind", "GradEvent"]
 
-EventKind = Literal["nonfinite", "amp_overflow"]
+EventKind = Literal["nonfinite", "amp_overflow", "vanishing_in_time", "exploding_in_time"]
 
 
 @dataclass(frozen=True)
@@ -19,8 +19,10 @@ class GradEvent:
     """One thing the guard noticed about the gradients of one optimizer step.
 
     Args:
-        kind: what happened: ``"nonfinite"`` (NaN or Inf gradients, or a non-finite loss) or
-            ``"amp_overflow"`` (an fp16 overflow that the GradScaler already handles).
+        kind: what happened: ``"nonfinite"`` (NaN or Inf gradients, or a non-finite loss),
+            ``"amp_overflow"`` (an fp16 overflow that the GradScaler already handles), or
+            ``"vanishing_in_time"`` / ``"exploding_in_time"`` (the per-timestep gradient profile of
+            a recurrent module; ``value`` holds its first/last ratio).
         step: the optimizer step (``trainer.global_step`` as ``training_step`` saw it).
         layers: every layer whose gradient is non-finite, in forward order.
         origin: where the fault began: ``"loss"`` when the loss itself was non-finite, otherwise the

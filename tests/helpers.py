@@ -70,7 +70,9 @@ class FaultNet(pl.LightningModule):
     * ("input", value): the batch is filled with value.
     """
 
-    def __init__(self, faults: dict[int, tuple[Any, ...]] | None = None, lr: float = 0.01, optim: str = "adamw") -> None:
+    def __init__(
+        self, faults: dict[int, tuple[Any, ...]] | None = None, lr: float = 0.01, optim: str = "adamw"
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.l0 = nn.Linear(4, 8)

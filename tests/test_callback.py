@@ -103,7 +103,8 @@ def test_metrics_reach_every_logger_and_match_reference() -> None:
         grads = before.grads[step]
         names = ["l0", "l0", "l1", "l1", "l2", "l2"]
         for layer in ("l0", "l1", "l2"):
-            ref = torch.linalg.vector_norm(torch.cat([g.flatten() for g, n in zip(grads, names, strict=True) if n == layer]))
+            own = [g.flatten() for g, n in zip(grads, names, strict=True) if n == layer]
+            ref = torch.linalg.vector_norm(torch.cat(own))
             assert metrics[f"gradguard/layer/{layer}"] == pytest.approx(ref.item(), rel=1e-5)
         total = torch.nn.utils.get_total_norm(grads).item()
         clipped = torch.nn.utils.get_total_norm(recorder.grads[step]).item()
