@@ -181,6 +181,7 @@ class GuardCore:
         self._events: deque[GradEvent] = deque(maxlen=self.max_events)
         self._loss_finite: Tensor | None = None
         self._clipped: Tensor | None = None  # device counter of steps whose norm clip bit
+        self._max_norm: Tensor | None = None  # device max of the finite total norms
         self._warned: set[str] = set()
         self.steps = 0
         self.skipped_steps = 0
@@ -322,6 +323,8 @@ class GuardCore:
         )
         if reduce is not None:
             flags = reduce(flags)
+        peak = torch.where(finite, total, torch.zeros_like(total))
+        self._max_norm = peak if self._max_norm is None else torch.maximum(self._max_norm, peak.to(self._max_norm))
 
         outcome: ClipOutcome | None = None
         if self.clip is not None and not self.clip.deferred:
@@ -540,6 +543,11 @@ class GuardCore:
                 warnings.warn(message, alerts.GradGuardWarning, stacklevel=3)
 
     # ------------------------------------------------------------- reporting
+    @property
+    def max_total_norm(self) -> float:
+        """The largest finite total norm (before clipping) seen so far (one host read)."""
+        return 0.0 if self._max_norm is None else float(self._max_norm)
+
     @property
     def clipped_steps(self) -> int:
         """How many steps the norm clipper actually shrank (one host read)."""

@@ -252,9 +252,10 @@ def summarize_profile(profile: Tensor) -> dict[str, float]:
     """Summaries of a per-timestep norm profile (index 0 = earliest step, -1 = latest).
 
     * ``first_last_ratio``: norm at the earliest step / norm at the latest step.
-    * ``decay_per_step``: exp of the least-squares slope of log(norm) against t over the finite,
-      positive entries: the geometric factor per step (below 1 vanishing, above 1 exploding);
-      NaN with fewer than two such entries.
+    * ``decay_per_step``: the geometric factor by which the norm changes per step *back in time*
+      (away from the loss at the end): exp(−slope) of a least-squares fit of log(norm) against t
+      over the finite, positive entries. Below 1 is vanishing, above 1 is exploding; NaN with fewer
+      than two such entries.
     * ``horizon``: how many steps back from the latest the norm stays at or above 1% of its
       (finite) maximum: the model's effective memory. A non-finite entry ends it.
 
@@ -263,7 +264,7 @@ def summarize_profile(profile: Tensor) -> dict[str, float]:
         >>> import torch
         >>> s = summarize_profile(torch.tensor([0.001, 0.02, 0.1, 1.0]))
         >>> round(s["first_last_ratio"], 6), round(s["decay_per_step"], 6), s["horizon"]
-        (0.001, 9.33033, 3.0)
+        (0.001, 0.107177, 3.0)
     """
     x = profile.detach().double().cpu().flatten()
     n = x.numel()
@@ -277,7 +278,7 @@ def summarize_profile(profile: Tensor) -> dict[str, float]:
         tt, yy = t[ok], torch.log(x[ok])
         tc = tt - tt.mean()
         slope = float((tc * (yy - yy.mean())).sum() / (tc * tc).sum())
-        decay = math.exp(slope)
+        decay = math.exp(-slope)
     else:
         decay = math.nan
     finite = x[torch.isfinite(x)]

@@ -1,0 +1,182 @@
+"""The seed's story, run for real: vanishing and exploding gradients through time.
+
+Task: "I grew up in France ... I speak French". Each sequence is 50 one-hot tokens; the label is the
+first token (one of 4 "countries"), followed by 49 distractor tokens. To answer, the model must
+carry the first token across 49 steps, and its gradient must flow back across them.
+
+Three runs, each with ``GradGuard`` watching every optimizer step:
+
+* ``rnn``       — a vanilla tanh RNN: the gradient reaching early timesteps vanishes, and it
+                  fails to learn the dependency;
+* ``lstm``      — an LSTM: its gated cell keeps gradient flowing, and it learns it;
+* ``exploding`` — a ReLU RNN with a large recurrent init (gain 1.6): gradients explode by orders
+                  of magnitude and are clipped; 2% of its batches hold a corrupted (NaN) record,
+                  and the guard skips exactly those steps instead of letting NaN into the weights.
+
+Run ``make demo`` (or ``python examples/vanishing_gradients.py``); it takes about a minute on two
+CPU cores and writes TensorBoard logs under ``runs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import GradGuard, GradGuardWarning, NormClip
+
+SEQ_LEN = 50
+COUNTRIES = 4
+VOCAB = 8
+HIDDEN = 64
+
+
+def long_range_data(n: int, seed: int, corrupt_every: int = 0, batch: int = 64) -> TensorDataset:
+    """Sequences whose label is their first token; every ``corrupt_every``-th batch holds a NaN."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, COUNTRIES, (n,), generator=g)
+    tokens = torch.randint(COUNTRIES, VOCAB, (n, SEQ_LEN), generator=g)
+    tokens[:, 0] = first
+    x = nn.functional.one_hot(tokens, VOCAB).float()
+    if corrupt_every:
+        for start in range(batch * (corrupt_every - 1), n, batch * corrupt_every):
+            x[start, SEQ_LEN // 2, 0] = math.nan  # one corrupted reading in one record
+    return TensorDataset(x, first)
+
+
+class SequenceClassifier(pl.LightningModule):
+    """A recurrent classifier reading the whole sequence and answering at the end."""
+
+    def __init__(self, cell: str = "rnn", gain: float | None = None, lr: float = 3e-3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        if cell == "lstm":
+            self.rnn: nn.RNNBase = nn.LSTM(VOCAB, HIDDEN, batch_first=True)
+            for name, p in self.rnn.named_parameters():
+                if name.startswith("bias_ih"):
+                    nn.init.constant_(p[HIDDEN : 2 * HIDDEN], 1.0)  # forget-gate bias 1 (Jozefowicz et al.)
+        else:
+            nonlinearity = "relu" if cell == "relu" else "tanh"
+            self.rnn = nn.RNN(VOCAB, HIDDEN, batch_first=True, nonlinearity=nonlinearity)
+        if gain is not None:
+            nn.init.orthogonal_(self.rnn.weight_hh_l0, gain=gain)
+        self.head = nn.Linear(HIDDEN, COUNTRIES)
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=False)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def accuracy(model: nn.Module, data: TensorDataset) -> float:
+    x, y = data.tensors
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "rnn": {"cell": "rnn"},
+    "lstm": {"cell": "lstm"},
+    "exploding": {"cell": "relu", "gain": 1.6, "lr": 1e-2, "corrupt_every": 50},
+}
+
+
+def run(name: str, steps: int, logdir: Path, n_train: int = 16384) -> dict[str, Any]:
+    cfg = dict(CONFIGS[name])
+    corrupt = cfg.pop("corrupt_every", 0)
+    model = SequenceClassifier(**cfg)
+    train = long_range_data(n_train, seed=1, corrupt_every=corrupt)
+    val = long_range_data(1024, seed=2)
+    guard = GradGuard(clip=NormClip(max_norm=1.0), log_every_n_steps=10, max_consecutive_skips=5)
+    logger = TensorBoardLogger(logdir, name=name, version="")
+    trainer = pl.Trainer(
+        max_steps=steps,
+        callbacks=[guard],
+        logger=logger,
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, DataLoader(train, batch_size=64, shuffle=False))
+    seconds = time.perf_counter() - start
+    summary = guard.core.timestep_summaries.get("rnn", {})
+    norms = [e.value for e in guard.events if e.kind == "nonfinite"]
+    return {
+        "name": name,
+        "accuracy": accuracy(model, val),
+        "ratio": summary.get("first_last_ratio", math.nan),
+        "decay": summary.get("decay_per_step", math.nan),
+        "horizon": summary.get("horizon", math.nan),
+        "max_norm": guard.core.max_total_norm,
+        "clipped": guard.core.clipped_steps,
+        "steps": guard.core.steps,
+        "skipped": guard.skipped_steps,
+        "nonfinite_events": len(norms),
+        "origins": dict(guard.core.origins),
+        "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+        "seconds": seconds,
+        "logdir": logger.log_dir,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    parser.add_argument("--logdir", type=Path, default=Path("runs/vanishing_gradients"))
+    parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), default=list(CONFIGS))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=GradGuardWarning)  # the table below says it all
+    warnings.filterwarnings("ignore", module="pytorch_lightning")
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+    results = [run(name, args.steps, args.logdir) for name in args.only]
+
+    print()
+    print("GradGuard demo — long-range dependency, 50 tokens, label = first token (chance: 25%)")
+    print()
+    header = f"{'model':<10} {'val acc':>8} {'first/last':>11} {'decay/step':>11} {'horizon':>8} "
+    header += f"{'max ‖g‖':>10} {'clipped':>8} {'skipped':>8} {'weights':>8} {'time':>6}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r['name']:<10} {r['accuracy']:>8.1%} {r['ratio']:>11.2e} {r['decay']:>11.3f} {r['horizon']:>8.0f} "
+            f"{r['max_norm']:>10.3g} {r['clipped']:>4}/{r['steps']:<3} {r['skipped']:>8} "
+            f"{'finite' if r['finite'] else 'NaN':>8} {r['seconds']:>5.0f}s"
+        )
+    print()
+    for r in results:
+        if r["skipped"]:
+            origins = ", ".join(f"{k} x{v}" for k, v in r["origins"].items())
+            print(f"{r['name']}: {r['skipped']} poisoned steps skipped (origins: {origins}); weights stayed finite.")
+    print("first/last: ‖∂L/∂x_0‖ / ‖∂L/∂x_49‖ at the last logging step; horizon: steps back from the end")
+    print("where the gradient stays above 1% of its peak (the model's effective memory).")
+    print()
+    print(f"TensorBoard logs: {args.logdir.resolve()}")
+    print(f"  tensorboard --logdir {args.logdir}")
+
+
+if __name__ == "__main__":
+    main()
