@@ -4,14 +4,19 @@ Task: "I grew up in France ... I speak French". Each sequence is 50 one-hot toke
 first token (one of 4 "countries"), followed by 49 distractor tokens. To answer, the model must
 carry the first token across 49 steps, and its gradient must flow back across them.
 
-Three runs, each with ``GradGuard`` watching every optimizer step:
+Three runs, each with ``GradGuard(clip=NormClip(max_norm=1.0))`` watching every optimizer step
+and per-timestep tracking of the recurrent layer:
 
-* ``rnn``       — a vanilla tanh RNN: the gradient reaching early timesteps vanishes, and it
-                  fails to learn the dependency;
-* ``lstm``      — an LSTM: its gated cell keeps gradient flowing, and it learns it;
-* ``exploding`` — a ReLU RNN with a large recurrent init (gain 1.6): gradients explode by orders
-                  of magnitude and are clipped; 2% of its batches hold a corrupted (NaN) record,
-                  and the guard skips exactly those steps instead of letting NaN into the weights.
+* ``rnn``       — a vanilla tanh RNN with PyTorch's default init: the healthy configuration;
+* ``lstm``      — an LSTM (forget-gate bias 1), for comparison;
+* ``exploding`` — a tanh RNN with a large recurrent init (orthogonal, gain 3) and a 3x learning
+                  rate: its gradient norm explodes by orders of magnitude and is clipped to 1; and
+                  1 training record in 3,200 is corrupted (a NaN reading), whose steps the guard
+                  skips instead of letting NaN into the weights.
+
+The table shows, per run, validation accuracy, the per-timestep gradient summaries at the last
+logging step (first/last ratio, decay per step back in time, horizon), the largest gradient norm
+before clipping, how many steps were clipped and skipped, and whether the weights stayed finite.
 
 Run ``make demo`` (or ``python examples/vanishing_gradients.py``); it takes about a minute on two
 CPU cores and writes TensorBoard logs under ``runs/``.
@@ -41,7 +46,7 @@ HIDDEN = 64
 
 
 def long_range_data(n: int, seed: int, corrupt_every: int = 0, batch: int = 64) -> TensorDataset:
-    """Sequences whose label is their first token; every ``corrupt_every``-th batch holds a NaN."""
+    """Sequences whose label is their first token; 1 record in ``corrupt_every * batch`` holds a NaN."""
     g = torch.Generator().manual_seed(seed)
     first = torch.randint(0, COUNTRIES, (n,), generator=g)
     tokens = torch.randint(COUNTRIES, VOCAB, (n, SEQ_LEN), generator=g)
@@ -95,7 +100,7 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
 CONFIGS: dict[str, dict[str, Any]] = {
     "rnn": {"cell": "rnn"},
     "lstm": {"cell": "lstm"},
-    "exploding": {"cell": "relu", "gain": 1.6, "lr": 1e-2, "corrupt_every": 50},
+    "exploding": {"cell": "rnn", "gain": 3.0, "lr": 1e-2, "corrupt_every": 50},
 }
 
 
@@ -119,7 +124,7 @@ def run(name: str, steps: int, logdir: Path, n_train: int = 16384) -> dict[str, 
         devices=1,
     )
     start = time.perf_counter()
-    trainer.fit(model, DataLoader(train, batch_size=64, shuffle=False))
+    trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)))
     seconds = time.perf_counter() - start
     summary = guard.core.timestep_summaries.get("rnn", {})
     norms = [e.value for e in guard.events if e.kind == "nonfinite"]
@@ -143,7 +148,7 @@ def run(name: str, steps: int, logdir: Path, n_train: int = 16384) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per run")
     parser.add_argument("--logdir", type=Path, default=Path("runs/vanishing_gradients"))
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), default=list(CONFIGS))
     args = parser.parse_args()

@@ -19,6 +19,7 @@ from lightning_gradguard.clip import ClipOutcome, Clipper, NormClip, ValueClip
 from lightning_gradguard.core import GuardCore, StepReport
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
+from lightning_gradguard.timesteps import track_timesteps
 
 __version__ = "0.1.0"
 
@@ -35,5 +36,6 @@ __all__ = [
     "StepReport",
     "ValueClip",
     "__version__",
+    "track_timesteps",
 ]
 

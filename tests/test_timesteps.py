@@ -39,7 +39,9 @@ class Seq(nn.Module):
         return self.head(last).pow(2).sum() + out.mean()
 
 
-def guarded_profile(model: nn.Module, run: Any, norm_type: float = 2.0, name: str = "rnn") -> tuple[Tensor, list[Tensor]]:
+def guarded_profile(
+    model: nn.Module, run: Any, norm_type: float = 2.0, name: str = "rnn"
+) -> tuple[Tensor, list[Tensor]]:
     core = GuardCore(model, norm_type=norm_type, log_every_n_steps=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     core.begin_step()
