@@ -14,7 +14,7 @@ from lightning_gradguard import GradGuard
 from tests.helpers import trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from vanishing_gradients import SequenceClassifier, long_range_data  # noqa: E402
+from vanishing_gradients import SequenceClassifier, long_range_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
