@@ -140,6 +140,11 @@ class GradGuard(Callback):
         return self.core.nonfinite_steps
 
     @property
+    def timestep_norms(self) -> dict[str, Tensor]:
+        """Each tracked sequence's per-timestep norms at the last logging step (1-D CPU tensors)."""
+        return self.core.timestep_norms
+
+    @property
     def last_report(self) -> StepReport | None:
         """The report of the latest optimizer step."""
         return self._last_report

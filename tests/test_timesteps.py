@@ -217,3 +217,23 @@ def test_summaries_on_hand_built_profiles(
         else:
             assert got == pytest.approx(want, rel=1e-9)
     assert s["horizon"] == horizon
+
+
+def test_vanishing_in_time_events_are_rate_limited() -> None:
+    torch.manual_seed(0)
+    model = nn.RNN(3, 6, batch_first=True)
+    with torch.no_grad():
+        model.weight_hh_l0.mul_(0.2)  # contractive recurrence: the gradient vanishes through time
+    core = GuardCore(model, log_every_n_steps=1, timestep_vanish_ratio=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(4, 30, 3)
+    for _ in range(250):
+        core.begin_step()
+        model(x)[0][:, -1].sum().backward()
+        core.step(opt)
+        opt.zero_grad()
+    events = [e for e in core.events if e.kind == "vanishing_in_time"]
+    assert [e.step for e in events] == [0, 100, 200]
+    assert events[0].value < 1e-4 and events[0].layers == ("rnn",)
+    assert "99 more times since step 0" in events[1].message
+    assert core.timestep_summaries["rnn"]["first_last_ratio"] < 1e-4
