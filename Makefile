@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check lightning_gradguard tests examples
+	$(VENV)/bin/ruff check lightning_gradguard tests examples benchmarks
 	$(VENV)/bin/mypy
 
 # pytest exits 5 when it collected no tests: that must fail loudly, not pass.
