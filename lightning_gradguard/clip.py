@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard._validate import check_number
-from lightning_gradguard.measure import total_norm
+from lightning_gradguard.measure import group_by_device_and_dtype, total_norm
 
 __all__ = ["ClipOutcome", "Clipper", "NormClip", "ValueClip", "clip_grads_by_norm_", "clip_grads_by_value_"]
 
@@ -66,10 +66,7 @@ def clip_grads_by_norm_(
     if finite is not None:
         coef = torch.where(finite, coef, torch.ones_like(coef))
     if len(grads):
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        for device, group in by_device.items():
+        for (device, _dtype), (group, _index) in group_by_device_and_dtype(grads).items():
             torch._foreach_mul_(group, coef.to(device))
     return coef
 

@@ -12,13 +12,14 @@ exactly as it would for ``clip_grad_norm_``.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["combine_norms", "grad_norms", "group_norms", "total_norm"]
+__all__ = ["combine_norms", "grad_norms", "group_by_device_and_dtype", "group_norms", "total_norm"]
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -45,20 +46,27 @@ def grad_norms(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """
     if len(grads) == 0:
         return torch.zeros(0)
-    device = grads[0].device
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, g in enumerate(grads):
-        groups[(g.device, g.dtype)].append(i)
+    groups = group_by_device_and_dtype(grads)
     if len(groups) == 1:
         acc = _acc_dtype(grads[0])
         norms = torch._foreach_norm(list(grads), norm_type, dtype=acc)
         return torch.stack(norms).float() if acc != torch.float64 else torch.stack(norms)
+    device = grads[0].device
     out = torch.empty(len(grads), dtype=torch.float32, device=device)
-    for (_dev, _dtype), index in groups.items():
-        group = [grads[i] for i in index]
+    for group, index in groups.values():
         norms = torch._foreach_norm(group, norm_type, dtype=_acc_dtype(group[0]))
         out[torch.tensor(index, device=device)] = torch.stack(norms).to(device, torch.float32)
     return out
+
+
+def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[Any, tuple[list[Tensor], list[int]]]:
+    """Split ``tensors`` into (tensors, original indices) per (device, dtype).
+
+    Uses the C++ grouping helper that ``clip_grad_norm_`` uses, so the hot path has no Python loop
+    over the parameters.
+    """
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)  # type: ignore[list-item]
+    return {key: (lists[0], indices) for key, (lists, indices) in grouped.items()}  # type: ignore[misc]
 
 
 def combine_norms(norms: Tensor, norm_type: float = 2.0) -> Tensor:
