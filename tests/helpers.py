@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -159,15 +158,12 @@ def trainer(callbacks: list[pl.Callback], steps: int = 8, **kwargs: Any) -> pl.T
     return pl.Trainer(callbacks=callbacks, **defaults)
 
 
-ReferenceFn = Callable[[list[Tensor]], Tensor]
-
-
 class GradRecorder(pl.Callback):
-    """Listed after the guard: records the gradients the optimizer is about to see."""
+    """Records the gradients at ``on_before_optimizer_step``: listed before the guard it sees them
+    unclipped, listed after it sees what the optimizer will get."""
 
     def __init__(self) -> None:
         self.grads: dict[int, list[Tensor | None]] = {}
-        self.before: dict[int, list[Tensor | None]] = {}
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"]]

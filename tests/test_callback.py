@@ -91,10 +91,7 @@ def test_metrics_reach_every_logger_and_match_reference() -> None:
     recorder = GradRecorder()
     guard = GradGuard(clip=NormClip(0.05), log_every_n_steps=2)
 
-    class Before(GradRecorder):
-        pass
-
-    before = Before()
+    before = GradRecorder()  # listed before the guard: sees the unclipped gradients
     model = FaultNet()
     trainer([before, guard, recorder], steps=6, logger=[mem]).fit(model)
     steps = sorted(s for s, _ in mem.rows)
@@ -269,9 +266,10 @@ def test_double_clipping_warns_once_at_setup() -> None:
 
 def test_summary_at_end_of_fit(caplog: pytest.LogCaptureFixture) -> None:
     guard = GradGuard(clip=NormClip(1e-3))
-    with pytest.warns(GradGuardWarning):
+    with pytest.warns(GradGuardWarning), caplog.at_level("INFO"):
         trainer([guard], steps=5).fit(FaultNet({2: ("grad", 1, math.nan)}))
     text = guard.summary()
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("GradGuard summary")] == [text]
     assert "5 optimizer steps guarded" in text and "4 clipped (80.0%)" in text
     assert "1 skipped" in text and "origins: l1 x1" in text
 
