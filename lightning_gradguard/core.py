@@ -26,6 +26,7 @@ sync. Only a faulty step pays more (to list its non-finite layers).
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -460,7 +461,9 @@ class GuardCore:
 
     def _count_clipped(self, coef: Tensor) -> None:
         bit = (coef < 1).to(torch.int64)
-        self._clipped = bit if self._clipped is None else self._clipped + bit.to(self._clipped.device)
+        # Keep the counter on the gradients' device: adding a device bit to a CPU counter (as restored
+        # from a checkpoint) would be a device-to-host copy, i.e. a host sync, on every step.
+        self._clipped = bit if self._clipped is None else self._clipped.to(bit.device) + bit
 
     def _handle_nonfinite(
         self,
@@ -538,8 +541,6 @@ class GuardCore:
         if key not in self._warned:
             self._warned.add(key)
             if alerts.is_rank_zero():
-                import warnings
-
                 warnings.warn(message, alerts.GradGuardWarning, stacklevel=3)
 
     # ------------------------------------------------------------- reporting
