@@ -198,13 +198,12 @@ class GradGuard(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        n = self._cadence(trainer)
-        step = trainer.global_step
-        self.core.begin_step(step, log=n > 0 and (step + 1) % n == 0)
+        self.core.begin_step(trainer.global_step, log=self._is_logging_step(trainer))
 
-    def _cadence(self, trainer: pl.Trainer) -> int:
+    def _is_logging_step(self, trainer: pl.Trainer) -> bool:
         # The Trainer sets `log_every_n_steps` dynamically; 0 there means Lightning never logs.
-        return self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
+        n = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
+        return n > 0 and (trainer.global_step + 1) % n == 0
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self.core.observe_loss(loss)
@@ -213,7 +212,6 @@ class GradGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         step = trainer.global_step
-        n = self._cadence(trainer)
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
         strategy = trainer.strategy
 
@@ -223,7 +221,7 @@ class GradGuard(Callback):
         report = self.core.step(
             optimizer,
             step=step,
-            log=n > 0 and (step + 1) % n == 0,
+            log=self._is_logging_step(trainer),
             scaler=getattr(trainer.precision_plugin, "scaler", None),
             optimizer_idx=idx,
             reduce=reduce if trainer.world_size > 1 else None,
