@@ -13,9 +13,10 @@ The framework-free core (:class:`GuardCore`, in :mod:`lightning_gradguard.core`,
 torch only) does the same in a plain PyTorch loop.
 """
 
+from lightning_gradguard.adaptive import AutoClip, ZClip
 from lightning_gradguard.alerts import GradGuardWarning
 from lightning_gradguard.callback import GradGuard
-from lightning_gradguard.clip import ClipOutcome, Clipper, NormClip, ValueClip
+from lightning_gradguard.clip import AGC, ClipContext, ClipOutcome, Clipper, LayerNormClip, NormClip, ValueClip
 from lightning_gradguard.core import GuardCore, StepReport
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
@@ -24,6 +25,9 @@ from lightning_gradguard.timesteps import track_timesteps
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
+    "AutoClip",
+    "ClipContext",
     "ClipOutcome",
     "Clipper",
     "GradEvent",
@@ -31,10 +35,12 @@ __all__ = [
     "GradGuardError",
     "GradGuardWarning",
     "GuardCore",
+    "LayerNormClip",
     "NonFiniteGradientError",
     "NormClip",
     "StepReport",
     "ValueClip",
+    "ZClip",
     "__version__",
     "track_timesteps",
 ]

@@ -24,11 +24,18 @@ def check_number(
     strict: bool = True,
     allow_inf: bool = False,
     allow_none: bool = False,
+    maximum: float | None = None,
+    strict_max: bool = False,
 ) -> float | None:
-    """Check a real number against a lower bound and return it as ``float`` (or None)."""
+    """Check a real number against bounds and return it as ``float`` (or None)."""
     bound = ""
-    if minimum is not None:
+    if minimum is not None and maximum is not None:
+        lo, hi = "(" if strict else "[", ")" if strict_max else "]"
+        bound = f" in {lo}{minimum:g}, {maximum:g}{hi}"
+    elif minimum is not None:
         bound = f" {'>' if strict else '>='} {minimum:g}"
+    elif maximum is not None:
+        bound = f" {'<' if strict_max else '<='} {maximum:g}"
     expected = f"a number{bound}{' (inf allowed)' if allow_inf else ''}{' or None' if allow_none else ''}"
     if value is None:
         if allow_none:
@@ -40,6 +47,8 @@ def check_number(
     if math.isnan(number) or (math.isinf(number) and not (allow_inf and number > 0)):
         raise _fail(name, expected, value)
     if minimum is not None and (number <= minimum if strict else number < minimum):
+        raise _fail(name, expected, value)
+    if maximum is not None and (number >= maximum if strict_max else number > maximum):
         raise _fail(name, expected, value)
     return number
 

@@ -16,17 +16,30 @@ is finite. What happens to a non-finite step is the guard's ``on_nonfinite`` pol
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_gradguard._validate import check_number
-from lightning_gradguard.measure import group_by_device_and_dtype, total_norm
+from lightning_gradguard.measure import combine_norms, grad_norms, group_by_device_and_dtype, total_norm
 
-__all__ = ["ClipOutcome", "Clipper", "NormClip", "ValueClip", "clip_grads_by_norm_", "clip_grads_by_value_"]
+__all__ = [
+    "AGC",
+    "ClipContext",
+    "ClipOutcome",
+    "Clipper",
+    "LayerNormClip",
+    "NormClip",
+    "ValueClip",
+    "clip_grads_by_norm_",
+    "clip_grads_by_value_",
+    "unitwise_norms",
+]
 
 _EPS = 1e-6
 
@@ -39,11 +52,107 @@ class ClipOutcome:
         coef: the factor by which the total norm changed (1.0 means no change).
         clipped_total: the total norm after clipping, or None if it was not computed.
         threshold: the threshold in force, or None.
+        clipped: a 0-d bool tensor, True when the clipper changed the gradients this step; None
+            means ``coef < 1``.
+        clipped_units: for unit-wise clippers, how many units (layers, rows) were clipped.
     """
 
     coef: Tensor
     clipped_total: Tensor | None = None
     threshold: Tensor | None = None
+    clipped: Tensor | None = None
+    clipped_units: Tensor | None = None
+
+
+@dataclass
+class ClipContext:
+    """Everything a clipper may use on one step. Built by the guard; no host sync to build.
+
+    Attributes:
+        grads: the gradients of one optimizer step (dense; possibly still scaled by a GradScaler).
+        norms: their per-tensor norms under ``norm_type``, unscaled and global across shards.
+        total: their total norm under ``norm_type`` (0-d).
+        finite: a 0-d bool tensor, True when the step is finite.
+        norm_type: the guard's norm type.
+        want_norm: whether the caller wants the clipped total norm (logging steps).
+        params: the parameters owning ``grads``, in the same order (for AGC).
+        layer_of: the layer id of each gradient (ints, same order).
+        layer_names: every layer name of the optimizer, indexed by layer id.
+        param_names: each gradient's parameter name (``layer.weight``), same order.
+        inv_scale: 1/loss-scale when ``grads`` are still scaled, else None.
+        sharded: the gradients are shards (FSDP, DTensor); unit-wise rules that need whole tensors
+            refuse them.
+    """
+
+    grads: Sequence[Tensor]
+    norms: Tensor
+    total: Tensor
+    finite: Tensor
+    norm_type: float = 2.0
+    want_norm: bool = False
+    params: Sequence[Tensor] = ()
+    layer_of: Sequence[int] = ()
+    layer_names: Sequence[str] = ()
+    param_names: Sequence[str] = ()
+    inv_scale: Tensor | None = None
+    sharded: bool = False
+    _index: dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, grads: Sequence[Tensor], norm_type: float = 2.0, **kwargs: Any) -> ClipContext:
+        """A context for plain ``grads`` (each its own layer), computing the norms.
+
+        Example::
+
+            >>> import torch
+            >>> ctx = ClipContext.of([torch.tensor([3.0, 4.0])])
+            >>> ctx.total.item(), bool(ctx.finite)
+            (5.0, True)
+        """
+        norms = grad_norms(grads, norm_type)
+        total = combine_norms(norms, norm_type)
+        defaults: dict[str, Any] = {
+            "layer_of": list(range(len(grads))),
+            "layer_names": [f"t{i}" for i in range(len(grads))],
+            "param_names": [f"t{i}" for i in range(len(grads))],
+        }
+        defaults.update(kwargs)
+        return cls(grads, norms, total, torch.isfinite(total), norm_type, **defaults)
+
+    def layer_index(self) -> Tensor:
+        """The layer id of each gradient as an int64 tensor on the norms' device (built once)."""
+        if "layer" not in self._index:
+            self._index["layer"] = torch.tensor(list(self.layer_of), dtype=torch.int64, device=self.norms.device)
+        return self._index["layer"]
+
+
+def _own_total(ctx: ClipContext, norm_type: float) -> Tensor:
+    """The total norm of ``ctx.grads`` under another norm type than the guard's (unscaled)."""
+    if ctx.sharded:
+        raise ValueError(
+            f"Expected the clipper's `norm_type` to equal the guard's ({ctx.norm_type:g}) on sharded gradients, "
+            f"but got {norm_type:g}."
+        )
+    own = total_norm(ctx.grads, norm_type).to(ctx.total.device)
+    return own * ctx.inv_scale if ctx.inv_scale is not None else own
+
+
+def _ones(like: Tensor) -> Tensor:
+    return torch.ones((), dtype=like.dtype, device=like.device)
+
+
+def scale_grads_(grads: Sequence[Tensor], coefs: Tensor | Sequence[Tensor]) -> None:
+    """Multiply ``grads`` in place by one 0-d coefficient, or by one coefficient per tensor.
+
+    One ``_foreach_mul_`` per (device, dtype) group; no host sync.
+    """
+    if not len(grads):
+        return
+    for (device, _dtype), (group, index) in group_by_device_and_dtype(grads).items():
+        if isinstance(coefs, Tensor):
+            torch._foreach_mul_(group, coefs.to(device))
+        else:
+            torch._foreach_mul_(group, [coefs[i].to(device, _dtype) for i in index])
 
 
 def clip_grads_by_norm_(
@@ -65,9 +174,7 @@ def clip_grads_by_norm_(
     coef = torch.clamp(max_norm / (total + _EPS), max=1.0)
     if finite is not None:
         coef = torch.where(finite, coef, torch.ones_like(coef))
-    if len(grads):
-        for (device, _dtype), (group, _index) in group_by_device_and_dtype(grads).items():
-            torch._foreach_mul_(group, coef.to(device))
+    scale_grads_(grads, coef)
     return coef
 
 
@@ -98,24 +205,11 @@ class Clipper:
 
     deferred: bool = False
 
-    def clip_(
-        self,
-        grads: Sequence[Tensor],
-        norms: Tensor,
-        total: Tensor,
-        finite: Tensor,
-        norm_type: float,
-        want_norm: bool,
-    ) -> ClipOutcome:
-        """Clip ``grads`` in place.
+    def clip_(self, ctx: ClipContext) -> ClipOutcome:
+        """Clip ``ctx.grads`` in place, without a host sync, and say what was done.
 
-        Args:
-            grads: the gradients of one optimizer step.
-            norms: their per-tensor norms under ``norm_type`` (already unscaled).
-            total: their total norm under ``norm_type``.
-            finite: a 0-d bool tensor, True when the step is finite.
-            norm_type: the guard's norm type.
-            want_norm: whether the caller wants the clipped total norm (logging steps).
+        Must leave non-finite gradients exactly as they are (``ctx.finite`` is False): never turn
+        them into finite values, and never let them into the clipper's state.
         """
         raise NotImplementedError
 
@@ -148,8 +242,7 @@ class NormClip(Clipper):
         >>> w = torch.nn.Parameter(torch.ones(4))
         >>> w.grad = torch.full((4,), 2.0)          # total norm 4
         >>> clip = NormClip(max_norm=1.0)
-        >>> out = clip.clip_([w.grad], torch.tensor([4.0]), torch.tensor(4.0),
-        ...                  torch.tensor(True), 2.0, want_norm=True)
+        >>> out = clip.clip_(ClipContext.of([w.grad], want_norm=True))
         >>> round(out.clipped_total.item(), 4)
         1.0
     """
@@ -158,20 +251,12 @@ class NormClip(Clipper):
         self.max_norm = check_number("max_norm", max_norm, minimum=0.0)
         self.norm_type = check_number("norm_type", norm_type, minimum=0.0, allow_inf=True)
 
-    def clip_(
-        self,
-        grads: Sequence[Tensor],
-        norms: Tensor,
-        total: Tensor,
-        finite: Tensor,
-        norm_type: float,
-        want_norm: bool,
-    ) -> ClipOutcome:
+    def clip_(self, ctx: ClipContext) -> ClipOutcome:
         assert self.max_norm is not None and self.norm_type is not None
-        own_total = total if self.norm_type == norm_type else total_norm(grads, self.norm_type)
-        coef = clip_grads_by_norm_(grads, self.max_norm, own_total, finite)
-        clipped = total * coef if want_norm else None
-        return ClipOutcome(coef, clipped, torch.full_like(total, self.max_norm))
+        own_total = ctx.total if self.norm_type == ctx.norm_type else _own_total(ctx, self.norm_type)
+        coef = clip_grads_by_norm_(ctx.grads, self.max_norm, own_total, ctx.finite)
+        clipped = ctx.total * coef if ctx.want_norm else None
+        return ClipOutcome(coef, clipped, torch.full_like(ctx.total, self.max_norm))
 
 
 class ValueClip(Clipper):
@@ -192,8 +277,7 @@ class ValueClip(Clipper):
 
         >>> import torch
         >>> g = [torch.tensor([3.0, -0.5])]
-        >>> out = ValueClip(1.0).clip_(g, torch.tensor([3.0]), torch.tensor(3.0),
-        ...                            torch.tensor(True), 2.0, want_norm=False)
+        >>> out = ValueClip(1.0).clip_(ClipContext.of(g))
         >>> g[0].tolist()
         [1.0, -0.5]
     """
@@ -203,19 +287,216 @@ class ValueClip(Clipper):
     def __init__(self, max_value: float) -> None:
         self.max_value = check_number("max_value", max_value, minimum=0.0)
 
-    def clip_(
-        self,
-        grads: Sequence[Tensor],
-        norms: Tensor,
-        total: Tensor,
-        finite: Tensor,
-        norm_type: float,
-        want_norm: bool,
-    ) -> ClipOutcome:
+    def clip_(self, ctx: ClipContext) -> ClipOutcome:
         assert self.max_value is not None
-        clip_grads_by_value_(grads, self.max_value)
-        if not want_norm:
-            return ClipOutcome(torch.ones_like(total), None, torch.full_like(total, self.max_value))
-        clipped = total_norm(grads, norm_type).to(total.device)
-        coef = torch.where(total > 0, clipped / total, torch.ones_like(total))
-        return ClipOutcome(coef, clipped, torch.full_like(total, self.max_value))
+        limit = self.max_value
+        if ctx.inv_scale is not None:  # guarded against by the guard; kept exact for direct use
+            raise ValueError(
+                "Expected unscaled gradients for ValueClip, but got gradients still scaled by a GradScaler."
+            )
+        threshold = torch.full_like(ctx.total, limit)
+        if not ctx.want_norm:
+            bit = grad_norms(ctx.grads, math.inf).max() > limit if len(ctx.grads) else None
+            clip_grads_by_value_(ctx.grads, limit)
+            return ClipOutcome(_ones(ctx.total), None, threshold, clipped=bit)
+        clip_grads_by_value_(ctx.grads, limit)
+        clipped = total_norm(ctx.grads, ctx.norm_type).to(ctx.total.device)
+        coef = torch.where(ctx.total > 0, clipped / ctx.total, torch.ones_like(ctx.total))
+        return ClipOutcome(coef, clipped, threshold, clipped=coef < 1)
+
+
+class LayerNormClip(Clipper):
+    """Clip each layer's gradient norm to ``max_norm`` separately.
+
+    Each layer (as the guard names layers: a module's own parameters; RNNs per stacked layer and
+    direction) gets its own coefficient ``min(1, max_norm / (‖g_layer‖ + 1e-6))``, the formula of
+    :func:`torch.nn.utils.clip_grad_norm_` applied per layer. Each layer keeps its direction; the
+    direction of the whole gradient changes when some layers are clipped and others not. Logged:
+    ``gradguard/clipped_units``, the number of layers clipped.
+
+    Cost: the per-tensor norms the guard already has, one scatter to layers, one gather back and one
+    ``_foreach_mul_``; no host sync.
+
+    Args:
+        max_norm: the largest norm allowed per layer, ``> 0``.
+        norm_type: the norm's order, ``> 0`` (``float('inf')`` allowed).
+
+    Raises:
+        ValueError: ``max_norm`` or ``norm_type`` is not positive.
+
+    Example::
+
+        >>> import torch
+        >>> g = [torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])]   # layer norms 5 and 0.5
+        >>> out = LayerNormClip(max_norm=1.0).clip_(ClipContext.of(g))
+        >>> [round(v, 4) for v in g[0].tolist()], g[1].tolist(), int(out.clipped_units)
+        ([0.6, 0.8], [0.30000001192092896, 0.4000000059604645], 1)
+    """
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+        self.max_norm = check_number("max_norm", max_norm, minimum=0.0)
+        self.norm_type = check_number("norm_type", norm_type, minimum=0.0, allow_inf=True)
+
+    def clip_(self, ctx: ClipContext) -> ClipOutcome:
+        from lightning_gradguard.measure import group_norms
+
+        assert self.max_norm is not None and self.norm_type is not None
+        if self.norm_type == ctx.norm_type:
+            norms = ctx.norms
+        else:
+            if ctx.sharded:
+                _own_total(ctx, self.norm_type)  # raises: norms of shards need the guard's norm type
+            norms = grad_norms(ctx.grads, self.norm_type).to(ctx.norms.device)
+            if ctx.inv_scale is not None:
+                norms = norms * ctx.inv_scale
+        index = ctx.layer_index()
+        layer_norms = group_norms(norms, index, len(ctx.layer_names), self.norm_type)
+        layer_coef = torch.clamp(self.max_norm / (layer_norms + _EPS), max=1.0)
+        layer_coef = torch.where(ctx.finite, layer_coef, torch.ones_like(layer_coef))
+        per_tensor = layer_coef[index]
+        scale_grads_(ctx.grads, per_tensor.unbind())
+        hit = layer_coef < 1
+        clipped_total = None
+        if ctx.want_norm:
+            clipped_total = combine_norms(ctx.norms * per_tensor, ctx.norm_type)
+        coef = clipped_total / ctx.total if clipped_total is not None else _ones(ctx.total)
+        coef = torch.where(ctx.total > 0, coef, torch.ones_like(coef)) if clipped_total is not None else coef
+        return ClipOutcome(
+            coef,
+            clipped_total,
+            torch.full_like(ctx.total, self.max_norm),
+            clipped=hit.any(),
+            clipped_units=hit.sum(),
+        )
+
+
+def unitwise_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The L2 norm of each unit of each tensor, as AGC defines units.
+
+    A unit is a slice along the first dimension (a row of a Linear weight, an output channel of a
+    convolution); a 0-d or 1-d tensor is a single unit. Each result has the tensor's dimensions, with
+    size 1 in every dimension but the first, so it broadcasts against the tensor.
+
+    Example::
+
+        >>> import torch
+        >>> [n.flatten().tolist() for n in unitwise_norms([torch.tensor([[3.0, 4.0], [0.0, 1.0]]),
+        ...                                                  torch.tensor([3.0, 4.0])])]
+        [[5.0, 1.0], [5.0]]
+    """
+    out = []
+    for t in tensors:  # one kernel per tensor: no fused per-row norm exists (see AGC's docstring)
+        if t.ndim <= 1:
+            out.append(torch.linalg.vector_norm(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t))
+        else:
+            dims = tuple(range(1, t.ndim))
+            src = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+            out.append(torch.linalg.vector_norm(src, dim=dims, keepdim=True))
+    return out
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class AGC(Clipper):
+    """Adaptive gradient clipping, unit-wise (Brock, De, Smith and Simonyan, 2021, NFNets).
+
+    For each unit i (a row of a weight's first dimension; a 0-d or 1-d parameter is one unit), with
+    ‖W_i‖* = max(‖W_i‖, eps): if ‖G_i‖ / ‖W_i‖* > ``clip_factor``, then
+    G_i ← clip_factor · ‖W_i‖* / ‖G_i‖ · G_i. Norms are L2 (Frobenius), as in the paper, whatever the
+    guard's ``norm_type``. Logged: ``gradguard/clipped_units``, the number of units clipped, and
+    ``gradguard/clip_threshold`` = ``clip_factor``.
+
+    Each unit keeps its direction; the whole gradient's direction changes when some units are
+    clipped and others not. The paper leaves the final classifier unclipped: name it in ``exclude``.
+
+    Cost: unlike the other clippers AGC needs a per-row norm of every weight and gradient, for which
+    torch has no fused (``_foreach``) kernel: it runs one norm kernel per parameter tensor (a Python
+    loop over parameters) and one ``_foreach_mul_``. No host sync. ``benchmarks/`` measures it.
+
+    Args:
+        clip_factor: λ, the largest allowed ratio of gradient to weight norm per unit, ``> 0``.
+        eps: the floor on weight norms, so that zero-initialised units can move, ``> 0``.
+        exclude: layer names, parameter names (``head.weight``) or glob patterns (``head*``) of
+            parameters left unclipped.
+
+    Raises:
+        ValueError: ``clip_factor`` or ``eps`` is not positive.
+        TypeError: ``exclude`` is not a list of strings.
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+        >>> w.grad = torch.tensor([[0.3, 0.4], [1e-4, 0.0]])   # ratios 0.1 and 0.1 (eps floor)
+        >>> ctx = ClipContext.of([w.grad], params=[w])
+        >>> out = AGC(clip_factor=0.01).clip_(ctx)
+        >>> [[round(v, 6) for v in row] for row in w.grad.tolist()], int(out.clipped_units)
+        ([[0.03, 0.04], [1e-05, 0.0]], 2)
+    """
+
+    def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3, exclude: Sequence[str] = ()) -> None:
+        self.clip_factor = check_number("clip_factor", clip_factor, minimum=0.0)
+        self.eps = check_number("eps", eps, minimum=0.0)
+        if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
+            raise TypeError(f"Expected `exclude` to be a list of layer names or glob patterns, but got {exclude!r}.")
+        self.exclude = tuple(exclude)
+        self._mask_cache: dict[tuple[str, ...], list[bool]] = {}
+
+    def _kept(self, ctx: ClipContext) -> list[bool]:
+        key = tuple(ctx.param_names)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = [
+                not (_matches(ctx.layer_names[layer], self.exclude) or _matches(name, self.exclude))
+                for layer, name in zip(ctx.layer_of, ctx.param_names, strict=True)
+            ]
+        return self._mask_cache[key]
+
+    def clip_(self, ctx: ClipContext) -> ClipOutcome:
+        assert self.clip_factor is not None and self.eps is not None
+        if ctx.sharded:
+            raise ValueError(
+                "Expected whole (unsharded) gradients for AGC, whose units are rows of each weight, but got "
+                "sharded gradients (FSDP/DTensor). Use NormClip, LayerNormClip, AutoClip or ZClip there."
+            )
+        if len(ctx.params) != len(ctx.grads):
+            raise ValueError("Expected `params` matching `grads` in the ClipContext for AGC, but got none.")
+        kept = self._kept(ctx) if self.exclude else [True] * len(ctx.grads)
+        grads = [g for g, k in zip(ctx.grads, kept, strict=True) if k]
+        params = [p for p, k in zip(ctx.params, kept, strict=True) if k]
+        threshold = torch.full_like(ctx.total, self.clip_factor)
+        if not grads:
+            return ClipOutcome(_ones(ctx.total), ctx.total if ctx.want_norm else None, threshold,
+                               clipped=torch.zeros((), dtype=torch.bool, device=ctx.total.device),
+                               clipped_units=torch.zeros((), dtype=torch.int64, device=ctx.total.device))
+        w_norms = unitwise_norms([p.detach() for p in params])
+        g_norms = unitwise_norms(grads)
+        if ctx.inv_scale is not None:
+            g_norms = list(torch._foreach_mul(g_norms, ctx.inv_scale))
+        limits = torch._foreach_mul(torch._foreach_clamp_min(w_norms, self.eps), self.clip_factor)
+        coefs = []
+        hits = []
+        for limit, gn in zip(limits, g_norms, strict=True):
+            hit = gn > limit
+            coef = torch.where(hit & ctx.finite, limit / gn.clamp(min=1e-6), torch.ones_like(gn))
+            coefs.append(coef)
+            hits.append((hit & ctx.finite).sum())
+        scale_grads_(grads, coefs)
+        units = torch.stack(hits).sum()
+        clipped_total = total_norm(ctx.grads, ctx.norm_type) if ctx.want_norm else None
+        if clipped_total is not None and ctx.inv_scale is not None:
+            clipped_total = clipped_total * ctx.inv_scale
+        coef = _ones(ctx.total)
+        if clipped_total is not None:
+            clipped_total = torch.where(ctx.finite, clipped_total.to(ctx.total.device), ctx.total)
+            coef = torch.where(ctx.total > 0, clipped_total / ctx.total, coef)
+        return ClipOutcome(coef, clipped_total, threshold, clipped=units > 0, clipped_units=units)
+
+    def __repr__(self) -> str:
+        return f"AGC(clip_factor={self.clip_factor!r}, eps={self.eps!r}, exclude={list(self.exclude)!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_mask_cache"] = {}
+        return state

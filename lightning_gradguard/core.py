@@ -37,13 +37,18 @@ from torch import Tensor, nn
 
 from lightning_gradguard import alerts
 from lightning_gradguard._validate import check_choice, check_int, check_number
-from lightning_gradguard.clip import ClipOutcome, Clipper
+from lightning_gradguard.clip import ClipContext, ClipOutcome, Clipper
 from lightning_gradguard.detect import describe_nonfinite, nonfinite_tensors, origin_of
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.layers import LayerMap
-from lightning_gradguard.measure import combine_norms, grad_norms, group_norms
+from lightning_gradguard.measure import combine_norms, global_norms, grad_norms, group_norms
 from lightning_gradguard.timesteps import TimestepTracker, summarize_profile
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    _DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "StepReport"]
 
@@ -105,6 +110,15 @@ class GuardCore:
             (unless :meth:`step` is told ``log=True``).
         max_events: how many events :attr:`events` keeps (the newest).
         emit: called with each event; defaults to :func:`lightning_gradguard.alerts.emit`.
+        track_timesteps: per-timestep tracking of recurrent modules: True (all), False, or a list
+            of module names.
+        timestep_vanish_ratio: ``first_last_ratio`` below it is a ``vanishing_in_time`` event,
+            above its reciprocal ``exploding_in_time``; in (0, 1).
+        timestep_history: how many logging steps the timestep heatmap keeps.
+        sharded: every gradient is a shard of a larger tensor (FSDP's flat views): per-tensor norms
+            are all-reduced across ``process_group`` so that every norm, clip and decision is global
+            and identical on all ranks. ``DTensor`` gradients are recognised without it.
+        process_group: the group of ranks holding the shards (default: the world).
 
     Raises:
         ValueError: an argument is out of range; the message names it.
@@ -143,12 +157,18 @@ class GuardCore:
         track_timesteps: bool | Sequence[str] = True,
         timestep_vanish_ratio: float = 1e-4,
         timestep_history: int = 64,
+        sharded: bool = False,
+        process_group: Any = None,
     ) -> None:
         if clip is not None and not isinstance(clip, Clipper):
             raise TypeError(
                 f"Expected `clip` to be a Clipper such as NormClip(max_norm=1.0), or None, but got {clip!r}."
             )
         self.clip = clip
+        if not isinstance(sharded, bool):
+            raise TypeError(f"Expected `sharded` to be a bool, but got {sharded!r}.")
+        self.sharded = sharded
+        self.process_group = process_group
         self.norm_type = float(check_number("norm_type", norm_type, minimum=0.0, allow_inf=True))  # type: ignore[arg-type]
         self.on_nonfinite: OnNonFinite = check_choice("on_nonfinite", on_nonfinite, _POLICIES)  # type: ignore[assignment]
         self.max_consecutive_skips = int(check_int("max_consecutive_skips", max_consecutive_skips, minimum=1))  # type: ignore[arg-type]
@@ -181,7 +201,8 @@ class GuardCore:
         self._rate: dict[tuple[str, str], list[int]] = {}
         self._events: deque[GradEvent] = deque(maxlen=self.max_events)
         self._loss_finite: Tensor | None = None
-        self._clipped: Tensor | None = None  # device counter of steps whose norm clip bit
+        self._clipped: Tensor | None = None  # device counter of steps the clipper changed
+        self._log_mark = (0, 0)  # (steps, clipped steps) at the last logging step
         self._max_norm: Tensor | None = None  # device max of the finite total norms
         self._warned: set[str] = set()
         self.steps = 0
@@ -287,12 +308,19 @@ class GuardCore:
         params = layout.params
         grads: list[Tensor] = []
         owners: list[int] = []
+        shard_flags: list[bool] = []
         for i, p in enumerate(params):
             g = p.grad
             if g is None:
                 continue
+            if _DTensor is not None and isinstance(g, _DTensor):
+                shard_flags.append(any(pl.is_shard() or pl.is_partial() for pl in g.placements))
+                g = g.to_local()
+            else:
+                shard_flags.append(self.sharded)
             if g.is_sparse:
                 self._warn_once("sparse", "GradGuard: sparse gradients are not measured or clipped; they are skipped.")
+                shard_flags.pop()
                 continue
             grads.append(g)
             owners.append(i)
@@ -308,6 +336,10 @@ class GuardCore:
         inv_scale, amp_found = self._amp_state(optimizer, scaler, device)
 
         norms = grad_norms(grads, self.norm_type)
+        sharded = any(shard_flags)
+        if sharded:
+            mask = None if all(shard_flags) else torch.tensor(shard_flags, device=norms.device)
+            norms = global_norms(norms, self.norm_type, mask, self.process_group)
         if inv_scale is not None:
             norms = norms * inv_scale
         total = combine_norms(norms, self.norm_type)
@@ -328,9 +360,27 @@ class GuardCore:
         self._max_norm = peak if self._max_norm is None else torch.maximum(self._max_norm, peak.to(self._max_norm))
 
         outcome: ClipOutcome | None = None
+        ctx: ClipContext | None = None
+        if self.clip is not None:
+            sub_params, sub_layers, sub_names = layout.subset(owners)
+            ctx = ClipContext(
+                grads,
+                norms,
+                total,
+                finite,
+                self.norm_type,
+                is_log,
+                params=sub_params,
+                layer_of=sub_layers,
+                layer_names=layout.layer_names,
+                param_names=sub_names,
+                inv_scale=inv_scale,
+                sharded=sharded,
+            )
         if self.clip is not None and not self.clip.deferred:
-            outcome = self.clip.clip_(grads, norms, total, finite, self.norm_type, is_log)
-            self._count_clipped(outcome.coef)
+            assert ctx is not None
+            outcome = self.clip.clip_(ctx)
+            self._count_clipped(outcome)
 
         layer_ids: list[int] = []
         packed = [flags]
@@ -341,8 +391,8 @@ class GuardCore:
             per_layer = group_norms(norms, index, len(layout.layer_names), self.norm_type)[layer_ids]
             extras = [total]
             if outcome is not None:
-                extras += [outcome.clipped_total if outcome.clipped_total is not None else total, outcome.coef]
-            packed += [torch.stack(extras), per_layer]
+                extras += self._clip_extras(outcome, total)
+            packed += [torch.stack([e.to(total.device, total.dtype) for e in extras]), per_layer]
         profiles: dict[str, Tensor] = {}
         if self.timesteps is not None:
             if is_log and self.timesteps.armed:
@@ -380,13 +430,14 @@ class GuardCore:
         else:
             self.consecutive_skips = 0
             if self.clip is not None and self.clip.deferred:
-                late = self.clip.clip_(grads, norms, total, finite, self.norm_type, is_log)
-                self._count_clipped(late.coef)
+                assert ctx is not None
+                late = self.clip.clip_(ctx)
+                self._count_clipped(late)
                 if is_log:  # a deferred clipper's clipped norm costs one more read (documented)
-                    clipped = late.clipped_total if late.clipped_total is not None else total
-                    logged[1:1] = torch.stack([clipped, late.coef]).tolist()
+                    logged[1:1] = torch.stack([e.to(total) for e in self._clip_extras(late, total)]).tolist()
         if is_log and self.clip is not None and len(logged) == 1 + len(layer_ids):
-            logged[1:1] = [logged[0], 1.0]  # clipper not applied on this (non-finite) step
+            # clipper not applied on this (non-finite) step
+            logged[1:1] = [logged[0], 1.0, math.nan, float(self.clipped_steps), 0.0]
         self._loss_finite = None
         if is_log:
             self._fill_metrics(report, logged, layout.layer_names, layer_ids)
@@ -459,8 +510,21 @@ class GuardCore:
         assert scale is not None
         return scale.double().reciprocal().float().to(device), None
 
-    def _count_clipped(self, coef: Tensor) -> None:
-        bit = (coef < 1).to(torch.int64)
+    def _clip_extras(self, outcome: ClipOutcome, total: Tensor) -> list[Tensor]:
+        """[clipped total, coef, threshold, clipped steps so far, clipped units] (device tensors)."""
+        nan = torch.full_like(total, math.nan)
+        count = self._clipped if self._clipped is not None else torch.zeros((), device=total.device)
+        return [
+            outcome.clipped_total if outcome.clipped_total is not None else total,
+            outcome.coef,
+            outcome.threshold if outcome.threshold is not None else nan,
+            count.to(total.device),
+            outcome.clipped_units if outcome.clipped_units is not None else nan,
+        ]
+
+    def _count_clipped(self, outcome: ClipOutcome) -> None:
+        hit = outcome.clipped if outcome.clipped is not None else outcome.coef < 1
+        bit = hit.to(torch.int64)
         # Keep the counter on the gradients' device: adding a device bit to a CPU counter (as restored
         # from a checkpoint) would be a device-to-host copy, i.e. a host sync, on every step.
         self._clipped = bit if self._clipped is None else self._clipped.to(bit.device) + bit
@@ -526,8 +590,16 @@ class GuardCore:
         metrics = {f"{p}total_norm": logged[0]}
         rest = logged[1:]
         if self.clip is not None:
-            metrics[f"{p}total_norm_clipped"], metrics[f"{p}clip_coef"] = rest[0], rest[1]
-            rest = rest[2:]
+            clipped_total, coef, threshold, count, units = rest[:5]
+            rest = rest[5:]
+            metrics[f"{p}total_norm_clipped"], metrics[f"{p}clip_coef"] = clipped_total, coef
+            if not math.isnan(threshold):
+                metrics[f"{p}clip_threshold"] = threshold
+            since_steps = self.steps - self._log_mark[0]
+            metrics[f"{p}clipped_fraction"] = (count - self._log_mark[1]) / since_steps if since_steps else 0.0
+            self._log_mark = (self.steps, int(count))
+            if not math.isnan(units):
+                metrics[f"{p}clipped_units"] = units
         else:
             metrics[f"{p}clip_coef"] = 1.0
         report.layer_norms = {layer_names[i]: v for i, v in zip(layer_ids, rest, strict=True)}
@@ -603,6 +675,7 @@ class GuardCore:
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.amp_overflow_steps = int(state.get("amp_overflow_steps", 0))
         self._clipped = torch.tensor(int(state.get("clipped_steps", 0)))
+        self._log_mark = (self.steps, int(state.get("clipped_steps", 0)))
         self.origins = {str(k): int(v) for k, v in dict(state.get("origins", {})).items()}
         self._rate = {tuple(k.split("|", 1)): list(v) for k, v in dict(state.get("rate", {})).items()}  # type: ignore[misc]
         if self.clip is not None and state.get("clip"):

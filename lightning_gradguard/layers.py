@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,23 @@ class OptimizerLayout:
     param_layer: list[int]
     layer_names: list[str]
     forward_rank: list[int]
+    param_names: list[str] = field(default_factory=list)
+    _subsets: dict[tuple[int, ...], tuple[list[Tensor], list[int], list[str]]] = field(default_factory=dict)
+
+    def subset(self, owners: Sequence[int]) -> tuple[list[Tensor], list[int], list[str]]:
+        """(params, layer ids, parameter names) of the parameters at ``owners`` (cached per subset)."""
+        key = tuple(owners)
+        cached = self._subsets.get(key)
+        if cached is None:
+            cached = (
+                [self.params[i] for i in key],
+                [self.param_layer[i] for i in key],
+                [self.param_names[i] for i in key],
+            )
+            if len(self._subsets) > 8:  # changing graphs: keep the cache small
+                self._subsets.clear()
+            self._subsets[key] = cached
+        return cached
 
 
 class LayerMap:
@@ -85,7 +102,7 @@ class LayerMap:
 
     def __init__(self, group_by: str = "layer") -> None:
         self.group_by = group_by
-        self._names: dict[int, tuple[str, str, int]] = {}
+        self._names: dict[int, tuple[str, str, int, str]] = {}
         self._order: list[str] = []
         self._handles: list[RemovableHandle] = []
         self._layouts: dict[int, OptimizerLayout] = {}
@@ -105,7 +122,7 @@ class LayerMap:
                     continue  # tied: first owner wins
                 full = f"{module_name}.{param_name}" if module_name else param_name
                 layer = full if self.group_by == "parameter" else layer_name_of(module_name, module, param_name)
-                self._names[id(param)] = (layer, module_name, declared)
+                self._names[id(param)] = (layer, module_name, declared, full)
                 declared += 1
             if own and module_name:
                 self._handles.append(module.register_forward_pre_hook(self._make_recorder(module_name)))
@@ -152,6 +169,7 @@ class LayerMap:
         layer_index: dict[str, int] = {}
         layer_module: dict[str, tuple[str, int]] = {}
         param_layer: list[int] = []
+        param_names: list[str] = []
         seen: set[int] = set()
         flat = 0
         for g, group in enumerate(param_groups):
@@ -159,9 +177,11 @@ class LayerMap:
             for i, p in enumerate(group_params):
                 info = self._names.get(id(p))
                 if info is None:
-                    name, module_name, declared = f"unregistered.g{g}.p{i}", "", 10**9 + flat
+                    name = full = f"unregistered.g{g}.p{i}"
+                    module_name, declared = "", 10**9 + flat
                 else:
-                    name, module_name, declared = info
+                    name, module_name, declared, full = info
+                param_names.append(full)
                 if id(p) in seen:
                     name = f"{name}.duplicate{flat}"
                 seen.add(id(p))
@@ -184,7 +204,7 @@ class LayerMap:
         forward_rank = [0] * len(names)
         for r, name in enumerate(ranked):
             forward_rank[layer_index[name]] = r
-        return OptimizerLayout(params, param_layer, names, forward_rank)
+        return OptimizerLayout(params, param_layer, names, forward_rank, param_names)
 
     def ordered(self, layout: OptimizerLayout, layer_ids: Iterable[int]) -> list[int]:
         """``layer_ids`` sorted in forward order."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["combine_norms", "grad_norms", "group_by_device_and_dtype", "group_norms", "total_norm"]
+__all__ = ["combine_norms", "global_norms", "grad_norms", "group_by_device_and_dtype", "group_norms", "total_norm"]
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -118,3 +118,34 @@ def group_norms(norms: Tensor, index: Tensor, num_groups: int, norm_type: float 
         return out.scatter_reduce(0, index, norms, reduce="amax", include_self=True)
     powered = norms.pow(norm_type)
     return out.index_add(0, index, powered).pow(1.0 / norm_type)
+
+
+def global_norms(norms: Tensor, norm_type: float = 2.0, sharded: Tensor | None = None, group: Any = None) -> Tensor:
+    """Per-tensor norms over every rank's shard: the norms of the whole (unsharded) tensors.
+
+    Each rank holds a piece of some gradients (FSDP's flat views, ``DTensor`` shards). A whole
+    tensor's p-norm is the p-th root of the sum over ranks of each shard's p-th power (the max for
+    the inf-norm): one ``all_reduce`` of one small vector, asynchronous on GPUs (no host sync).
+
+    Args:
+        norms: this rank's per-tensor norms (1-D).
+        norm_type: the norm's order.
+        sharded: a bool mask of the tensors that are shards; None means all. Replicated tensors keep
+            their local norm.
+        group: the process group (default: the world).
+
+    Returns:
+        The global per-tensor norms, identical on every rank.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or norms.numel() == 0:
+        return norms
+    mask = torch.ones_like(norms, dtype=torch.bool) if sharded is None else sharded.to(norms.device)
+    if math.isinf(norm_type):
+        vals = torch.where(mask, norms, torch.zeros_like(norms))
+        dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=group)
+        return torch.where(mask, vals, norms)
+    vals = torch.where(mask, norms.double().pow(norm_type), torch.zeros_like(norms, dtype=torch.float64))
+    dist.all_reduce(vals, op=dist.ReduceOp.SUM, group=group)
+    return torch.where(mask, vals.pow(1.0 / norm_type).to(norms.dtype), norms)

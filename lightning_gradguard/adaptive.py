@@ -1,0 +1,274 @@
+"""Adaptive clippers, whose threshold comes from the run itself: :class:`AutoClip` and :class:`ZClip`.
+
+Both keep their statistics on the gradients' device and update them with tensor arithmetic
+(``torch.where`` on the step's finiteness), so that a step costs no host sync, and a non-finite step
+(skipped by the guard) never enters the statistics. Both implement ``state_dict`` /
+``load_state_dict``; the guard saves them in Lightning checkpoints, so that a resumed run takes the
+same clipping decisions as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard._validate import check_int, check_number
+from lightning_gradguard.clip import ClipContext, ClipOutcome, Clipper, scale_grads_
+
+__all__ = ["AutoClip", "ZClip"]
+
+_EPS = 1e-6
+
+
+def _state_tensor(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to("cpu", copy=True)
+
+
+class AutoClip(Clipper):
+    """Clip the total norm to a percentile of the norms seen so far (Seetharaman et al., 2020).
+
+    Each step appends its pre-clip total norm to the history, then clips to the ``percentile``-th
+    percentile of the history, the current step included (the paper's Algorithm 1), with the
+    coefficient of :func:`torch.nn.utils.clip_grad_norm_`. The percentile interpolates linearly
+    between order statistics, as ``numpy.percentile`` does by default.
+
+    Differences from the paper, on purpose:
+
+    * the history is a window of the last ``history`` finite norms; the paper keeps all of them,
+      which grows without bound over a long run;
+    * non-finite norms (steps the guard skips) never enter the history.
+
+    Cost: the window lives on the device; each step writes one entry and takes one ``nanquantile``
+    over ``history`` values (a sort): no host sync.
+
+    Args:
+        percentile: in (0, 100]. 10 (the paper's recommendation) clips most steps a little.
+        history: the window length, an int >= 1.
+
+    Raises:
+        ValueError: ``percentile`` outside (0, 100] or ``history`` < 1.
+
+    Example::
+
+        >>> import torch
+        >>> clip = AutoClip(percentile=50.0)
+        >>> for norm in (1.0, 3.0):                       # history [1, 3]: median 2
+        ...     g = [torch.tensor([norm])]
+        ...     out = clip.clip_(ClipContext.of(g))
+        >>> round(out.threshold.item(), 4), round(g[0].item(), 4)
+        (2.0, 2.0)
+    """
+
+    def __init__(self, percentile: float = 10.0, history: int = 10_000) -> None:
+        self.percentile = check_number("percentile", percentile, minimum=0.0, maximum=100.0)
+        self.history = check_int("history", history, minimum=1)
+        self._window: Tensor | None = None  # NaN where empty
+        self._count: Tensor | None = None  # finite norms written so far (int64, device)
+
+    def _ensure(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.history is not None
+        if self._window is None or self._count is None:
+            self._window = torch.full((self.history,), math.nan, dtype=torch.float32, device=like.device)
+            self._count = torch.zeros((), dtype=torch.int64, device=like.device)
+        elif self._window.device != like.device:
+            self._window, self._count = self._window.to(like.device), self._count.to(like.device)
+        return self._window, self._count
+
+    def clip_(self, ctx: ClipContext) -> ClipOutcome:
+        assert self.percentile is not None and self.history is not None
+        window, count = self._ensure(ctx.total)
+        total = ctx.total.to(torch.float32)
+        pos = (count % self.history).reshape(1)
+        current = window.index_select(0, pos)
+        window.index_copy_(0, pos, torch.where(ctx.finite, total.reshape(1), current))
+        self._count = count + ctx.finite.to(torch.int64)
+        threshold = torch.nanquantile(window, self.percentile / 100.0, interpolation="linear")
+        coef = torch.clamp(threshold / (total + _EPS), max=1.0)
+        coef = torch.where(ctx.finite & torch.isfinite(threshold), coef, torch.ones_like(coef))
+        scale_grads_(ctx.grads, coef)
+        clipped = ctx.total * coef if ctx.want_norm else None
+        return ClipOutcome(coef, clipped, threshold, clipped=coef < 1)
+
+    @property
+    def window(self) -> Tensor:
+        """The finite norms in the window, oldest first (a CPU copy)."""
+        if self._window is None or self._count is None:
+            return torch.zeros(0)
+        assert self.history is not None
+        n = int(self._count)
+        w = self._window.cpu()
+        if n <= self.history:
+            return w[:n].clone()
+        start = n % self.history
+        return torch.cat([w[start:], w[:start]])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": _state_tensor(self._window), "count": _state_tensor(self._count), "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("history") not in (None, self.history):
+            raise ValueError(
+                f"Expected a checkpointed AutoClip with `history`={self.history}, but got {state.get('history')}."
+            )
+        self._window = state.get("window")
+        self._count = state.get("count")
+
+    def __repr__(self) -> str:
+        return f"AutoClip(percentile={self.percentile!r}, history={self.history!r})"
+
+
+class ZClip(Clipper):
+    """Z-score clipping of spikes in the total norm (Kumar et al., 2025, "ZClip").
+
+    Faithful to the authors' reference code (``zclip/zclip.py``, ``mode="zscore"``,
+    ``clip_option="adaptive_scaling"``, ``clip_factor=1``):
+
+    * **Warm-up.** The first ``warmup_steps`` finite total norms are collected; then μ is their mean
+      and σ² their population variance. During warm-up only ``max_norm`` clips, if given.
+    * **After warm-up.** z = (g − μ) / (σ + 1e-6). If z > ``z_threshold`` the norm is clipped to
+      ĝ = μ + (z_threshold² / z) · σ (the reciprocal rule: the bigger the spike, the harder the
+      clip); otherwise ĝ = g.
+    * **The statistics** then follow ĝ: μ ← αμ + (1−α)ĝ, then σ² ← ασ² + (1−α)(ĝ − μ)², with the
+      updated μ.
+    * ``max_norm`` caps the applied norm at min(ĝ, max_norm); the statistics still take ĝ.
+    * The coefficient is ``min(1, applied / (g + 1e-6))``, applied only when g exceeds it.
+
+    One difference, on purpose: non-finite norms never count toward the warm-up and never enter
+    the statistics (the reference code's statistics stay NaN forever after one NaN step).
+
+    ``gradguard/clip_threshold`` logs the norm above which a step would be clipped: after warm-up
+    min(μ + z_threshold·σ, max_norm), during warm-up ``max_norm`` (or inf).
+
+    Cost: a handful of 0-d device ops; no host sync.
+
+    Args:
+        alpha: the EMA's smoothing factor, in (0, 1).
+        z_threshold: the z-score above which a norm is a spike, ``> 0``.
+        warmup_steps: how many finite steps to collect before clipping, an int >= 1.
+        max_norm: an absolute cap on the applied norm, ``> 0``, or None.
+
+    Raises:
+        ValueError: an argument is out of range.
+
+    Example::
+
+        >>> import torch
+        >>> clip = ZClip(warmup_steps=4)
+        >>> for norm in (1.0, 1.2, 0.8, 1.0, 10.0):      # warm-up, then a spike
+        ...     out = clip.clip_(ClipContext.of([torch.tensor([norm])]))
+        >>> bool(out.clipped), round(out.coef.item(), 4)
+        (True, 0.1014)
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_threshold: float = 2.5,
+        warmup_steps: int = 25,
+        max_norm: float | None = None,
+    ) -> None:
+        self.alpha = check_number("alpha", alpha, minimum=0.0, maximum=1.0, strict_max=True)
+        self.z_threshold = check_number("z_threshold", z_threshold, minimum=0.0)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
+        self.max_norm = check_number("max_norm", max_norm, minimum=0.0, allow_none=True)
+        self._buffer: Tensor | None = None  # warm-up norms
+        self._n: Tensor | None = None  # finite norms seen (int64)
+        self._mean: Tensor | None = None
+        self._var: Tensor | None = None
+
+    def _ensure(self, like: Tensor) -> None:
+        assert self.warmup_steps is not None
+        dev = like.device
+        if self._buffer is None or self._n is None or self._mean is None or self._var is None:
+            self._buffer = torch.zeros(self.warmup_steps, dtype=torch.float64, device=dev)
+            self._n = torch.zeros((), dtype=torch.int64, device=dev)
+            self._mean = torch.zeros((), dtype=torch.float64, device=dev)
+            self._var = torch.zeros((), dtype=torch.float64, device=dev)
+        elif self._buffer.device != dev:
+            self._buffer, self._n = self._buffer.to(dev), self._n.to(dev)
+            self._mean, self._var = self._mean.to(dev), self._var.to(dev)
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the warm-up is over (one host read)."""
+        return self._n is not None and self.warmup_steps is not None and int(self._n) >= self.warmup_steps
+
+    @property
+    def mean(self) -> float:
+        """μ, the EMA of the (clipped) total norm (one host read; NaN before the warm-up ends)."""
+        return float(self._mean) if self.initialized and self._mean is not None else math.nan
+
+    @property
+    def var(self) -> float:
+        """σ², the EMA of the variance (one host read; NaN before the warm-up ends)."""
+        return float(self._var) if self.initialized and self._var is not None else math.nan
+
+    def clip_(self, ctx: ClipContext) -> ClipOutcome:
+        assert self.alpha is not None and self.z_threshold is not None and self.warmup_steps is not None
+        self._ensure(ctx.total)
+        assert self._buffer is not None and self._n is not None and self._mean is not None and self._var is not None
+        w = self.warmup_steps
+        g = ctx.total.to(torch.float64)
+        finite = ctx.finite
+        n = self._n
+        mean0 = self._mean
+        warm = n < w  # still warming up before this step
+        # ---- warm-up: collect, and initialise the statistics on the step that completes it
+        slot = n.clamp(max=w - 1).reshape(1)
+        collect = finite & warm
+        kept = self._buffer.index_select(0, slot).squeeze(0)
+        self._buffer.index_copy_(0, slot, torch.where(collect, g, kept).reshape(1))
+        completes = collect & (n + 1 == w)
+        init_mean = self._buffer.mean()
+        init_var = (self._buffer - init_mean).pow(2).mean()
+        # ---- after warm-up: z-score, reciprocal clip, EMA update with the clipped norm
+        std = self._var.clamp(min=0).sqrt()
+        z = (g - self._mean) / (std + _EPS)
+        spike = finite & ~warm & (z > self.z_threshold)
+        zsafe = torch.where(spike, z, torch.ones_like(z))
+        g_hat = torch.where(spike, self._mean + (self.z_threshold**2 / zsafe) * std, g)
+        new_mean = self.alpha * self._mean + (1 - self.alpha) * g_hat
+        new_var = self.alpha * self._var + (1 - self.alpha) * (g_hat - new_mean) ** 2
+        update = finite & ~warm
+        self._mean = torch.where(completes, init_mean, torch.where(update, new_mean, self._mean))
+        self._var = torch.where(completes, init_var, torch.where(update, new_var, self._var))
+        self._n = n + finite.to(torch.int64)
+        # ---- the norm applied: ĝ after warm-up (capped by max_norm), max_norm (or none) during it
+        inf = torch.full_like(g, math.inf)
+        cap = torch.full_like(g, self.max_norm) if self.max_norm is not None else inf
+        applied = torch.where(warm, cap, torch.minimum(g_hat, cap))
+        during = torch.clamp(cap / (g + _EPS), max=1.0)  # clip_grad_norm_(max_norm); 1 without one
+        after = torch.where(g > applied, applied / (g + _EPS), torch.ones_like(g))
+        coef = torch.where(warm, during, after)
+        coef = torch.where(finite, coef, torch.ones_like(coef)).to(ctx.total.dtype)
+        scale_grads_(ctx.grads, coef)
+        boundary = torch.minimum(torch.where(warm, inf, mean0 + self.z_threshold * std), cap)
+        clipped = ctx.total * coef if ctx.want_norm else None
+        return ClipOutcome(coef, clipped, boundary.to(ctx.total.dtype), clipped=coef < 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "buffer": _state_tensor(self._buffer),
+            "n": _state_tensor(self._n),
+            "mean": _state_tensor(self._mean),
+            "var": _state_tensor(self._var),
+            "warmup_steps": self.warmup_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("warmup_steps") not in (None, self.warmup_steps):
+            raise ValueError(
+                f"Expected a checkpointed ZClip with `warmup_steps`={self.warmup_steps}, "
+                f"but got {state.get('warmup_steps')}."
+            )
+        self._buffer, self._n = state.get("buffer"), state.get("n")
+        self._mean, self._var = state.get("mean"), state.get("var")
+
+    def __repr__(self) -> str:
+        return (
+            f"ZClip(alpha={self.alpha!r}, z_threshold={self.z_threshold!r}, warmup_steps={self.warmup_steps!r}, "
+            f"max_norm={self.max_norm!r})"
+        )
