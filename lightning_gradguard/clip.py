@@ -256,7 +256,7 @@ class NormClip(Clipper):
         own_total = ctx.total if self.norm_type == ctx.norm_type else _own_total(ctx, self.norm_type)
         coef = clip_grads_by_norm_(ctx.grads, self.max_norm, own_total, ctx.finite)
         clipped = ctx.total * coef if ctx.want_norm else None
-        return ClipOutcome(coef, clipped, torch.full_like(ctx.total, self.max_norm))
+        return ClipOutcome(coef, clipped, torch.full_like(ctx.total, self.max_norm), clipped=coef < 1)
 
 
 class ValueClip(Clipper):
