@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_gradguard import AGC, AutoClip, GradGuard, GradGuardWarning, LayerNormClip, NormClip, ZClip
 from tests.helpers import FaultNet, GradRecorder, MemoryLogger, assert_same_state, loader, trainer
