@@ -14,9 +14,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pytorch_lightning as pl
 import torch
 
-from lightning_gradguard import GradGuard, NonFiniteGradientError
+from lightning_gradguard import GradGuard, NonFiniteGradientError, ZClip
 from tests.helpers import FaultNet, trainer
 
 
@@ -50,16 +51,33 @@ class RecordingGuard(GradGuard):
             raise
 
 
+class CoefRecorder(pl.Callback):
+    def __init__(self, guard: GradGuard) -> None:
+        self.guard = guard
+        self.coefs: list[list[float]] = []
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        report = self.guard.last_report
+        if report is not None and report.metrics:
+            m = report.metrics
+            self.coefs.append([m.get("gradguard/clip_coef", 1.0), m.get("gradguard/clip_threshold", -1.0)])
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     policy = sys.argv[2] if len(sys.argv) > 2 else "skip"
     faults = {1: {2: ("loss", math.nan)}, 0: {4: ("grad", 1, math.nan)}}
     model = RankFaultNet(faults)
-    guard = RecordingGuard(on_nonfinite=policy)  # type: ignore[arg-type]
+    if policy == "zclip":  # clipping statistics under DDP: skip policy, ZClip with a short warm-up
+        guard = RecordingGuard(clip=ZClip(warmup_steps=2, z_threshold=0.5), log_every_n_steps=1)
+    else:
+        guard = RecordingGuard(on_nonfinite=policy)  # type: ignore[arg-type]
     guard.out = out
-    t = trainer([guard], steps=6, strategy="ddp", devices=2, use_distributed_sampler=True)
+    coefs = CoefRecorder(guard)
+    t = trainer([guard, coefs], steps=6, strategy="ddp", devices=2, use_distributed_sampler=True)
     t.fit(model)
     rank = t.global_rank
+    clip_state = guard.core.clip.state_dict() if guard.core.clip is not None else {}
     result = {
         "rank": rank,
         "global_step": t.global_step,
@@ -68,6 +86,8 @@ def main() -> None:
         "events": [(e.kind, e.step, e.origin, list(e.layers), e.action) for e in guard.events],
         "weights": float(sum(p.double().sum() for p in model.parameters())),
         "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+        "coefs": coefs.coefs,
+        "clip_state": {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in clip_state.items()},
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
