@@ -40,6 +40,9 @@ class GradGuard(Callback):
     ``gradguard/total_norm``            total gradient norm before clipping
     ``gradguard/total_norm_clipped``    total norm after clipping (only when ``clip`` is set)
     ``gradguard/clip_coef``             the scale factor clipping applied (1.0: no change)
+    ``gradguard/clip_threshold``        the clipper's threshold in force
+    ``gradguard/clipped_fraction``      share of the steps since the last log that were clipped
+    ``gradguard/clipped_units``         layers (LayerNormClip) or rows (AGC) clipped
     ``gradguard/layer/<layer>``         each layer's gradient norm before clipping
     ``gradguard/skipped_steps``         skipped steps so far (cumulative)
     ``gradguard/nonfinite_steps``       non-finite steps so far (cumulative)
@@ -58,7 +61,9 @@ class GradGuard(Callback):
     decision). ``ValueClip`` adds one more read on logging steps.
 
     Args:
-        clip: a clipper (:class:`~lightning_gradguard.NormClip`, :class:`~lightning_gradguard.ValueClip`)
+        clip: a clipper (:class:`~lightning_gradguard.NormClip`, :class:`~lightning_gradguard.ValueClip`,
+            :class:`~lightning_gradguard.LayerNormClip`, :class:`~lightning_gradguard.AGC`,
+            :class:`~lightning_gradguard.AutoClip`, :class:`~lightning_gradguard.ZClip`)
             applied in ``on_before_optimizer_step``, or None for no clipping.
         norm_type: order of every norm, ``> 0``; ``float('inf')`` for the max-norm.
         on_nonfinite: ``"skip"`` (default: drop the optimizer step), ``"warn"``, ``"raise"``
