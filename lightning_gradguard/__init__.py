@@ -18,6 +18,7 @@ from lightning_gradguard.alerts import GradGuardWarning
 from lightning_gradguard.callback import GradGuard
 from lightning_gradguard.clip import AGC, ClipContext, ClipOutcome, Clipper, LayerNormClip, NormClip, ValueClip
 from lightning_gradguard.core import GuardCore, StepReport
+from lightning_gradguard.dump import load_dump
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.timesteps import track_timesteps
@@ -42,6 +43,7 @@ __all__ = [
     "ValueClip",
     "ZClip",
     "__version__",
+    "load_dump",
     "track_timesteps",
 ]
 

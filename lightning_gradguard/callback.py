@@ -12,6 +12,8 @@ Hook timing it relies on (see ``LIGHTNING_NOTES.md``):
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,10 +22,11 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_gradguard import dashboard
+from lightning_gradguard import dashboard, dump
 from lightning_gradguard._validate import check_int
 from lightning_gradguard.clip import Clipper
 from lightning_gradguard.core import GroupBy, GuardCore, OnNonFinite, StepReport
+from lightning_gradguard.errors import NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
 
 __all__ = ["GradGuard"]
@@ -77,6 +80,27 @@ class GradGuard(Callback):
             recurrent cell (True), none (False), or only the named modules (a list).
         timestep_vanish_ratio: a ``first_last_ratio`` below this gives a ``vanishing_in_time`` event,
             above its reciprocal an ``exploding_in_time`` event (at most one per 100 steps each).
+        explode_threshold: an ``exploding`` event when the total norm before clipping exceeds it
+            (default None: off).
+        spike_zscore: a ``spike`` event when log(total norm) is this many standard deviations above
+            its EMA (default 6.0; None: off). Costs nothing extra on healthy steps.
+        spike_warmup: finite steps that only feed the spike statistics (default 50).
+        vanish_threshold: a per-layer norm below it counts as vanishing (default 1e-8).
+        vanish_ratio: a per-layer ‖g‖/‖w‖ below it counts as vanishing (default None: off).
+        vanish_patience: consecutive logging steps below a threshold before a ``vanishing`` event
+            (default 3). Layers with exactly-zero gradients are reported once as ``dead``, layers
+            requiring grad without a gradient once as ``unused``.
+        min_loss_scale: a ``loss_scale_collapse`` alarm when the fp16 GradScaler's scale falls below
+            it (default 1.0).
+        alert_every: the same kind of event on the same layers is logged at most once per this many
+            steps (default 100), with a count of the suppressed ones. ``guard.events`` and handlers
+            get every event.
+        alert_handlers: callables ``handler(event)`` called with every event on rank zero. One that
+            raises is logged once; training goes on. See the README for a webhook example.
+        dump_dir: a directory for dumps of the first non-finite or spike step (and the first of each
+            new origin): batch, RNG states, model and optimizer state before the step, the event.
+            Read one with :func:`lightning_gradguard.load_dump`. Default None: no dumps.
+        max_dumps: at most this many dump files (default 5).
 
     Raises:
         ValueError: an argument is out of range (the message names it).
@@ -105,8 +129,29 @@ class GradGuard(Callback):
         group_by: GroupBy = "layer",
         track_timesteps: bool | list[str] = True,
         timestep_vanish_ratio: float = 1e-4,
+        explode_threshold: float | None = None,
+        spike_zscore: float | None = 6.0,
+        spike_warmup: int = 50,
+        vanish_threshold: float = 1e-8,
+        vanish_ratio: float | None = None,
+        vanish_patience: int = 3,
+        min_loss_scale: float = 1.0,
+        alert_every: int = 100,
+        alert_handlers: list[Callable[[GradEvent], Any]] | None = None,
+        dump_dir: str | None = None,
+        max_dumps: int = 5,
     ) -> None:
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
+        if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
+            raise TypeError(f"Expected `dump_dir` to be a directory path or None, but got {dump_dir!r}.")
+        self.dump_dir = None if dump_dir is None else os.fspath(dump_dir)
+        self.max_dumps = int(check_int("max_dumps", max_dumps, minimum=1))  # type: ignore[arg-type]
+        self.dumps: list[str] = []
+        self._dumped_origins: set[str] = set()
+        self._batches: list[Any] = []
+        self._batch_idx = 0
+        self._rng: dict[str, Any] | None = None
+        self._step_open = False
         self.core = GuardCore(
             clip=clip,
             norm_type=norm_type,
@@ -116,6 +161,15 @@ class GradGuard(Callback):
             log_every_n_steps=None,
             track_timesteps=track_timesteps,
             timestep_vanish_ratio=timestep_vanish_ratio,
+            explode_threshold=explode_threshold,
+            spike_zscore=spike_zscore,
+            spike_warmup=spike_warmup,
+            vanish_threshold=vanish_threshold,
+            vanish_ratio=vanish_ratio,
+            vanish_patience=vanish_patience,
+            min_loss_scale=min_loss_scale,
+            alert_every=alert_every,
+            alert_handlers=list(alert_handlers or []),
         )
 
     # ------------------------------------------------------------ read-only
@@ -186,6 +240,14 @@ class GradGuard(Callback):
                 "Remove one of them."
             )
         self.core.watch(pl_module)
+        self.core.alerts.sinks = []
+        writer = dashboard.find_tensorboard_writer(trainer.loggers) if trainer.is_global_zero else None
+        if writer is not None:
+
+            def to_tensorboard(event: GradEvent, message: str) -> None:
+                writer.add_text("gradguard/alerts", f"**{event.kind}** (step {event.step}): {message}", event.step)
+
+            self.core.alerts.sinks.append(to_tensorboard)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -203,6 +265,12 @@ class GradGuard(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.dump_dir is not None and len(self.dumps) < self.max_dumps:
+            if not self._step_open:  # the first micro-batch of an optimizer step
+                self._batches, self._rng = [], dump.capture_rng()
+            self._batches.append(batch)
+            self._batch_idx = batch_idx
+        self._step_open = True
         self.core.begin_step(trainer.global_step, log=self._is_logging_step(trainer))
 
     def _is_logging_step(self, trainer: pl.Trainer) -> bool:
@@ -223,15 +291,22 @@ class GradGuard(Callback):
         def reduce(flags: Tensor) -> Tensor:
             return strategy.reduce(flags, reduce_op="sum")
 
-        report = self.core.step(
-            optimizer,
-            step=step,
-            log=self._is_logging_step(trainer),
-            scaler=getattr(trainer.precision_plugin, "scaler", None),
-            optimizer_idx=idx,
-            reduce=reduce if trainer.world_size > 1 else None,
-        )
+        self._step_open = False
+        try:
+            report = self.core.step(
+                optimizer,
+                step=step,
+                log=self._is_logging_step(trainer),
+                scaler=getattr(trainer.precision_plugin, "scaler", None),
+                optimizer_idx=idx,
+                reduce=reduce if trainer.world_size > 1 else None,
+            )
+        except NonFiniteGradientError as exc:
+            self._maybe_dump(trainer, pl_module, optimizer, exc.event)
+            raise
         self._last_report = report
+        if report.event is not None:
+            self._maybe_dump(trainer, pl_module, optimizer, report.event)
         if report.metrics:
             for logger in trainer.loggers:
                 logger.log_metrics(report.metrics, step=step)
@@ -239,6 +314,31 @@ class GradGuard(Callback):
                 dashboard.log_timestep_images(trainer.loggers, self.core, step)
         if report.should_stop:
             trainer.should_stop = True
+
+    def _maybe_dump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, event: Any) -> None:
+        """Dump the first non-finite or spike step, and the first of each new origin, up to max_dumps."""
+        if self.dump_dir is None or event is None or event.kind not in ("nonfinite", "spike"):
+            return
+        if len(self.dumps) >= self.max_dumps or self._rng is None:
+            return
+        origin = f"{event.kind}:{event.origin}"
+        if origin in self._dumped_origins:
+            return
+        self._dumped_origins.add(origin)
+        path = dump.write_dump(
+            self.dump_dir,
+            event=event,
+            batch=self._batches[0] if len(self._batches) == 1 else list(self._batches),
+            batch_idx=self._batch_idx,
+            global_step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            rng=self._rng,
+            model_state=pl_module.state_dict(),
+            optimizer_state=optimizer.state_dict(),
+            rank=trainer.global_rank if trainer.world_size > 1 else None,
+        )
+        self.dumps.append(str(path))
+        rank_zero_info(f"GradGuard: wrote a dump of step {trainer.global_step} ({event.kind}) to {path}")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank_zero_info(self.core.summary())
@@ -248,12 +348,19 @@ class GradGuard(Callback):
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return self.core.state_dict()
+        state = self.core.state_dict()
+        state["dumps"] = list(self.dumps)
+        state["dumped_origins"] = sorted(self._dumped_origins)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.core.load_state_dict(state_dict)
+        self.dumps = [str(p) for p in state_dict.get("dumps", [])]
+        self._dumped_origins = set(state_dict.get("dumped_origins", []))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_last_report"] = None
+        state["_batches"] = []
+        state["_rng"] = None
         return state

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from lightning_gradguard import alerts
 from lightning_gradguard._validate import check_choice, check_int, check_number
 from lightning_gradguard.clip import ClipContext, ClipOutcome, Clipper
-from lightning_gradguard.detect import describe_nonfinite, nonfinite_tensors, origin_of
+from lightning_gradguard.detect import LayerWatch, SpikeDetector, describe_nonfinite, nonfinite_tensors, origin_of
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.layers import LayerMap
@@ -109,7 +109,7 @@ class GuardCore:
         log_every_n_steps: steps ``s`` with ``(s + 1) % n == 0`` are logging steps; None: never
             (unless :meth:`step` is told ``log=True``).
         max_events: how many events :attr:`events` keeps (the newest).
-        emit: called with each event; defaults to :func:`lightning_gradguard.alerts.emit`.
+        emit: called with each event instead of the built-in :class:`~lightning_gradguard.alerts.AlertRouter`.
         track_timesteps: per-timestep tracking of recurrent modules: True (all), False, or a list
             of module names.
         timestep_vanish_ratio: ``first_last_ratio`` below it is a ``vanishing_in_time`` event,
@@ -119,6 +119,22 @@ class GuardCore:
             are all-reduced across ``process_group`` so that every norm, clip and decision is global
             and identical on all ranks. ``DTensor`` gradients are recognised without it.
         process_group: the group of ranks holding the shards (default: the world).
+        explode_threshold: an ``exploding`` event when the total norm before clipping exceeds it;
+            None (default) is off.
+        spike_zscore: a ``spike`` event when the one-sided z-score of log(total norm) against an EMA
+            of its recent values exceeds it (default 6.0); None is off.
+        spike_warmup: finite steps that only feed the spike statistics (default 50), an int >= 0.
+        vanish_threshold: a layer norm below it (default 1e-8) counts as vanishing, ``>= 0``.
+        vanish_ratio: a layer whose ‖g‖/‖w‖ is below it counts as vanishing; None (default) is off
+            (it costs one weight-norm pass on logging steps).
+        vanish_patience: consecutive logging steps below a vanishing threshold before a
+            ``vanishing`` event (default 3), an int >= 1.
+        min_loss_scale: a ``loss_scale_collapse`` event when the fp16 loss scale falls below it
+            (default 1.0).
+        alert_every: the same kind of event on the same layers is logged at most once per this many
+            optimizer steps (default 100), with a count of the suppressed ones.
+        alert_handlers: callables called as ``handler(event)`` with every event, on rank zero; one
+            that raises is logged once and never stops training.
 
     Raises:
         ValueError: an argument is out of range; the message names it.
@@ -159,6 +175,15 @@ class GuardCore:
         timestep_history: int = 64,
         sharded: bool = False,
         process_group: Any = None,
+        explode_threshold: float | None = None,
+        spike_zscore: float | None = 6.0,
+        spike_warmup: int = 50,
+        vanish_threshold: float = 1e-8,
+        vanish_ratio: float | None = None,
+        vanish_patience: int = 3,
+        min_loss_scale: float = 1.0,
+        alert_every: int = 100,
+        alert_handlers: Sequence[Callable[[GradEvent], Any]] = (),
     ) -> None:
         if clip is not None and not isinstance(clip, Clipper):
             raise TypeError(
@@ -175,7 +200,24 @@ class GuardCore:
         self.group_by: GroupBy = check_choice("group_by", group_by, ("layer", "parameter"))  # type: ignore[assignment]
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         self.max_events = int(check_int("max_events", max_events, minimum=1))  # type: ignore[arg-type]
-        self.emit = emit if emit is not None else alerts.emit
+        self.explode_threshold = check_number("explode_threshold", explode_threshold, minimum=0.0, allow_none=True)
+        self.spike_zscore = check_number("spike_zscore", spike_zscore, minimum=0.0, allow_none=True)
+        self.spike_warmup = int(check_int("spike_warmup", spike_warmup, minimum=0))  # type: ignore[arg-type]
+        self.vanish_threshold = float(check_number("vanish_threshold", vanish_threshold, minimum=0.0, strict=False))  # type: ignore[arg-type]
+        self.vanish_ratio = check_number("vanish_ratio", vanish_ratio, minimum=0.0, allow_none=True)
+        self.vanish_patience = int(check_int("vanish_patience", vanish_patience, minimum=1))  # type: ignore[arg-type]
+        self.min_loss_scale = float(check_number("min_loss_scale", min_loss_scale, minimum=0.0, strict=False))  # type: ignore[arg-type]
+        self.alert_every = int(check_int("alert_every", alert_every, minimum=1))  # type: ignore[arg-type]
+        if isinstance(alert_handlers, (str, bytes)) or not isinstance(alert_handlers, Sequence):
+            raise TypeError(f"Expected `alert_handlers` to be a list of callables, but got {alert_handlers!r}.")
+        for h in alert_handlers:
+            if not callable(h):
+                raise ValueError(f"Expected every entry of `alert_handlers` to be callable, but got {h!r}.")
+        self.alerts = alerts.AlertRouter(self.alert_every, alert_handlers)
+        self.emit = emit if emit is not None else self.alerts
+        self.spike = SpikeDetector(self.spike_warmup) if self.spike_zscore is not None else None
+        self.watchlist = LayerWatch(self.vanish_threshold, self.vanish_ratio, self.vanish_patience)
+        self.kind_counts: dict[str, int] = {}
         self.layers = LayerMap(self.group_by)
         if not isinstance(track_timesteps, bool) and (
             isinstance(track_timesteps, str)
@@ -356,6 +398,16 @@ class GuardCore:
         )
         if reduce is not None:
             flags = reduce(flags)
+        nan = torch.full((), math.nan, device=device)
+        zscore = self.spike.score(total, finite) if self.spike is not None else nan
+        scale_now = scaler._scale if scaler is not None and scaler.is_enabled() and scaler._scale is not None else None
+        watch = torch.stack(
+            [
+                total.to(device, torch.float32),
+                zscore.to(device),
+                (scale_now if scale_now is not None else nan).to(device).reshape(()),
+            ]
+        )
         peak = torch.where(finite, total, torch.zeros_like(total))
         self._max_norm = peak if self._max_norm is None else torch.maximum(self._max_norm, peak.to(self._max_norm))
 
@@ -383,7 +435,7 @@ class GuardCore:
             self._count_clipped(outcome)
 
         layer_ids: list[int] = []
-        packed = [flags]
+        packed = [flags, watch]
         if is_log:
             tensor_layer = [layout.param_layer[i] for i in owners]
             layer_ids = sorted(set(tensor_layer))
@@ -393,6 +445,13 @@ class GuardCore:
             if outcome is not None:
                 extras += self._clip_extras(outcome, total)
             packed += [torch.stack([e.to(total.device, total.dtype) for e in extras]), per_layer]
+            if self.vanish_ratio is not None:
+                weights = [params[i].detach() for i in owners]
+                packed.append(
+                    group_norms(grad_norms(weights, self.norm_type), index, len(layout.layer_names), self.norm_type)[
+                        layer_ids
+                    ]
+                )
         profiles: dict[str, Tensor] = {}
         if self.timesteps is not None:
             if is_log and self.timesteps.armed:
@@ -404,8 +463,13 @@ class GuardCore:
         # The one deliberate host sync of the step: the skip decision needs the flags.
         values = torch.cat([t.reshape(-1).to(flags.device, torch.float32) for t in packed]).tolist()
         grad_bad, loss_bad_now, amp_bad = (v > 0 for v in values[:3])
+        total_host, z_host, scale_host = values[3:6]
         profile_len = sum(int(t.numel()) for t in profiles.values())
-        logged = values[3 : len(values) - profile_len]
+        logged = values[6 : len(values) - profile_len]
+        weight_vals: list[float] = []
+        if is_log and self.vanish_ratio is not None:
+            weight_vals = logged[len(logged) - len(layer_ids) :]
+            logged = logged[: len(logged) - len(layer_ids)]
         profile_vals = values[len(values) - profile_len :]
 
         self.steps += 1
@@ -429,6 +493,7 @@ class GuardCore:
             self._handle_nonfinite(report, params, grads, owners, layout, norms, loss_bad_now, optimizer_idx)
         else:
             self.consecutive_skips = 0
+            self._detect(report, total_host, z_host, layout, norms, owners, optimizer_idx)
             if self.clip is not None and self.clip.deferred:
                 assert ctx is not None
                 late = self.clip.clip_(ctx)
@@ -439,10 +504,136 @@ class GuardCore:
             # clipper not applied on this (non-finite) step
             logged[1:1] = [logged[0], 1.0, math.nan, float(self.clipped_steps), 0.0]
         self._loss_finite = None
+        if scale_host == scale_host and scale_host < self.min_loss_scale:  # not NaN, and collapsed
+            self._record(
+                GradEvent(
+                    "loss_scale_collapse",
+                    step=step,
+                    value=scale_host,
+                    message=f"GradGuard: the fp16 loss scale fell to {scale_host:g} at step {step} (min_loss_scale="
+                    f"{self.min_loss_scale:g}): overflows keep recurring. Check for an fp16-unsafe op, lower the "
+                    "learning rate, or train in bf16.",
+                    optimizer_idx=optimizer_idx,
+                )
+            )
         if is_log:
             self._fill_metrics(report, logged, layout.layer_names, layer_ids)
             self._timestep_metrics(report, profiles, profile_vals)
+            if not report.nonfinite:
+                self._watch_layers(report, layout, params, owners, layer_ids, weight_vals, optimizer_idx)
         return report
+
+    # ------------------------------------------------------------- detection
+    def _detect(
+        self,
+        report: StepReport,
+        total: float,
+        z: float,
+        layout: Any,
+        norms: Tensor,
+        owners: Sequence[int],
+        optimizer_idx: int,
+    ) -> None:
+        """Exploding and spike events of a finite step (host values from the step's one sync)."""
+        step = report.step
+        if self.explode_threshold is not None and total > self.explode_threshold:
+            report.event = self._record(
+                GradEvent(
+                    "exploding",
+                    step=step,
+                    value=total,
+                    message=f"GradGuard: exploding gradient at step {step}: total norm {total:.4g} > "
+                    f"explode_threshold {self.explode_threshold:g}. Consider NormClip(max_norm=...) or ZClip().",
+                    optimizer_idx=optimizer_idx,
+                )
+            )
+        if self.spike_zscore is not None and z == z and z > self.spike_zscore:
+            # A rare step: pay one more read for the per-layer norms that say where the spike is.
+            index = torch.tensor([layout.param_layer[i] for i in owners], device=norms.device)
+            per_layer = group_norms(norms, index, len(layout.layer_names), self.norm_type).tolist()
+            present = set(index.tolist())
+            layer_norms = {layout.layer_names[i]: per_layer[i] for i in present}
+            top = self.watchlist.grew_most(layer_norms)
+            report.event = self._record(
+                GradEvent(
+                    "spike",
+                    step=step,
+                    layers=tuple(top),
+                    origin=top[0] if top else None,
+                    value=z,
+                    message=f"GradGuard: gradient spike at step {step}: total norm {total:.4g} is {z:.1f} standard "
+                    f"deviations above its recent log-norm; grew most: {', '.join(top)}.",
+                    optimizer_idx=optimizer_idx,
+                    extra={"total_norm": total},
+                )
+            )
+
+    def _watch_layers(
+        self,
+        report: StepReport,
+        layout: Any,
+        params: Sequence[Tensor],
+        owners: Sequence[int],
+        layer_ids: Sequence[int],
+        weight_vals: Sequence[float],
+        optimizer_idx: int,
+    ) -> None:
+        """Vanishing, dead and unused layers, on logging steps (per-layer norms already on the host)."""
+        names = layout.layer_names
+        weights = {names[i]: w for i, w in zip(layer_ids, weight_vals, strict=False)}
+        with_grad = set(layer_ids)
+        unused = (
+            sorted(
+                {
+                    names[layout.param_layer[i]]
+                    for i, p in enumerate(params)
+                    if p.requires_grad and layout.param_layer[i] not in with_grad
+                }
+            )
+            if len(with_grad) < len(names)
+            else []
+        )
+        vanishing, dead, fresh_unused = self.watchlist.update(report.layer_norms, weights, unused)
+        step = report.step
+        if vanishing:
+            rule = f"below vanish_threshold={self.vanish_threshold:g}"
+            if self.vanish_ratio is not None:
+                rule += f" or ‖g‖/‖w‖ < vanish_ratio={self.vanish_ratio:g}"
+            self._record(
+                GradEvent(
+                    "vanishing",
+                    step=step,
+                    layers=tuple(vanishing),
+                    value=min(report.layer_norms[n] for n in vanishing),
+                    message=f"GradGuard: vanishing gradient at step {step} in {', '.join(vanishing)}: {rule} for "
+                    f"{self.vanish_patience} logging steps. Check initialisation and normalisation; for RNNs a "
+                    "gated cell (LSTM/GRU).",
+                    optimizer_idx=optimizer_idx,
+                )
+            )
+        if dead:
+            self._record(
+                GradEvent(
+                    "dead",
+                    step=step,
+                    layers=tuple(dead),
+                    value=0.0,
+                    message=f"GradGuard: dead layers at step {step}: {', '.join(dead)} got exactly zero gradients "
+                    "(dead ReLUs, a zero multiplier, or a detached path). Check the wiring.",
+                    optimizer_idx=optimizer_idx,
+                )
+            )
+        if fresh_unused:
+            self._record(
+                GradEvent(
+                    "unused",
+                    step=step,
+                    layers=tuple(fresh_unused),
+                    message=f"GradGuard: unused layers at step {step}: {', '.join(fresh_unused)} require grad but got "
+                    "no gradient. Freeze them (requires_grad=False) or check the forward pass.",
+                    optimizer_idx=optimizer_idx,
+                )
+            )
 
     def _timestep_metrics(self, report: StepReport, profiles: dict[str, Tensor], values: list[float]) -> None:
         offset = 0
@@ -580,6 +771,7 @@ class GuardCore:
 
     def _record(self, event: GradEvent) -> GradEvent:
         self._events.append(event)
+        self.kind_counts[event.kind] = self.kind_counts.get(event.kind, 0) + 1
         self.emit(event)
         return event
 
@@ -649,6 +841,12 @@ class GuardCore:
             text += " (origins: " + ", ".join(f"{k} x{v}" for k, v in ranked) + ")"
         if self.amp_overflow_steps:
             text += f"; {self.amp_overflow_steps} fp16 overflows handled by the GradScaler"
+        others = {k: v for k, v in self.kind_counts.items() if k not in ("nonfinite", "amp_overflow")}
+        if others:
+            text += "; events: " + ", ".join(f"{k} x{v}" for k, v in sorted(others.items()))
+        quiet = sum(self.alerts.suppressed.values())
+        if quiet:
+            text += f" ({quiet} repeated alerts were rate-limited; all are in guard.events)"
         return text + "."
 
     # ------------------------------------------------------------------ state
@@ -665,6 +863,10 @@ class GuardCore:
             "origins": dict(self.origins),
             "rate": {f"{k}|{n}": v for (k, n), v in self._rate.items()},
             "clip": self.clip.state_dict() if self.clip is not None else {},
+            "spike": self.spike.state_dict() if self.spike is not None else {},
+            "layers": self.watchlist.state_dict(),
+            "alerts": self.alerts.state_dict(),
+            "kinds": dict(self.kind_counts),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -680,3 +882,8 @@ class GuardCore:
         self._rate = {tuple(k.split("|", 1)): list(v) for k, v in dict(state.get("rate", {})).items()}  # type: ignore[misc]
         if self.clip is not None and state.get("clip"):
             self.clip.load_state_dict(state["clip"])
+        if self.spike is not None and state.get("spike"):
+            self.spike.load_state_dict(state["spike"])
+        self.watchlist.load_state_dict(state.get("layers", {}))
+        self.alerts.load_state_dict(state.get("alerts", {}))
+        self.kind_counts = {str(k): int(v) for k, v in dict(state.get("kinds", {})).items()}

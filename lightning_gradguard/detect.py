@@ -10,12 +10,14 @@ the origin is where the fault entered the gradient. A non-finite loss is reporte
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["describe_nonfinite", "nonfinite_tensors", "origin_of"]
+__all__ = ["LayerWatch", "SpikeDetector", "describe_nonfinite", "nonfinite_tensors", "origin_of"]
 
 
 def nonfinite_tensors(norms: Tensor) -> list[int]:
@@ -73,3 +75,174 @@ def describe_nonfinite(
     }.get(action, "")
     head = f"GradGuard: non-finite gradient at step {step}{opt} (total norm {total:g})"
     return f"{head}, {where}{listed}. {verdict}".strip()
+
+
+class SpikeDetector:
+    """One-sided z-scores of log(total norm) against an EMA of its mean and variance, on the device.
+
+    The first ``warmup`` finite steps only feed the statistics (their exact mean and population
+    variance). Each later finite step is scored against the statistics from *before* it,
+    z = (log‖g‖ − μ) / max(σ, ``min_std``), and only then updates them:
+    μ ← αμ + (1−α)x, σ² ← ασ² + (1−α)(x − μ)² (with the updated μ). Non-finite norms never enter
+    the statistics; their z-score is NaN. ``min_std`` (0.01 in log space, i.e. 1%) keeps a perfectly
+    steady run from calling every wobble a spike.
+
+    Everything stays on the device: :meth:`score` returns a 0-d tensor and costs no host sync.
+
+    Args:
+        warmup: finite steps that only feed the statistics, an int >= 0.
+        alpha: the EMA's smoothing factor, in (0, 1).
+        min_std: the floor on σ, in log space.
+
+    Example::
+
+        >>> import torch
+        >>> det = SpikeDetector(warmup=3)
+        >>> [round(det.score(torch.tensor(n), torch.tensor(True)).item(), 1) for n in (1.0, 1.0, 1.0, 20.0)]
+        [nan, nan, nan, 299.6]
+    """
+
+    def __init__(self, warmup: int = 50, alpha: float = 0.98, min_std: float = 0.01) -> None:
+        self.warmup = warmup
+        self.alpha = alpha
+        self.min_std = min_std
+        self._n: Tensor | None = None
+        self._mean: Tensor | None = None
+        self._m2: Tensor | None = None  # warm-up: sum of squared deviations; after: variance
+
+    def _ensure(self, like: Tensor) -> None:
+        if self._n is None or self._mean is None or self._m2 is None:
+            self._n = torch.zeros((), dtype=torch.int64, device=like.device)
+            self._mean = torch.zeros((), dtype=torch.float64, device=like.device)
+            self._m2 = torch.zeros((), dtype=torch.float64, device=like.device)
+        elif self._n.device != like.device:
+            dev = like.device
+            self._n, self._mean, self._m2 = self._n.to(dev), self._mean.to(dev), self._m2.to(dev)
+
+    def score(self, total: Tensor, finite: Tensor) -> Tensor:
+        """The z-score of this step (NaN during warm-up and for non-finite norms); updates the statistics."""
+        self._ensure(total)
+        assert self._n is not None and self._mean is not None and self._m2 is not None
+        n, mean, m2 = self._n, self._mean, self._m2
+        ok = finite & (total > 0)
+        x = torch.log(torch.where(ok, total, torch.ones_like(total)).double())
+        warm = n < self.warmup
+        # Welford during warm-up (exact mean and population variance)
+        n1 = (n + 1).double()
+        delta = x - mean
+        w_mean = mean + delta / n1
+        w_m2 = m2 + delta * (x - w_mean)
+        var_done = torch.where(n1 >= self.warmup, w_m2 / n1, w_m2)  # becomes a variance when warm-up ends
+        # scoring and EMA after warm-up
+        var = m2.clamp(min=0)
+        z = (x - mean) / torch.clamp(var.sqrt(), min=self.min_std)
+        e_mean = self.alpha * mean + (1 - self.alpha) * x
+        e_var = self.alpha * var + (1 - self.alpha) * (x - e_mean) ** 2
+        self._mean = torch.where(ok, torch.where(warm, w_mean, e_mean), mean)
+        self._m2 = torch.where(ok, torch.where(warm, var_done, e_var), m2)
+        self._n = n + ok.to(torch.int64)
+        nan = torch.full_like(z, math.nan)
+        return torch.where(ok & ~warm, z, nan).float()
+
+    @property
+    def stats(self) -> tuple[int, float, float]:
+        """(finite steps seen, μ, σ) of log(total norm) (host reads; for tests and summaries)."""
+        if self._n is None or self._mean is None or self._m2 is None:
+            return 0, math.nan, math.nan
+        n = int(self._n)
+        if n < self.warmup:
+            return n, float(self._mean), math.nan
+        return n, float(self._mean), float(self._m2.clamp(min=0).sqrt())
+
+    def state_dict(self) -> dict[str, Any]:
+        def cpu(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().cpu().clone()
+
+        return {"n": cpu(self._n), "mean": cpu(self._mean), "m2": cpu(self._m2)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._n, self._mean, self._m2 = state.get("n"), state.get("mean"), state.get("m2")
+
+
+class LayerWatch:
+    """Per-layer checks on logging steps: vanishing (with patience), dead and unused layers.
+
+    * A layer whose norm is below ``vanish_threshold``, or whose ‖g‖/‖w‖ is below ``vanish_ratio``,
+      on ``patience`` consecutive logging steps is *vanishing* (reported once, when it gets there;
+      again only after it recovered). Exactly-zero gradients are *dead* instead.
+    * A layer whose gradients are exactly zero is *dead*; a layer whose parameters require grad but
+      got no gradient is *unused*. Each is reported once per layer.
+    * It keeps an EMA of each layer's log-norm, so that a spike can name the layers that grew most
+      against their own recent norms.
+
+    Example::
+
+        >>> w = LayerWatch(vanish_threshold=1e-8, vanish_ratio=None, patience=2)
+        >>> w.update({"a": 1.0, "b": 1e-12}, {}), w.update({"a": 1.0, "b": 1e-12}, {})
+        (([], [], []), (['b'], [], []))
+    """
+
+    def __init__(self, vanish_threshold: float = 1e-8, vanish_ratio: float | None = None, patience: int = 3) -> None:
+        self.vanish_threshold = vanish_threshold
+        self.vanish_ratio = vanish_ratio
+        self.patience = patience
+        self.below: dict[str, int] = {}
+        self.reported_dead: set[str] = set()
+        self.reported_unused: set[str] = set()
+        self.log_ema: dict[str, float] = {}
+
+    def update(
+        self, norms: dict[str, float], weight_norms: dict[str, float], unused: Sequence[str] = ()
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Feed one logging step's per-layer norms; return (newly vanishing, newly dead, newly unused)."""
+        vanishing, dead = [], []
+        for name, v in norms.items():
+            if not math.isfinite(v):
+                continue
+            if v == 0.0:
+                self.below.pop(name, None)
+                if name not in self.reported_dead:
+                    self.reported_dead.add(name)
+                    dead.append(name)
+                continue
+            w = weight_norms.get(name)
+            low = v < self.vanish_threshold or (
+                self.vanish_ratio is not None and w is not None and w > 0 and v / w < self.vanish_ratio
+            )
+            if low:
+                self.below[name] = self.below.get(name, 0) + 1
+                if self.below[name] == self.patience:
+                    vanishing.append(name)
+            else:
+                self.below.pop(name, None)
+            x = math.log(v)
+            self.log_ema[name] = x if name not in self.log_ema else 0.9 * self.log_ema[name] + 0.1 * x
+        fresh_unused = [n for n in unused if n not in self.reported_unused]
+        self.reported_unused.update(fresh_unused)
+        return vanishing, dead, fresh_unused
+
+    def grew_most(self, norms: dict[str, float], k: int = 3) -> list[str]:
+        """The ``k`` layers whose norm grew most against their own EMA (or the largest, without one)."""
+
+        def growth(item: tuple[str, float]) -> float:
+            name, v = item
+            if not math.isfinite(v) or v <= 0:
+                return math.inf if not math.isfinite(v) else -math.inf
+            return math.log(v) - self.log_ema.get(name, 0.0)
+
+        ranked = sorted(norms.items(), key=growth, reverse=True)
+        return [name for name, _ in ranked[:k]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "below": dict(self.below),
+            "dead": sorted(self.reported_dead),
+            "unused": sorted(self.reported_unused),
+            "log_ema": dict(self.log_ema),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.below = {str(k): int(v) for k, v in dict(state.get("below", {})).items()}
+        self.reported_dead = set(state.get("dead", []))
+        self.reported_unused = set(state.get("unused", []))
+        self.log_ema = {str(k): float(v) for k, v in dict(state.get("log_ema", {})).items()}

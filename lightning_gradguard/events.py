@@ -11,7 +11,18 @@ from typing import Any, Literal
 
 __all__ = ["EventKind", "GradEvent"]
 
-EventKind = Literal["nonfinite", "amp_overflow", "vanishing_in_time", "exploding_in_time"]
+EventKind = Literal[
+    "nonfinite",
+    "amp_overflow",
+    "exploding",
+    "spike",
+    "vanishing",
+    "dead",
+    "unused",
+    "loss_scale_collapse",
+    "vanishing_in_time",
+    "exploding_in_time",
+]
 
 
 @dataclass(frozen=True)
@@ -20,11 +31,18 @@ class GradEvent:
 
     Args:
         kind: what happened: ``"nonfinite"`` (NaN or Inf gradients, or a non-finite loss),
-            ``"amp_overflow"`` (an fp16 overflow that the GradScaler already handles), or
+            ``"amp_overflow"`` (an fp16 overflow that the GradScaler already handles),
+            ``"exploding"`` (total norm above ``explode_threshold``), ``"spike"`` (z-score of
+            log-norm above ``spike_zscore``; ``value`` holds z), ``"vanishing"`` (layers below the
+            vanishing thresholds for ``vanish_patience`` logging steps), ``"dead"`` (exactly-zero
+            gradients), ``"unused"`` (no gradient while requiring grad), ``"loss_scale_collapse"``
+            (fp16 loss scale below ``min_loss_scale``; ``value`` holds it), or
             ``"vanishing_in_time"`` / ``"exploding_in_time"`` (the per-timestep gradient profile of
             a recurrent module; ``value`` holds its first/last ratio).
         step: the optimizer step (``trainer.global_step`` as ``training_step`` saw it).
-        layers: every layer whose gradient is non-finite, in forward order.
+        layers: the layers concerned: for ``nonfinite`` every layer whose gradient is non-finite,
+            in forward order; for ``spike`` the layers that grew most against their own recent
+            norms; for ``vanishing``/``dead``/``unused`` exactly the layers concerned.
         origin: where the fault began: ``"loss"`` when the loss itself was non-finite, otherwise the
             non-finite layer that runs first in the backward pass (the last in forward order), or
             ``None`` when it cannot be told.
