@@ -68,7 +68,14 @@ def main() -> None:
     policy = sys.argv[2] if len(sys.argv) > 2 else "skip"
     faults = {1: {2: ("loss", math.nan)}, 0: {4: ("grad", 1, math.nan)}}
     model = RankFaultNet(faults)
-    if policy == "zclip":  # clipping statistics under DDP: skip policy, ZClip with a short warm-up
+    if policy == "detect":  # detection under DDP: events on every rank, told once by rank zero
+
+        def handler(event: Any) -> None:
+            with (out / f"handler{t.global_rank}.txt").open("a") as fh:
+                fh.write(f"{event.kind} {event.step}\n")
+
+        guard = RecordingGuard(explode_threshold=1e-9, alert_handlers=[handler])
+    elif policy == "zclip":  # clipping statistics under DDP: skip policy, ZClip with a short warm-up
         guard = RecordingGuard(clip=ZClip(warmup_steps=2, z_threshold=0.5), log_every_n_steps=1)
     else:
         guard = RecordingGuard(on_nonfinite=policy)  # type: ignore[arg-type]

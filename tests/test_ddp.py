@@ -88,3 +88,13 @@ def test_zclip_statistics_identical_on_both_ranks(tmp_path: Path) -> None:
     assert r0["clip_state"]["n"] == 4  # type: ignore[index]  # 6 steps, 2 non-finite never counted
     assert any(c < 1.0 for c, _ in r0["coefs"])  # type: ignore[union-attr]
     assert r0["weights"] == r1["weights"] and r0["skipped"] == r1["skipped"] == 2
+
+
+def test_detection_identical_on_both_ranks_told_once(tmp_path: Path) -> None:
+    r0, r1 = run_ddp(tmp_path, "detect")
+    assert r0["events"] == r1["events"]
+    kinds = [(e[0], e[1]) for e in r0["events"]]  # type: ignore[union-attr]
+    assert kinds == [("exploding", 0), ("exploding", 1), ("nonfinite", 2), ("exploding", 3), ("nonfinite", 4),
+                     ("exploding", 5)]
+    assert (tmp_path / "handler0.txt").read_text().split("\n")[:-1] == [f"{k} {s}" for k, s in kinds]
+    assert not (tmp_path / "handler1.txt").exists()  # rank 1 computes the same events but does not tell
