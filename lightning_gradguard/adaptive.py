@@ -88,7 +88,7 @@ class AutoClip(Clipper):
         threshold = torch.nanquantile(window, self.percentile / 100.0, interpolation="linear")
         coef = torch.clamp(threshold / (total + _EPS), max=1.0)
         coef = torch.where(ctx.finite & torch.isfinite(threshold), coef, torch.ones_like(coef))
-        scale_grads_(ctx.grads, coef)
+        scale_grads_(ctx.grads, coef, ctx.single_group)
         clipped = ctx.total * coef if ctx.want_norm else None
         return ClipOutcome(coef, clipped, threshold, clipped=coef < 1)
 
@@ -244,7 +244,7 @@ class ZClip(Clipper):
         after = torch.where(g > applied, applied / (g + _EPS), torch.ones_like(g))
         coef = torch.where(warm, during, after)
         coef = torch.where(finite, coef, torch.ones_like(coef)).to(ctx.total.dtype)
-        scale_grads_(ctx.grads, coef)
+        scale_grads_(ctx.grads, coef, ctx.single_group)
         boundary = torch.minimum(torch.where(warm, inf, mean0 + self.z_threshold * std), cap)
         clipped = ctx.total * coef if ctx.want_norm else None
         return ClipOutcome(coef, clipped, boundary.to(ctx.total.dtype), clipped=coef < 1)

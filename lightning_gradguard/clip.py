@@ -80,6 +80,7 @@ class ClipContext:
         layer_names: every layer name of the optimizer, indexed by layer id.
         param_names: each gradient's parameter name (``layer.weight``), same order.
         inv_scale: 1/loss-scale when ``grads`` are still scaled, else None.
+        single_group: every gradient has the same device and dtype (lets kernels skip grouping).
         sharded: the gradients are shards (FSDP, DTensor); unit-wise rules that need whole tensors
             refuse them.
     """
@@ -96,6 +97,7 @@ class ClipContext:
     param_names: Sequence[str] = ()
     inv_scale: Tensor | None = None
     sharded: bool = False
+    single_group: bool = False
     _index: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -141,12 +143,16 @@ def _ones(like: Tensor) -> Tensor:
     return torch.ones((), dtype=like.dtype, device=like.device)
 
 
-def scale_grads_(grads: Sequence[Tensor], coefs: Tensor | Sequence[Tensor]) -> None:
+def scale_grads_(grads: Sequence[Tensor], coefs: Tensor | Sequence[Tensor], single_group: bool = False) -> None:
     """Multiply ``grads`` in place by one 0-d coefficient, or by one coefficient per tensor.
 
-    One ``_foreach_mul_`` per (device, dtype) group; no host sync.
+    One ``_foreach_mul_`` per (device, dtype) group; no host sync. ``single_group``: the caller knows
+    that all of ``grads`` share one device and dtype.
     """
     if not len(grads):
+        return
+    if single_group and isinstance(coefs, Tensor):
+        torch._foreach_mul_(list(grads), coefs.to(grads[0].device))
         return
     for (device, _dtype), (group, index) in group_by_device_and_dtype(grads).items():
         if isinstance(coefs, Tensor):
@@ -156,7 +162,7 @@ def scale_grads_(grads: Sequence[Tensor], coefs: Tensor | Sequence[Tensor]) -> N
 
 
 def clip_grads_by_norm_(
-    grads: Sequence[Tensor], max_norm: float, total: Tensor, finite: Tensor | None = None
+    grads: Sequence[Tensor], max_norm: float, total: Tensor, finite: Tensor | None = None, single_group: bool = False
 ) -> Tensor:
     """Scale ``grads`` in place so that their total norm ``total`` becomes at most ``max_norm``.
 
@@ -174,7 +180,7 @@ def clip_grads_by_norm_(
     coef = torch.clamp(max_norm / (total + _EPS), max=1.0)
     if finite is not None:
         coef = torch.where(finite, coef, torch.ones_like(coef))
-    scale_grads_(grads, coef)
+    scale_grads_(grads, coef, single_group)
     return coef
 
 
@@ -254,7 +260,7 @@ class NormClip(Clipper):
     def clip_(self, ctx: ClipContext) -> ClipOutcome:
         assert self.max_norm is not None and self.norm_type is not None
         own_total = ctx.total if self.norm_type == ctx.norm_type else _own_total(ctx, self.norm_type)
-        coef = clip_grads_by_norm_(ctx.grads, self.max_norm, own_total, ctx.finite)
+        coef = clip_grads_by_norm_(ctx.grads, self.max_norm, own_total, ctx.finite, ctx.single_group)
         clipped = ctx.total * coef if ctx.want_norm else None
         return ClipOutcome(coef, clipped, torch.full_like(ctx.total, self.max_norm), clipped=coef < 1)
 

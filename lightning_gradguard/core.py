@@ -42,7 +42,13 @@ from lightning_gradguard.detect import LayerWatch, SpikeDetector, describe_nonfi
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.layers import LayerMap
-from lightning_gradguard.measure import combine_norms, global_norms, grad_norms, group_norms
+from lightning_gradguard.measure import (
+    combine_norms,
+    global_norms,
+    grad_norms,
+    group_by_device_and_dtype,
+    group_norms,
+)
 from lightning_gradguard.timesteps import TimestepTracker, summarize_profile
 
 try:
@@ -348,24 +354,7 @@ class GuardCore:
         is_log = self.is_logging_step(step) if log is None else log
         layout = self.layers.layout(optimizer)
         params = layout.params
-        grads: list[Tensor] = []
-        owners: list[int] = []
-        shard_flags: list[bool] = []
-        for i, p in enumerate(params):
-            g = p.grad
-            if g is None:
-                continue
-            if _DTensor is not None and isinstance(g, _DTensor):
-                shard_flags.append(any(pl.is_shard() or pl.is_partial() for pl in g.placements))
-                g = g.to_local()
-            else:
-                shard_flags.append(self.sharded)
-            if g.is_sparse:
-                self._warn_once("sparse", "GradGuard: sparse gradients are not measured or clipped; they are skipped.")
-                shard_flags.pop()
-                continue
-            grads.append(g)
-            owners.append(i)
+        grads, owners, shard_flags = self._collect(layout)
         if not grads:
             self._warn_once(
                 "empty",
@@ -377,7 +366,10 @@ class GuardCore:
         device = grads[0].device
         inv_scale, amp_found = self._amp_state(optimizer, scaler, device)
 
-        norms = grad_norms(grads, self.norm_type)
+        if layout.single_group is None:  # learned once: gradients keep their device and dtype
+            layout.single_group = len(group_by_device_and_dtype(grads)) == 1
+        single = bool(layout.single_group)
+        norms = grad_norms(grads, self.norm_type, single)
         sharded = any(shard_flags)
         if sharded:
             mask = None if all(shard_flags) else torch.tensor(shard_flags, device=norms.device)
@@ -428,6 +420,7 @@ class GuardCore:
                 param_names=sub_names,
                 inv_scale=inv_scale,
                 sharded=sharded,
+                single_group=single,
             )
         if self.clip is not None and not self.clip.deferred:
             assert ctx is not None
@@ -634,6 +627,46 @@ class GuardCore:
                     optimizer_idx=optimizer_idx,
                 )
             )
+
+    def _collect(self, layout: Any) -> tuple[list[Tensor], list[int], list[bool]]:
+        """The dense local gradients of the layout's parameters, their indices and shard flags.
+
+        Fast path (the usual case, learned on the first step): every gradient is a plain dense
+        tensor; one list comprehension, as in ``clip_grad_norm_``. Otherwise each gradient is looked
+        at: ``DTensor`` gradients are measured through their local shard, sparse ones are skipped with
+        a one-time warning.
+        """
+        params = layout.params
+        if layout.plain:
+            raw = [p.grad for p in params]
+            grads = [g for g in raw if g is not None]
+            owners = list(range(len(params))) if len(grads) == len(params) else [
+                i for i, g in enumerate(raw) if g is not None
+            ]
+            if all(not g.is_sparse for g in grads[:1]):
+                return grads, owners, [self.sharded] * len(grads)
+        grads, owners, flags = [], [], []
+        special = False
+        for i, p in enumerate(params):
+            g = p.grad
+            if g is None:
+                continue
+            if _DTensor is not None and isinstance(g, _DTensor):
+                special = True
+                shard = any(pl.is_shard() or pl.is_partial() for pl in g.placements)
+                g = g.to_local()
+            else:
+                shard = self.sharded
+            if g.is_sparse:
+                special = True
+                self._warn_once("sparse", "GradGuard: sparse gradients are not measured or clipped; they are skipped.")
+                continue
+            grads.append(g)
+            owners.append(i)
+            flags.append(shard)
+        if grads and layout.plain is None:
+            layout.plain = not special
+        return grads, owners, flags
 
     def _timestep_metrics(self, report: StepReport, profiles: dict[str, Tensor], values: list[float]) -> None:
         offset = 0

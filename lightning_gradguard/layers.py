@@ -63,10 +63,15 @@ class OptimizerLayout:
     layer_names: list[str]
     forward_rank: list[int]
     param_names: list[str] = field(default_factory=list)
+    signature: tuple[tuple[int, int], ...] = ()
+    plain: bool | None = None  # every gradient a dense, non-DTensor tensor (learned on the first step)
+    single_group: bool | None = None  # every gradient on one device with one dtype (learned likewise)
     _subsets: dict[tuple[int, ...], tuple[list[Tensor], list[int], list[str]]] = field(default_factory=dict)
 
     def subset(self, owners: Sequence[int]) -> tuple[list[Tensor], list[int], list[str]]:
         """(params, layer ids, parameter names) of the parameters at ``owners`` (cached per subset)."""
+        if len(owners) == len(self.params):
+            return self.params, self.param_layer, self.param_names
         key = tuple(owners)
         cached = self._subsets.get(key)
         if cached is None:
@@ -135,7 +140,9 @@ class LayerMap:
         return record
 
     def freeze_order(self) -> None:
-        """Stop recording the forward order (called after the first optimizer step)."""
+        """Stop recording the forward order (called after every optimizer step; acts once)."""
+        if not self._handles:
+            return
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -154,14 +161,19 @@ class LayerMap:
 
     # -------------------------------------------------------------- optimizer
     def layout(self, optimizer: torch.optim.Optimizer) -> OptimizerLayout:
-        """The (cached) layer layout of ``optimizer``'s parameters."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        """The (cached) layer layout of ``optimizer``'s parameters.
+
+        The cache is keyed on each parameter group's list object and length, which
+        ``add_param_group`` and replacing a group's parameters change; checking it costs one tuple
+        per group, not a pass over the parameters.
+        """
+        signature = tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
         cached = self._layouts.get(id(optimizer))
-        if cached is not None and len(cached.params) == len(params) and all(
-            a is b for a, b in zip(cached.params, params, strict=True)
-        ):
+        if cached is not None and cached.signature == signature:
             return cached
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         layout = self._build(optimizer.param_groups, params)
+        layout.signature = signature
         self._layouts[id(optimizer)] = layout
         return layout
 

@@ -26,7 +26,7 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
 
 
-def grad_norms(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+def grad_norms(grads: Sequence[Tensor], norm_type: float = 2.0, single_group: bool = False) -> Tensor:
     """Return a 1-D tensor with the ``norm_type`` norm of every tensor in ``grads``.
 
     The result lives on the device of the first gradient. Gradients on several devices or of several
@@ -35,6 +35,8 @@ def grad_norms(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     Args:
         grads: the gradient tensors (dense).
         norm_type: the norm's order, ``> 0``; ``float('inf')`` for the max-norm.
+        single_group: the caller knows that every tensor has the same device and dtype (skips the
+            grouping pass).
 
     Example::
 
@@ -46,6 +48,10 @@ def grad_norms(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """
     if len(grads) == 0:
         return torch.zeros(0)
+    if single_group:
+        acc = _acc_dtype(grads[0])
+        norms = torch._foreach_norm(list(grads), norm_type, dtype=acc)
+        return torch.stack(norms).float() if acc != torch.float64 else torch.stack(norms)
     groups = group_by_device_and_dtype(grads)
     if len(groups) == 1:
         acc = _acc_dtype(grads[0])

@@ -1,0 +1,392 @@
+"""GradGuard's overhead against Lightning's own tools, side by side in one process.
+
+Every configuration of a model runs interleaved (A B C ... A B C ...): each round is one short
+``Trainer.fit`` per configuration; a callback times every optimizer step (``on_train_batch_start``
+to ``on_train_batch_end``), the first ``warmup`` steps of each fit are dropped, and the median over
+all rounds is reported as a ratio to the bare Trainer, with the min and max of the per-round
+medians. A small in-memory logger receives every logged metric in every configuration.
+
+Models: (a) a 2-layer LSTM language model (vocab 1000, emb 128, hidden 256, seq 64, batch 32),
+(b) a 6-layer Transformer encoder (d=128, 4 heads, 77 parameter tensors), (c) an MLP of 200 small
+Linear layers (400 tensors).
+
+Configurations:
+  1 bare       Trainer()
+  2 clip       Trainer(gradient_clip_val=1.0)
+  3 lightning  self.log_dict(grad_norm(self, 2)) every step + gradient_clip_val (Lightning's docs)
+  4 guard      GradGuard(clip=NormClip(1.0)), defaults: log every 50 steps, NaN guard every step
+  5 guard-log  the same, per-layer norms logged every step
+  6 guard-ts   the same with per-timestep tracking, logging every step (model a)
+  7 anomaly    Trainer(detect_anomaly=True)
+  8 zclip      GradGuard(clip=ZClip())
+
+Also: the guard's own per-step cost (``GuardCore.step`` alone) at 10, 100 and 1000 parameter
+tensors, and, on CUDA, host syncs per step (``torch.cuda.set_sync_debug_mode``).
+
+    python benchmarks/bench.py                       # CPU, writes benchmarks/RESULTS.md
+    python benchmarks/bench.py --device cuda --out benchmarks/RESULTS-gpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import math
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers.logger import Logger
+from pytorch_lightning.utilities import grad_norm
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_gradguard import GradGuard, GuardCore, NormClip, ZClip
+
+
+# ------------------------------------------------------------------- models
+class LSTMLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(1000, 128)
+        self.rnn = nn.LSTM(128, 256, num_layers=2, batch_first=True)
+        self.out = nn.Linear(256, 1000)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.rnn(self.embed(x))[0])  # type: ignore[no-any-return]
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(1000, 128)
+        layer = nn.TransformerEncoderLayer(128, 4, dim_feedforward=256, batch_first=True, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=6, enable_nested_tensor=False)
+        self.out = nn.Linear(128, 1000)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.encoder(self.embed(x)))  # type: ignore[no-any-return]
+
+
+class DeepMLP(nn.Module):
+    def __init__(self, depth: int = 200, width: int = 32) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x)) + x
+        return x
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"a: LSTM LM": LSTMLM, "b: Transformer": Encoder, "c: MLP x200": DeepMLP}
+
+
+class Batches(Dataset[tuple[Tensor, Tensor]]):
+    def __init__(self, model: str, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        if model.startswith("c"):
+            self.x = torch.randn(n, 64, 32, generator=g)
+            self.y = torch.randn(n, 64, 32, generator=g)
+        else:
+            self.x = torch.randint(0, 1000, (n, 32, 64), generator=g)
+            self.y = torch.randint(0, 1000, (n, 32, 64), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i], self.y[i]
+
+
+class Module(pl.LightningModule):
+    def __init__(self, model: str, log_grad_norm: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = MODELS[model]()
+        self.kind = model
+        self.log_grad_norm = log_grad_norm
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        out = self.net(x)
+        if self.kind.startswith("c"):
+            return nn.functional.mse_loss(out, y)
+        return nn.functional.cross_entropy(out.reshape(-1, 1000), y.reshape(-1))
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.log_grad_norm:  # Lightning's documented pattern
+            self.log_dict(grad_norm(self, norm_type=2))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+class NullLogger(Logger):
+    """Receives every metric (so that logging is paid for) and keeps only a count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    @property
+    def name(self) -> str:
+        return "null"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls += 1
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.sync()
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.sync()
+        self.times.append(time.perf_counter() - self._t)
+
+
+CONFIGS: dict[str, str] = {
+    "1 bare": "Trainer()",
+    "2 clip": "Trainer(gradient_clip_val=1.0)",
+    "3 lightning": "log_dict(grad_norm(self, 2)) every step + gradient_clip_val",
+    "4 guard": "GradGuard(clip=NormClip(1.0)), defaults",
+    "5 guard-log": "GradGuard(clip=NormClip(1.0)), per-layer logged every step",
+    "6 guard-ts": "GradGuard(clip=NormClip(1.0)) + per-timestep, every step",
+    "7 anomaly": "Trainer(detect_anomaly=True)",
+    "8 zclip": "GradGuard(clip=ZClip())",
+}
+
+
+def build(config: str, model: str, steps: int, device: str) -> tuple[pl.Trainer, Module, StepTimer]:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    timer = StepTimer(sync)
+    callbacks: list[pl.Callback] = []
+    kwargs: dict[str, Any] = {}
+    log_every = 50
+    if config.startswith("2") or config.startswith("3"):
+        kwargs["gradient_clip_val"] = 1.0
+    if config.startswith("3"):
+        log_every = 1
+    if config.startswith("4"):
+        callbacks.append(GradGuard(clip=NormClip(1.0), track_timesteps=False))
+    if config.startswith("5"):
+        callbacks.append(GradGuard(clip=NormClip(1.0), log_every_n_steps=1, track_timesteps=False))
+    if config.startswith("6"):
+        callbacks.append(GradGuard(clip=NormClip(1.0), log_every_n_steps=1, track_timesteps=True))
+    if config.startswith("7"):
+        kwargs["detect_anomaly"] = True
+    if config.startswith("8"):
+        callbacks.append(GradGuard(clip=ZClip(), track_timesteps=False))
+    callbacks.append(timer)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        logger=NullLogger(),
+        callbacks=callbacks,
+        log_every_n_steps=log_every,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+    return trainer, Module(model, log_grad_norm=config.startswith("3")), timer
+
+
+def interleaved(model: str, configs: list[str], rounds: int, steps: int, warmup: int, device: str) -> dict[str, Any]:
+    per_round: dict[str, list[float]] = {c: [] for c in configs}
+    data = Batches(model, steps)
+    for _ in range(rounds):
+        for config in configs:
+            trainer, module, timer = build(config, model, steps, device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trainer.fit(module, DataLoader(data, batch_size=None, shuffle=False))
+            per_round[config].append(statistics.median(timer.times[warmup:]))
+    base = statistics.median(per_round[configs[0]])
+    out = {}
+    for config, meds in per_round.items():
+        ratios = [m / b for m, b in zip(meds, per_round[configs[0]], strict=True)]
+        out[config] = {
+            "median": statistics.median(meds) / base,
+            "min": min(ratios),
+            "max": max(ratios),
+            "ms": statistics.median(meds) * 1e3,
+        }
+    return out
+
+
+def guard_cost_scaling(
+    device: str, sizes: tuple[int, ...] = (10, 100, 1000), reps: int = 200
+) -> dict[int, tuple[float, float]]:
+    """Median microseconds of one ``GuardCore.step`` (NormClip, non-logging step) per tensor count,
+    next to ``clip_grad_norm_`` on the same tensors (interleaved)."""
+    out: dict[int, tuple[float, float]] = {}
+    for n in sizes:
+        params = [nn.Parameter(torch.randn(64, device=device)) for _ in range(n)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.SGD(params, lr=0.0)
+        core = GuardCore(clip=NormClip(1.0), log_every_n_steps=None, track_timesteps=False)
+        ours: list[float] = []
+        torch_ref: list[float] = []
+        pairs: list[tuple[Callable[[], Any], list[float]]] = [
+            (functools.partial(core.step, opt), ours),
+            (functools.partial(nn.utils.clip_grad_norm_, params, 1.0), torch_ref),
+        ]
+        for i in range(reps + 20):
+            for fn, sink in pairs:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if i >= 20:
+                    sink.append(time.perf_counter() - t)
+        out[n] = (statistics.median(ours) * 1e6, statistics.median(torch_ref) * 1e6)
+    return out
+
+
+def count_syncs(model: str, configs: list[str], steps: int = 12) -> dict[str, float]:
+    """Host syncs per step on CUDA: whole steps with sync debug mode "warn", minus the bare Trainer."""
+
+    class Counter(pl.Callback):
+        def __init__(self) -> None:
+            self.counts: list[int] = []
+            self._ctx: Any = None
+            self._rec: list[Any] = []
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._ctx = warnings.catch_warnings(record=True)
+            self._rec = self._ctx.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._ctx.__exit__(None, None, None)
+            self.counts.append(sum("synchroniz" in str(w.message) for w in self._rec))
+
+    out: dict[str, float] = {}
+    for config in configs:
+        trainer, module, _ = build(config, model, steps, "cuda")
+        counter = Counter()
+        trainer.callbacks.append(counter)  # type: ignore[attr-defined]
+        trainer.fit(module, DataLoader(Batches(model, steps), batch_size=None))
+        out[config] = statistics.mean(counter.counts[2:])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=14, help="optimizer steps per fit (per round)")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    started = time.perf_counter()
+    plan = {
+        "b: Transformer": ["1 bare", "2 clip", "3 lightning", "4 guard", "5 guard-log", "7 anomaly", "8 zclip"],
+        "a: LSTM LM": ["1 bare", "2 clip", "4 guard", "6 guard-ts"],
+        "c: MLP x200": ["1 bare", "2 clip", "3 lightning", "4 guard", "5 guard-log"],
+    }
+    results = {m: interleaved(m, cs, args.rounds, args.steps, args.warmup, args.device) for m, cs in plan.items()}
+    scaling = guard_cost_scaling(args.device)
+    syncs = count_syncs("b: Transformer", ["1 bare", "2 clip", "3 lightning", "4 guard", "5 guard-log"]) if (
+        args.device == "cuda"
+    ) else {}
+    elapsed = time.perf_counter() - started
+
+    if args.device == "cuda":
+        machine = torch.cuda.get_device_name()
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    lines = [
+        "# GradGuard benchmark results",
+        "",
+        f"- date: {dt.date.today().isoformat()}",
+        f"- machine: {machine} ({args.device})",
+        f"- torch {torch.__version__}, pytorch-lightning {pl.__version__}, Python {platform.python_version()}",
+        f"- command: `python benchmarks/bench.py --device {args.device}` "
+        f"({args.rounds} interleaved rounds x {args.steps} steps, first {args.warmup} of each dropped; "
+        f"took {elapsed:.0f} s)",
+        "",
+        "Median step time as a ratio to the bare Trainer of the same model, measured side by side in one "
+        "process (min and max over rounds in brackets).",
+        "",
+    ]
+    for m, res in results.items():
+        lines += [f"## Model {m}", "", "| configuration | ratio | [min, max] | median step |", "|---|---|---|---|"]
+        for config, r in res.items():
+            lines.append(
+                f"| {config}: {CONFIGS[config]} | {r['median']:.3f} | [{r['min']:.3f}, {r['max']:.3f}] | "
+                f"{r['ms']:.2f} ms |"
+            )
+        lines.append("")
+    b = results["b: Transformer"]
+    a = results["a: LSTM LM"]
+    targets = [
+        ("config 4 vs config 2 (b)", b["4 guard"]["median"] / b["2 clip"]["median"], "<= 1.02"),
+        ("config 5 vs config 3 (b)", b["5 guard-log"]["median"] / b["3 lightning"]["median"], "<= 1.00"),
+        ("config 6 vs config 2 (a)", a["6 guard-ts"]["median"] / a["2 clip"]["median"], "<= 1.05"),
+        ("config 7 vs config 4 (b)", b["7 anomaly"]["median"] / b["4 guard"]["median"], ">= 1.5"),
+        ("guard cost 1000 vs 10 tensors", scaling[1000][0] / scaling[10][0], "<= 3"),
+    ]
+    lines += ["## Targets", "", "| what | measured | target | met |", "|---|---|---|---|"]
+    for what, value, target in targets:
+        op, bound = target.split()
+        met = value <= float(bound) if op == "<=" else value >= float(bound)
+        lines.append(f"| {what} | {value:.3f} | {target} | {'yes' if met else 'no'} |")
+    lines += [
+        "",
+        "## The guard's own cost per step (GuardCore.step, NormClip, non-logging step, 64-element tensors)",
+        "",
+        "| tensors | GuardCore.step (µs) | clip_grad_norm_ alone (µs) |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {n} | {us:.1f} | {ref:.1f} |" for n, (us, ref) in scaling.items()]
+    if syncs:
+        base = syncs["1 bare"]
+        lines += [
+            "",
+            "## Host syncs per step (CUDA, `torch.cuda.set_sync_debug_mode('warn')`, model b)",
+            "",
+            "| configuration | syncs per step | above the bare Trainer |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {c} | {v:.2f} | {v - base:+.2f} |" for c, v in syncs.items()]
+    text = "\n".join(lines) + "\n"
+    args.out.write_text(text)
+    print(text)
+    if any(math.isnan(v) for _, v, _ in targets):
+        raise SystemExit("a measurement failed")
+
+
+if __name__ == "__main__":
+    main()
