@@ -83,6 +83,9 @@ class StepReport:
         metrics: on logging steps, every metric as ``{key: float}``; empty otherwise.
         layer_norms: on logging steps, the norm of each layer before clipping.
         timesteps: on logging steps, each tracked sequence's per-timestep norms (1-D CPU tensors).
+        deferred: under ``on_nonfinite="warn"`` a non-logging step is not read on the host at all
+            (no sync): its flags and events are settled at the next logging step or
+            :meth:`GuardCore.flush`; ``nonfinite`` and ``event`` are then left unset here.
     """
 
     step: int
@@ -96,6 +99,7 @@ class StepReport:
     metrics: dict[str, float] = field(default_factory=dict)
     layer_norms: dict[str, float] = field(default_factory=dict)
     timesteps: dict[str, Tensor] = field(default_factory=dict)
+    deferred: bool = False
 
 
 class GuardCore:
@@ -248,6 +252,7 @@ class GuardCore:
         self.timestep_heat: dict[str, deque[tuple[int, Tensor]]] = {}
         self._rate: dict[tuple[str, str], list[int]] = {}
         self._events: deque[GradEvent] = deque(maxlen=self.max_events)
+        self._pending: list[tuple[int, Tensor, Tensor, Sequence[int], Any, int]] = []
         self._loss_finite: Tensor | None = None
         self._clipped: Tensor | None = None  # device counter of steps the clipper changed
         self._log_mark = (0, 0)  # (steps, clipped steps) at the last logging step
@@ -453,10 +458,27 @@ class GuardCore:
                 packed += list(profiles.values())
             elif self.timesteps.armed:
                 self.timesteps.disarm()
+        head = torch.cat([flags.float(), watch.to(flags.device)])
+        if self.on_nonfinite == "warn" and not is_log and not (self.clip is not None and self.clip.deferred):
+            # Nothing on the host depends on this step's flags (no skip): read them later, with the
+            # next logging step's sync (or flush()), so that a non-logging step never blocks.
+            self._pending.append((step, head, norms, owners, layout, optimizer_idx))
+            self.steps += 1
+            self.layers.freeze_order()
+            self._loss_finite = None
+            if len(self._pending) >= 256:  # bound the memory of a run that never logs
+                self.flush()
+            return StepReport(step, total, deferred=True)
+        pending, self._pending = self._pending, []
+        packed = [head, *packed[2:], *(p[1] for p in pending)]
         # The one deliberate host sync of the step: the skip decision needs the flags.
         values = torch.cat([t.reshape(-1).to(flags.device, torch.float32) for t in packed]).tolist()
-        grad_bad, loss_bad_now, amp_bad = (v > 0 for v in values[:3])
-        total_host, z_host, scale_host = values[3:6]
+        n_pending = len(pending) * 6
+        late_vals = values[len(values) - n_pending :] if n_pending else []
+        values = values[: len(values) - n_pending] if n_pending else values
+        for k, (p_step, p_head, p_norms, p_owners, p_layout, p_idx) in enumerate(pending):
+            late = late_vals[6 * k : 6 * k + 6]
+            self._settle(StepReport(p_step, p_head[3]), late, p_layout, [], p_norms, p_owners, p_idx)
         profile_len = sum(int(t.numel()) for t in profiles.values())
         logged = values[6 : len(values) - profile_len]
         weight_vals: list[float] = []
@@ -468,6 +490,55 @@ class GuardCore:
         self.steps += 1
         self.layers.freeze_order()
         report = StepReport(step, total, logged=is_log)
+        finite_step = self._settle(report, values[:6], layout, params, norms, owners, optimizer_idx)
+        if finite_step and self.clip is not None and self.clip.deferred:
+            assert ctx is not None
+            late_clip = self.clip.clip_(ctx)
+            self._count_clipped(late_clip)
+            if is_log:  # a deferred clipper's clipped norm costs one more read (documented)
+                logged[1:1] = torch.stack([e.to(total) for e in self._clip_extras(late_clip, total)]).tolist()
+        if is_log and self.clip is not None and len(logged) == 1 + len(layer_ids):
+            # clipper not applied on this (non-finite) step
+            logged[1:1] = [logged[0], 1.0, math.nan, float(self.clipped_steps), 0.0]
+        self._loss_finite = None
+        if is_log:
+            self._fill_metrics(report, logged, layout.layer_names, layer_ids)
+            self._timestep_metrics(report, profiles, profile_vals)
+            if not report.nonfinite:
+                self._watch_layers(report, layout, params, owners, layer_ids, weight_vals, optimizer_idx)
+        return report
+
+    def flush(self) -> None:
+        """Read and report the flags of steps deferred under ``on_nonfinite="warn"`` (one host sync).
+
+        Called by the next logging step, :meth:`summary`, :meth:`state_dict` and the Lightning
+        adapter at the end of training; call it yourself before reading counters mid-run.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        values = torch.cat([p[1].reshape(-1).float().to(pending[0][1].device) for p in pending]).tolist()
+        for k, (p_step, head, p_norms, p_owners, p_layout, p_idx) in enumerate(pending):
+            self._settle(StepReport(p_step, head[3]), values[6 * k : 6 * k + 6], p_layout, [], p_norms, p_owners, p_idx)
+
+    def _settle(
+        self,
+        report: StepReport,
+        head: Sequence[float],
+        layout: Any,
+        params: Sequence[Tensor],
+        norms: Tensor,
+        owners: Sequence[int],
+        optimizer_idx: int,
+    ) -> bool:
+        """Act on one step's host flags [grad bad, loss bad, amp overflow, total, z, loss scale].
+
+        Returns whether the step was finite (no overflow, no non-finite gradient or loss).
+        """
+        grad_bad, loss_bad, amp_bad = (v > 0 for v in head[:3])
+        total, z, scale = head[3:6]
+        step = report.step
+        finite = False
         if amp_bad:
             report.amp_overflow = True
             self.amp_overflow_steps += 1
@@ -475,46 +546,32 @@ class GuardCore:
                 GradEvent(
                     "amp_overflow",
                     step=step,
-                    value=logged[0] if is_log else math.inf,
+                    value=total,
                     message=f"GradGuard: fp16 overflow at step {step}; the GradScaler skips this step "
                     "and lowers its scale.",
                     optimizer_idx=optimizer_idx,
                     action="none",
                 )
             )
-        elif grad_bad or loss_bad_now:
-            self._handle_nonfinite(report, params, grads, owners, layout, norms, loss_bad_now, optimizer_idx)
+        elif grad_bad or loss_bad:
+            self._handle_nonfinite(report, params, [], owners, layout, norms, loss_bad, optimizer_idx)
         else:
+            finite = True
             self.consecutive_skips = 0
-            self._detect(report, total_host, z_host, layout, norms, owners, optimizer_idx)
-            if self.clip is not None and self.clip.deferred:
-                assert ctx is not None
-                late = self.clip.clip_(ctx)
-                self._count_clipped(late)
-                if is_log:  # a deferred clipper's clipped norm costs one more read (documented)
-                    logged[1:1] = torch.stack([e.to(total) for e in self._clip_extras(late, total)]).tolist()
-        if is_log and self.clip is not None and len(logged) == 1 + len(layer_ids):
-            # clipper not applied on this (non-finite) step
-            logged[1:1] = [logged[0], 1.0, math.nan, float(self.clipped_steps), 0.0]
-        self._loss_finite = None
-        if scale_host == scale_host and scale_host < self.min_loss_scale:  # not NaN, and collapsed
+            self._detect(report, total, z, layout, norms, owners, optimizer_idx)
+        if scale == scale and scale < self.min_loss_scale:  # not NaN, and collapsed
             self._record(
                 GradEvent(
                     "loss_scale_collapse",
                     step=step,
-                    value=scale_host,
-                    message=f"GradGuard: the fp16 loss scale fell to {scale_host:g} at step {step} (min_loss_scale="
+                    value=scale,
+                    message=f"GradGuard: the fp16 loss scale fell to {scale:g} at step {step} (min_loss_scale="
                     f"{self.min_loss_scale:g}): overflows keep recurring. Check for an fp16-unsafe op, lower the "
                     "learning rate, or train in bf16.",
                     optimizer_idx=optimizer_idx,
                 )
             )
-        if is_log:
-            self._fill_metrics(report, logged, layout.layer_names, layer_ids)
-            self._timestep_metrics(report, profiles, profile_vals)
-            if not report.nonfinite:
-                self._watch_layers(report, layout, params, owners, layer_ids, weight_vals, optimizer_idx)
-        return report
+        return finite
 
     # ------------------------------------------------------------- detection
     def _detect(
@@ -859,6 +916,7 @@ class GuardCore:
             >>> GuardCore().summary()
             'GradGuard summary: 0 optimizer steps guarded; no clipping configured; 0 skipped; 0 non-finite steps.'
         """
+        self.flush()
         steps = self.steps
         if self.clip is None:
             clip = "no clipping configured"
@@ -885,6 +943,7 @@ class GuardCore:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Counters and clipper state, as plain values."""
+        self.flush()
         return {
             "version": 1,
             "steps": self.steps,

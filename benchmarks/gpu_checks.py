@@ -1,0 +1,148 @@
+"""CUDA-only checks, run once on a GPU machine (not part of ``make test``).
+
+1. Host syncs per ``GuardCore.step``, counted with ``torch.cuda.set_sync_debug_mode("warn")``, for
+   every clipper, on logging and non-logging steps, under ``on_nonfinite="skip"`` and ``"warn"``.
+2. A real fp16 ``torch.amp.GradScaler`` loop on CUDA: an injected overflow is left to the scaler
+   (``amp_overflow``, no skip, no NaN in the weights), and the guard's NormClip on unscaled
+   gradients equals ``clip_grad_norm_``.
+3. The same in Lightning with ``precision="16-mixed"`` on the GPU.
+
+    PYTHONPATH=. python benchmarks/gpu_checks.py > gpu_checks.txt
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from lightning_gradguard import AGC, AutoClip, GradGuard, GuardCore, LayerNormClip, NormClip, ValueClip, ZClip
+
+
+def count_syncs(fn: Any) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.LSTM(128, 64, batch_first=True)).cuda()
+
+
+def sync_table() -> None:
+    print("== host syncs per GuardCore.step (CUDA) ==")
+    clippers: dict[str, Any] = {
+        "none": lambda: None,
+        "NormClip": lambda: NormClip(1.0),
+        "ValueClip": lambda: ValueClip(0.1),
+        "LayerNormClip": lambda: LayerNormClip(1.0),
+        "AGC": lambda: AGC(0.01),
+        "AutoClip": lambda: AutoClip(10.0),
+        "ZClip": lambda: ZClip(warmup_steps=3),
+    }
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).cuda()
+    x = torch.randn(32, 64, device="cuda")
+    for policy in ("skip", "warn"):
+        for name, make in clippers.items():
+            guard = GuardCore(net, clip=make(), on_nonfinite=policy, log_every_n_steps=5, track_timesteps=False)
+            opt = torch.optim.SGD(net.parameters(), lr=0.0)
+            counts = {"non-logging": [], "logging": []}
+            for step in range(12):
+                opt.zero_grad()
+                net(x).pow(2).mean().backward()
+                n = count_syncs(lambda: guard.step(opt))
+                if step >= 2:
+                    counts["logging" if guard.is_logging_step(step) else "non-logging"].append(n)
+            nl, lg = counts["non-logging"], counts["logging"]
+            print(
+                f"policy={policy:<5} clip={name:<14} syncs/step: non-logging {sum(nl) / len(nl):.2f} "
+                f"(max {max(nl)}), logging {sum(lg) / len(lg):.2f} (max {max(lg)})"
+            )
+
+
+def amp_plain_loop() -> None:
+    print("== fp16 GradScaler on CUDA, plain loop ==")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1)).cuda()
+    ref = copy.deepcopy(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda")
+    guard = GuardCore(net, clip=NormClip(0.5), log_every_n_steps=1, track_timesteps=False)
+    x = torch.randn(64, 16, device="cuda")
+    for step in range(6):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = net(x).pow(2).mean() * (1e6 if step == 3 else 1.0)
+        guard.observe_loss(loss)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        if step == 0:  # reference: the guard's clip equals clip_grad_norm_ on the unscaled grads
+            for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+                q.grad = p.grad.detach().clone()
+            ref_total = nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        report = guard.step(opt, scaler=scaler)
+        if step == 0:
+            same = all(
+                torch.allclose(p.grad, q.grad, rtol=1e-5, atol=0) for p, q in zip(net.parameters(), ref.parameters())
+            )
+            print(f"step 0: total {report.metrics['gradguard/total_norm']:.6g} vs clip_grad_norm_ {ref_total.item():.6g};"
+                  f" clipped grads equal: {same}")
+        scale_before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        print(
+            f"step {step}: amp_overflow={report.amp_overflow} skipped={report.skipped} "
+            f"scale {scale_before:g} -> {scaler.get_scale():g} event={report.event.kind if report.event else None}"
+        )
+    print("weights finite:", all(bool(torch.isfinite(p).all()) for p in net.parameters()))
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.net(batch[0]).pow(2).mean()
+        return loss * 1e8 if self.global_step == 4 else loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def amp_lightning() -> None:
+    print("== Lightning precision='16-mixed' on CUDA ==")
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 16)), batch_size=8)
+    guard = GradGuard(clip=NormClip(1.0), log_every_n_steps=1)
+    trainer = pl.Trainer(
+        max_steps=8, accelerator="gpu", devices=1, precision="16-mixed", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, callbacks=[guard],
+    )
+    model_ = Tiny()
+    trainer.fit(model_, data)
+    kinds = [(e.kind, e.step) for e in guard.events]
+    print("events:", kinds, "skipped:", guard.skipped_steps, "amp overflows:", guard.core.amp_overflow_steps)
+    print("weights finite:", all(bool(torch.isfinite(p).all()) for p in model_.parameters()))
+
+
+def main() -> None:
+    print(torch.__version__, torch.cuda.get_device_name(), "lightning", pl.__version__)
+    sync_table()
+    amp_plain_loop()
+    amp_lightning()
+    print("done", math.pi > 3)
+
+
+if __name__ == "__main__":
+    main()
