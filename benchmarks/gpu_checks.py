@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from typing import Any
@@ -61,7 +62,7 @@ def sync_table() -> None:
             for step in range(12):
                 opt.zero_grad()
                 net(x).pow(2).mean().backward()
-                n = count_syncs(lambda: guard.step(opt))
+                n = count_syncs(functools.partial(guard.step, opt))
                 if step >= 2:
                     counts["logging" if guard.is_logging_step(step) else "non-logging"].append(n)
             nl, lg = counts["non-logging"], counts["logging"]
@@ -93,11 +94,10 @@ def amp_plain_loop() -> None:
             ref_total = nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
         report = guard.step(opt, scaler=scaler)
         if step == 0:
-            same = all(
-                torch.allclose(p.grad, q.grad, rtol=1e-5, atol=0) for p, q in zip(net.parameters(), ref.parameters())
-            )
-            print(f"step 0: total {report.metrics['gradguard/total_norm']:.6g} vs clip_grad_norm_ {ref_total.item():.6g};"
-                  f" clipped grads equal: {same}")
+            pairs = zip(net.parameters(), ref.parameters(), strict=True)
+            same = all(torch.allclose(p.grad, q.grad, rtol=1e-5, atol=0) for p, q in pairs)
+            total = report.metrics["gradguard/total_norm"]
+            print(f"step 0: total {total:.6g} vs clip_grad_norm_ {ref_total.item():.6g}; clipped grads equal: {same}")
         scale_before = scaler.get_scale()
         scaler.step(opt)
         scaler.update()
