@@ -75,9 +75,17 @@ def test_clippers_never_make_nonfinite_finite(clip: NormClip | ValueClip) -> Non
     grads[3][0, 0, 0] = math.nan
     ps = params_with(grads)
     core = GuardCore(clip=clip, on_nonfinite="warn")
-    with pytest.warns(UserWarning, match="non-finite"):
+    if clip.deferred:  # ValueClip needs to know on the host that the step is finite
+        with pytest.warns(UserWarning, match="non-finite"):
+            report = core.step(torch.optim.SGD(ps, lr=0.1))
+        assert report.nonfinite and not report.skipped
+    else:  # "warn" on a non-logging step: no host sync; the flags are read at the next sync
         report = core.step(torch.optim.SGD(ps, lr=0.1))
-    assert report.nonfinite and not report.skipped
+        assert report.deferred and not report.skipped and core.nonfinite_steps == 0
+        with pytest.warns(UserWarning, match="non-finite"):
+            core.flush()
+        assert core.nonfinite_steps == 1 and core.events[0].action == "warned"
+        assert core.events[0].layers == ("unregistered.g0.p2", "unregistered.g0.p3")
     for p, g in zip(ps, grads, strict=True):  # left exactly as they were
         assert torch.equal(torch.nan_to_num(p.grad, 7.0, 8.0, 9.0), torch.nan_to_num(g, 7.0, 8.0, 9.0))
 

@@ -108,9 +108,12 @@ def test_warn_policy_does_not_skip() -> None:
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     core = GuardCore(model, on_nonfinite="warn")
-    with pytest.warns(GradGuardWarning, match="NOT skipped"):
-        skipped = run(core, model, opt, 3, {1: 2})
+    skipped = run(core, model, opt, 3, {1: 2})
     assert skipped == [False, False, False]
+    assert core.nonfinite_steps == 0  # non-logging steps under "warn": no host sync, flags read later
+    with pytest.warns(GradGuardWarning, match="NOT skipped"):
+        core.flush()
+    assert [e.step for e in core.events] == [1, 2]
     # "warn" lets the NaN into the weights, so the next step is non-finite too: nothing was skipped.
     assert core.nonfinite_steps == 2 and core.skipped_steps == 0
     assert not torch.isfinite(model.a.weight).all()

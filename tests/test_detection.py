@@ -292,7 +292,7 @@ def test_dump_round_trips_and_replays_the_fault(tmp_path: Path) -> None:
     opt = torch.optim.AdamW(replay.parameters())
     opt.load_state_dict(dump["optimizer"])
     restore_rng(dump["rng"])
-    core = GuardCore(replay, track_timesteps=False, on_nonfinite="warn")
+    core = GuardCore(replay, track_timesteps=False, on_nonfinite="warn", log_every_n_steps=1)
     loss = replay.training_step((x, y), dump["batch_idx"])
     core.observe_loss(loss)
     loss.backward()
