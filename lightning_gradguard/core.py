@@ -256,7 +256,8 @@ class GuardCore:
         self._loss_finite: Tensor | None = None
         self._clipped: Tensor | None = None  # device counter of steps the clipper changed
         self._log_mark = (0, 0)  # (steps, clipped steps) at the last logging step
-        self._max_norm: Tensor | None = None  # device max of the finite total norms
+        self._max_norm_host = 0.0  # the largest finite total norm (host: read with each step's flags)
+        self._clipped_host = 0  # steps the (non-deferred) clipper changed
         self._warned: set[str] = set()
         self.steps = 0
         self.skipped_steps = 0
@@ -385,28 +386,16 @@ class GuardCore:
         finite = torch.isfinite(total)
         if inv_scale is not None:  # scaled grads: an overflow is the scaler's business
             amp_found = ~finite
-        loss_bad = (~self._loss_finite) if self._loss_finite is not None else torch.zeros((), dtype=torch.bool)
-        flags = torch.stack(
-            [
-                (~finite).float(),
-                loss_bad.to(device).float(),
-                (amp_found if amp_found is not None else torch.zeros((), device=device)).to(device).float(),
-            ]
-        )
+        zero = torch.zeros((), device=device)  # made on the device: a CPU constant would be a copy (a sync)
+        bad = [(~finite).float(), zero, zero]
+        if self._loss_finite is not None:
+            bad[1] = (~self._loss_finite).to(device).float()
+        if amp_found is not None:
+            bad[2] = amp_found.to(device).float()
+        flags = torch.stack(bad)
         if reduce is not None:
             flags = reduce(flags)
-        nan = torch.full((), math.nan, device=device)
-        zscore = self.spike.score(total, finite) if self.spike is not None else nan
         scale_now = scaler._scale if scaler is not None and scaler.is_enabled() and scaler._scale is not None else None
-        watch = torch.stack(
-            [
-                total.to(device, torch.float32),
-                zscore.to(device),
-                (scale_now if scale_now is not None else nan).to(device).reshape(()),
-            ]
-        )
-        peak = torch.where(finite, total, torch.zeros_like(total))
-        self._max_norm = peak if self._max_norm is None else torch.maximum(self._max_norm, peak.to(self._max_norm))
 
         outcome: ClipOutcome | None = None
         ctx: ClipContext | None = None
@@ -426,30 +415,37 @@ class GuardCore:
                 inv_scale=inv_scale,
                 sharded=sharded,
                 single_group=single,
+                _index={"layer": layout.index(owners, norms.device)[0]},
             )
+        clipped_bit = zero
         if self.clip is not None and not self.clip.deferred:
             assert ctx is not None
             outcome = self.clip.clip_(ctx)
-            self._count_clipped(outcome)
+            clipped_bit = (outcome.clipped if outcome.clipped is not None else outcome.coef < 1).to(device).float()
+        # Read on the host with the flags: the statistics (spike z-score, largest norm, clipped
+        # steps) are then plain Python arithmetic, with no kernels of their own.
+        watch = torch.stack(
+            [
+                total.to(device, torch.float32),
+                scale_now.to(device).reshape(()).float() if scale_now is not None else zero,
+                clipped_bit,
+            ]
+        )
 
         layer_ids: list[int] = []
         packed = [flags, watch]
         if is_log:
-            tensor_layer = [layout.param_layer[i] for i in owners]
-            layer_ids = sorted(set(tensor_layer))
-            index = torch.tensor(tensor_layer, device=norms.device)
-            per_layer = group_norms(norms, index, len(layout.layer_names), self.norm_type)[layer_ids]
+            index, layer_ids, layer_sel = layout.index(owners, norms.device)
+            per_layer = group_norms(norms, index, len(layout.layer_names), self.norm_type).index_select(0, layer_sel)
             extras = [total]
             if outcome is not None:
                 extras += self._clip_extras(outcome, total)
             packed += [torch.stack([e.to(total.device, total.dtype) for e in extras]), per_layer]
             if self.vanish_ratio is not None:
                 weights = [params[i].detach() for i in owners]
-                packed.append(
-                    group_norms(grad_norms(weights, self.norm_type), index, len(layout.layer_names), self.norm_type)[
-                        layer_ids
-                    ]
-                )
+                w_norms = grad_norms(weights, self.norm_type).to(norms.device)
+                w_layers = group_norms(w_norms, index, len(layout.layer_names), self.norm_type)
+                packed.append(w_layers.index_select(0, layer_sel))
         profiles: dict[str, Tensor] = {}
         if self.timesteps is not None:
             if is_log and self.timesteps.armed:
@@ -494,12 +490,12 @@ class GuardCore:
         if finite_step and self.clip is not None and self.clip.deferred:
             assert ctx is not None
             late_clip = self.clip.clip_(ctx)
-            self._count_clipped(late_clip)
+            self._count_clipped(late_clip)  # a device counter, read with the next logging step
             if is_log:  # a deferred clipper's clipped norm costs one more read (documented)
                 logged[1:1] = torch.stack([e.to(total) for e in self._clip_extras(late_clip, total)]).tolist()
         if is_log and self.clip is not None and len(logged) == 1 + len(layer_ids):
             # clipper not applied on this (non-finite) step
-            logged[1:1] = [logged[0], 1.0, math.nan, float(self.clipped_steps), 0.0]
+            logged[1:1] = [logged[0], 1.0, math.nan, 0.0]
         self._loss_finite = None
         if is_log:
             self._fill_metrics(report, logged, layout.layer_names, layer_ids)
@@ -531,14 +527,15 @@ class GuardCore:
         owners: Sequence[int],
         optimizer_idx: int,
     ) -> bool:
-        """Act on one step's host flags [grad bad, loss bad, amp overflow, total, z, loss scale].
+        """Act on one step's host values [grad bad, loss bad, amp overflow, total, loss scale, clipped].
 
         Returns whether the step was finite (no overflow, no non-finite gradient or loss).
         """
         grad_bad, loss_bad, amp_bad = (v > 0 for v in head[:3])
-        total, z, scale = head[3:6]
+        total, scale, clipped = head[3:6]
         step = report.step
         finite = False
+        self._clipped_host += int(clipped > 0)
         if amp_bad:
             report.amp_overflow = True
             self.amp_overflow_steps += 1
@@ -558,8 +555,11 @@ class GuardCore:
         else:
             finite = True
             self.consecutive_skips = 0
+            if math.isfinite(total):
+                self._max_norm_host = max(self._max_norm_host, total)
+            z = self.spike.score(total) if self.spike is not None else math.nan
             self._detect(report, total, z, layout, norms, owners, optimizer_idx)
-        if scale == scale and scale < self.min_loss_scale:  # not NaN, and collapsed
+        if scale > 0 and scale < self.min_loss_scale:  # 0: no scaler
             self._record(
                 GradEvent(
                     "loss_scale_collapse",
@@ -792,18 +792,17 @@ class GuardCore:
         return scale.double().reciprocal().float().to(device), None
 
     def _clip_extras(self, outcome: ClipOutcome, total: Tensor) -> list[Tensor]:
-        """[clipped total, coef, threshold, clipped steps so far, clipped units] (device tensors)."""
+        """[clipped total, coef, threshold, clipped units] (device tensors)."""
         nan = torch.full_like(total, math.nan)
-        count = self._clipped if self._clipped is not None else torch.zeros((), device=total.device)
         return [
             outcome.clipped_total if outcome.clipped_total is not None else total,
             outcome.coef,
             outcome.threshold if outcome.threshold is not None else nan,
-            count.to(total.device),
             outcome.clipped_units if outcome.clipped_units is not None else nan,
         ]
 
     def _count_clipped(self, outcome: ClipOutcome) -> None:
+        """Deferred clippers only (applied after the sync): count on the device, read when needed."""
         hit = outcome.clipped if outcome.clipped is not None else outcome.coef < 1
         bit = hit.to(torch.int64)
         # Keep the counter on the gradients' device: adding a device bit to a CPU counter (as restored
@@ -872,8 +871,9 @@ class GuardCore:
         metrics = {f"{p}total_norm": logged[0]}
         rest = logged[1:]
         if self.clip is not None:
-            clipped_total, coef, threshold, count, units = rest[:5]
-            rest = rest[5:]
+            clipped_total, coef, threshold, units = rest[:4]
+            rest = rest[4:]
+            count = self.clipped_steps
             metrics[f"{p}total_norm_clipped"], metrics[f"{p}clip_coef"] = clipped_total, coef
             if not math.isnan(threshold):
                 metrics[f"{p}clip_threshold"] = threshold
@@ -900,13 +900,15 @@ class GuardCore:
     # ------------------------------------------------------------- reporting
     @property
     def max_total_norm(self) -> float:
-        """The largest finite total norm (before clipping) seen so far (one host read)."""
-        return 0.0 if self._max_norm is None else float(self._max_norm)
+        """The largest finite total norm (before clipping) seen so far."""
+        self.flush()
+        return self._max_norm_host
 
     @property
     def clipped_steps(self) -> int:
-        """How many steps the norm clipper actually shrank (one host read)."""
-        return 0 if self._clipped is None else int(self._clipped.item())
+        """How many steps the clipper changed (a deferred clipper's count costs one host read)."""
+        self.flush()
+        return self._clipped_host + (0 if self._clipped is None else int(self._clipped.item()))
 
     def summary(self) -> str:
         """A one-paragraph summary of the run so far.
@@ -952,6 +954,7 @@ class GuardCore:
             "consecutive_skips": self.consecutive_skips,
             "amp_overflow_steps": self.amp_overflow_steps,
             "clipped_steps": self.clipped_steps,
+            "max_total_norm": self._max_norm_host,
             "origins": dict(self.origins),
             "rate": {f"{k}|{n}": v for (k, n), v in self._rate.items()},
             "clip": self.clip.state_dict() if self.clip is not None else {},
@@ -968,7 +971,9 @@ class GuardCore:
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.amp_overflow_steps = int(state.get("amp_overflow_steps", 0))
-        self._clipped = torch.tensor(int(state.get("clipped_steps", 0)))
+        self._clipped = None
+        self._clipped_host = int(state.get("clipped_steps", 0))
+        self._max_norm_host = float(state.get("max_total_norm", 0.0))
         self._log_mark = (self.steps, int(state.get("clipped_steps", 0)))
         self.origins = {str(k): int(v) for k, v in dict(state.get("origins", {})).items()}
         self._rate = {tuple(k.split("|", 1)): list(v) for k, v in dict(state.get("rate", {})).items()}  # type: ignore[misc]

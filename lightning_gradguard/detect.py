@@ -78,16 +78,17 @@ def describe_nonfinite(
 
 
 class SpikeDetector:
-    """One-sided z-scores of log(total norm) against an EMA of its mean and variance, on the device.
+    """One-sided z-scores of log(total norm) against an EMA of its mean and variance.
 
     The first ``warmup`` finite steps only feed the statistics (their exact mean and population
     variance). Each later finite step is scored against the statistics from *before* it,
     z = (log‖g‖ − μ) / max(σ, ``min_std``), and only then updates them:
-    μ ← αμ + (1−α)x, σ² ← ασ² + (1−α)(x − μ)² (with the updated μ). Non-finite norms never enter
-    the statistics; their z-score is NaN. ``min_std`` (0.01 in log space, i.e. 1%) keeps a perfectly
-    steady run from calling every wobble a spike.
+    μ ← αμ + (1−α)x, σ² ← ασ² + (1−α)(x − μ)² (with the updated μ). Non-finite (and zero) norms
+    never enter the statistics; their z-score is NaN. ``min_std`` (0.01 in log space, i.e. 1%)
+    keeps a perfectly steady run from calling every wobble a spike.
 
-    Everything stays on the device: :meth:`score` returns a 0-d tensor and costs no host sync.
+    It works on host floats: the guard reads the total norm with the step's one host sync anyway,
+    so the statistics cost no kernels and no extra sync.
 
     Args:
         warmup: finite steps that only feed the statistics, an int >= 0.
@@ -96,9 +97,8 @@ class SpikeDetector:
 
     Example::
 
-        >>> import torch
         >>> det = SpikeDetector(warmup=3)
-        >>> [round(det.score(torch.tensor(n), torch.tensor(True)).item(), 1) for n in (1.0, 1.0, 1.0, 20.0)]
+        >>> [round(det.score(n), 1) for n in (1.0, 1.0, 1.0, 20.0)]
         [nan, nan, nan, 299.6]
     """
 
@@ -106,62 +106,44 @@ class SpikeDetector:
         self.warmup = warmup
         self.alpha = alpha
         self.min_std = min_std
-        self._n: Tensor | None = None
-        self._mean: Tensor | None = None
-        self._m2: Tensor | None = None  # warm-up: sum of squared deviations; after: variance
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0  # warm-up: sum of squared deviations; after it: the variance
 
-    def _ensure(self, like: Tensor) -> None:
-        if self._n is None or self._mean is None or self._m2 is None:
-            self._n = torch.zeros((), dtype=torch.int64, device=like.device)
-            self._mean = torch.zeros((), dtype=torch.float64, device=like.device)
-            self._m2 = torch.zeros((), dtype=torch.float64, device=like.device)
-        elif self._n.device != like.device:
-            dev = like.device
-            self._n, self._mean, self._m2 = self._n.to(dev), self._mean.to(dev), self._m2.to(dev)
-
-    def score(self, total: Tensor, finite: Tensor) -> Tensor:
+    def score(self, total: float) -> float:
         """The z-score of this step (NaN during warm-up and for non-finite norms); updates the statistics."""
-        self._ensure(total)
-        assert self._n is not None and self._mean is not None and self._m2 is not None
-        n, mean, m2 = self._n, self._mean, self._m2
-        ok = finite & (total > 0)
-        x = torch.log(torch.where(ok, total, torch.ones_like(total)).double())
-        warm = n < self.warmup
-        # Welford during warm-up (exact mean and population variance)
-        n1 = (n + 1).double()
-        delta = x - mean
-        w_mean = mean + delta / n1
-        w_m2 = m2 + delta * (x - w_mean)
-        var_done = torch.where(n1 >= self.warmup, w_m2 / n1, w_m2)  # becomes a variance when warm-up ends
-        # scoring and EMA after warm-up
-        var = m2.clamp(min=0)
-        z = (x - mean) / torch.clamp(var.sqrt(), min=self.min_std)
-        e_mean = self.alpha * mean + (1 - self.alpha) * x
-        e_var = self.alpha * var + (1 - self.alpha) * (x - e_mean) ** 2
-        self._mean = torch.where(ok, torch.where(warm, w_mean, e_mean), mean)
-        self._m2 = torch.where(ok, torch.where(warm, var_done, e_var), m2)
-        self._n = n + ok.to(torch.int64)
-        nan = torch.full_like(z, math.nan)
-        return torch.where(ok & ~warm, z, nan).float()
+        if not (math.isfinite(total) and total > 0):
+            return math.nan
+        x = math.log(total)
+        if self.n < self.warmup:  # Welford: exact mean and population variance
+            self.n += 1
+            delta = x - self.mean
+            self.mean += delta / self.n
+            self.m2 += delta * (x - self.mean)
+            if self.n == self.warmup:
+                self.m2 /= self.n
+            return math.nan
+        var = max(self.m2, 0.0)
+        z = (x - self.mean) / max(math.sqrt(var), self.min_std)
+        self.n += 1
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * x
+        self.m2 = self.alpha * var + (1 - self.alpha) * (x - self.mean) ** 2
+        return z
 
     @property
     def stats(self) -> tuple[int, float, float]:
-        """(finite steps seen, μ, σ) of log(total norm) (host reads; for tests and summaries)."""
-        if self._n is None or self._mean is None or self._m2 is None:
-            return 0, math.nan, math.nan
-        n = int(self._n)
-        if n < self.warmup:
-            return n, float(self._mean), math.nan
-        return n, float(self._mean), float(self._m2.clamp(min=0).sqrt())
+        """(finite steps seen, μ, σ) of log(total norm); σ is NaN during the warm-up."""
+        if self.n < self.warmup:
+            return self.n, self.mean, math.nan
+        return self.n, self.mean, math.sqrt(max(self.m2, 0.0))
 
     def state_dict(self) -> dict[str, Any]:
-        def cpu(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach().cpu().clone()
-
-        return {"n": cpu(self._n), "mean": cpu(self._mean), "m2": cpu(self._m2)}
+        return {"n": self.n, "mean": self.mean, "m2": self.m2}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._n, self._mean, self._m2 = state.get("n"), state.get("mean"), state.get("m2")
+        self.n = int(state.get("n", 0))
+        self.mean = float(state.get("mean", 0.0))
+        self.m2 = float(state.get("m2", 0.0))
 
 
 class LayerWatch:

@@ -67,6 +67,25 @@ class OptimizerLayout:
     plain: bool | None = None  # every gradient a dense, non-DTensor tensor (learned on the first step)
     single_group: bool | None = None  # every gradient on one device with one dtype (learned likewise)
     _subsets: dict[tuple[int, ...], tuple[list[Tensor], list[int], list[str]]] = field(default_factory=dict)
+    _index_cache: dict[tuple[object, str], tuple[Tensor, list[int], Tensor]] = field(default_factory=dict)
+
+    def index(self, owners: Sequence[int], device: torch.device) -> tuple[Tensor, list[int], Tensor]:
+        """(layer id of each owner's gradient, the sorted layer ids present, those ids as a tensor),
+        the tensors on ``device``, cached per subset: no host-to-device copy on later steps."""
+        key = ("all" if len(owners) == len(self.params) else tuple(owners), str(device))
+        cached = self._index_cache.get(key)
+        if cached is None:
+            layer_of = [self.param_layer[i] for i in owners]
+            present = sorted(set(layer_of))
+            cached = (
+                torch.tensor(layer_of, dtype=torch.int64, device=device),
+                present,
+                torch.tensor(present, dtype=torch.int64, device=device),
+            )
+            if len(self._index_cache) > 8:
+                self._index_cache.clear()
+            self._index_cache[key] = cached
+        return cached
 
     def subset(self, owners: Sequence[int]) -> tuple[list[Tensor], list[int], list[str]]:
         """(params, layer ids, parameter names) of the parameters at ``owners`` (cached per subset)."""

@@ -7,6 +7,8 @@ Each rank writes OUTDIR/rank<r>.json with its guard's counters, events and a wei
 from __future__ import annotations
 
 import json
+import os
+import time
 import math
 import sys
 from pathlib import Path
@@ -97,6 +99,14 @@ def main() -> None:
         "clip_state": {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in clip_state.items()},
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    # gloo's threads can abort a normal interpreter exit ("terminate called without an active
+    # exception"), which has nothing to do with the guard: once both ranks have written, leave at once.
+    deadline = time.monotonic() + 60
+    while rank == 0 and not (out / "rank1.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
