@@ -7,10 +7,10 @@ Each rank writes OUTDIR/rank<r>.json with its guard's counters, events and a wei
 from __future__ import annotations
 
 import json
-import os
-import time
 import math
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
