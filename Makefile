@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo bench soak clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,14 @@ test: lint
 
 demo: venv
 	$(PY) examples/vanishing_gradients.py
+
+# Overhead benchmark (not part of `make test`): writes benchmarks/RESULTS.md.
+bench: venv
+	$(PY) benchmarks/bench.py
+
+# The slow soak test (not part of `make test`).
+soak: venv
+	$(PY) -m pytest -m slow -q tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -73,7 +73,9 @@ def _per_step_power(grad: Tensor, time_dim: int, p: float) -> Tensor:
 
 
 def _packed_power(grad: Tensor, batch_sizes: Tensor, p: float) -> Tensor:
-    steps = torch.repeat_interleave(torch.arange(len(batch_sizes), device=grad.device), batch_sizes.to(grad.device))
+    steps = torch.repeat_interleave(  # output_size given: no host sync to size the result
+        torch.arange(len(batch_sizes), device=grad.device), batch_sizes.to(grad.device), output_size=grad.shape[0]
+    )
     rows = grad.detach().reshape(grad.shape[0], -1).float()
     out = torch.zeros(len(batch_sizes), device=grad.device)
     if math.isinf(p):
