@@ -97,6 +97,7 @@ class AlertRouter:
         self.alert_every = alert_every
         self.handlers = list(handlers)
         self.sinks: list[Callable[[GradEvent, str], None]] = []
+        self.taps: list[Callable[[GradEvent], None]] = []  # internal: every event, unthrottled
         self._last: dict[tuple[str, tuple[str, ...]], tuple[int, int]] = {}
         self._failed: set[int] = set()
         self.emitted = 0
@@ -105,6 +106,13 @@ class AlertRouter:
     def __call__(self, event: GradEvent) -> None:
         if not is_rank_zero():
             return
+        for tap in self.taps:
+            try:
+                tap(event)
+            except Exception:
+                if id(tap) not in self._failed:
+                    self._failed.add(id(tap))
+                    log.exception("GradGuard: event tap %r raised; errors are not repeated.", tap)
         for handler in self.handlers:
             try:
                 handler(event)
@@ -153,4 +161,5 @@ class AlertRouter:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["sinks"] = []  # bound to live loggers
+        state["taps"] = []
         return state

@@ -12,6 +12,7 @@ Hook timing it relies on (see ``LIGHTNING_NOTES.md``):
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -101,6 +102,9 @@ class GradGuard(Callback):
             new origin): batch, RNG states, model and optimizer state before the step, the event.
             Read one with :func:`lightning_gradguard.load_dump`. Default None: no dumps.
         max_dumps: at most this many dump files (default 5).
+        log_histograms: also write per-layer gradient histograms to TensorBoard on logging steps
+            (default False). Each histogram copies its layer's gradients to the host: on a GPU this
+            is one device-to-host copy of every gradient per logging step.
 
     Raises:
         ValueError: an argument is out of range (the message names it).
@@ -140,18 +144,23 @@ class GradGuard(Callback):
         alert_handlers: list[Callable[[GradEvent], Any]] | None = None,
         dump_dir: str | None = None,
         max_dumps: int = 5,
+        log_histograms: bool = False,
     ) -> None:
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
             raise TypeError(f"Expected `dump_dir` to be a directory path or None, but got {dump_dir!r}.")
         self.dump_dir = None if dump_dir is None else os.fspath(dump_dir)
         self.max_dumps = int(check_int("max_dumps", max_dumps, minimum=1))  # type: ignore[arg-type]
+        if not isinstance(log_histograms, bool):
+            raise TypeError(f"Expected `log_histograms` to be a bool, but got {log_histograms!r}.")
+        self.log_histograms = log_histograms
         self.dumps: list[str] = []
         self._dumped_origins: set[str] = set()
         self._batches: list[Any] = []
         self._batch_idx = 0
         self._rng: dict[str, Any] | None = None
         self._step_open = False
+        self._logged_order: list[str] = []
         self.core = GuardCore(
             clip=clip,
             norm_type=norm_type,
@@ -241,13 +250,22 @@ class GradGuard(Callback):
             )
         self.core.watch(pl_module)
         self.core.alerts.sinks = []
+        self.core.alerts.taps = []
         writer = dashboard.find_tensorboard_writer(trainer.loggers) if trainer.is_global_zero else None
         if writer is not None:
 
             def to_tensorboard(event: GradEvent, message: str) -> None:
                 writer.add_text("gradguard/alerts", f"**{event.kind}** (step {event.step}): {message}", event.step)
 
+            def nonfinite_record(event: GradEvent) -> None:  # every one, for `gradguard report`
+                if event.kind == "nonfinite":
+                    layers = ",".join(event.layers)
+                    line = f"step {event.step} origin {event.origin} action {event.action} layers {layers}"
+                    writer.add_text("gradguard/nonfinite", line, event.step)
+
             self.core.alerts.sinks.append(to_tensorboard)
+            self.core.alerts.taps.append(nonfinite_record)
+            dashboard.write_layout(trainer.loggers)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -312,6 +330,22 @@ class GradGuard(Callback):
                 logger.log_metrics(report.metrics, step=step)
             if report.timesteps:
                 dashboard.log_timestep_images(trainer.loggers, self.core, step)
+                dashboard.log_profiles_text(trainer.loggers, self.core, step)
+            if trainer.is_global_zero and dashboard.find_tensorboard_writer(trainer.loggers) is not None:
+                layout = self.core.layers.layout(optimizer)
+                order = self.core.layers.forward_names(layout)
+                if order != self._logged_order:  # once (and whenever it changes), for `gradguard report`
+                    self._logged_order = order
+                    writer = dashboard.find_tensorboard_writer(trainer.loggers)
+                    if writer is not None:
+                        writer.add_text("gradguard/layer_order", json.dumps(order), step)
+                dashboard.log_flow_image(trainer.loggers, self.core, report, order)
+                if self.log_histograms:
+                    by_layer: dict[str, list[Tensor]] = {}
+                    for p, layer in zip(layout.params, layout.param_layer, strict=True):
+                        if p.grad is not None and not p.grad.is_sparse:
+                            by_layer.setdefault(layout.layer_names[layer], []).append(p.grad)
+                    dashboard.log_histograms(trainer.loggers, by_layer, step)
         if report.should_stop:
             trainer.should_stop = True
 
@@ -339,6 +373,9 @@ class GradGuard(Callback):
         )
         self.dumps.append(str(path))
         rank_zero_info(f"GradGuard: wrote a dump of step {trainer.global_step} ({event.kind}) to {path}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.core.flush()  # steps deferred under on_nonfinite="warn"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank_zero_info(self.core.summary())

@@ -1,10 +1,19 @@
-"""TensorBoard output beyond scalars: the per-timestep heatmap images.
+"""TensorBoard output beyond scalars: one page that answers "are my gradients healthy, and where not?".
 
-Only a ``TensorBoardLogger`` gets images, on rank zero, on logging steps. Rendering uses matplotlib
-(the optional extra ``lightning-gradguard[plot]``), imported lazily on the first logging step that
-needs it; without it, a one-time warning says what is missing and training goes on.
+Only a ``TensorBoardLogger`` gets these, on rank zero:
 
-Cost: one small figure per tracked sequence per logging step (a few milliseconds each on a CPU).
+* a Custom Scalars layout, category "GradGuard", written once at fit start;
+* ``gradguard/flow``: a gradient-flow image at logging steps (layers in forward order, log norm,
+  thresholds as lines);
+* ``gradguard/timestep/<name>``: a per-timestep heatmap per tracked sequence;
+* ``gradguard/hist/<layer>``: gradient histograms, with ``log_histograms=True``;
+* text: ``gradguard/alerts`` (rate-limited alerts), ``gradguard/nonfinite`` (every non-finite step,
+  its origin and layers) and ``gradguard/timestep_profile/<name>`` (the raw profile, for
+  ``gradguard report``).
+
+Rendering uses matplotlib (the optional extra ``lightning-gradguard[plot]``), imported lazily on
+the first logging step that needs it; without it, a one-time warning says what is missing and
+training goes on. Cost: one small figure per image per logging step (``benchmarks/`` measures it).
 """
 
 from __future__ import annotations
@@ -18,7 +27,17 @@ from torch import Tensor
 
 from lightning_gradguard.alerts import GradGuardWarning, is_rank_zero
 
-__all__ = ["find_tensorboard_writer", "log_timestep_images", "render_timestep_heatmap"]
+__all__ = [
+    "custom_scalars_layout",
+    "find_tensorboard_writer",
+    "log_flow_image",
+    "log_histograms",
+    "log_profiles_text",
+    "log_timestep_images",
+    "render_flow",
+    "render_timestep_heatmap",
+    "write_layout",
+]
 
 _warned: set[str] = set()
 
@@ -80,13 +99,139 @@ def log_timestep_images(loggers: Iterable[Any], core: Any, step: int) -> None:
         try:
             image = render_timestep_heatmap(name, list(rows))
         except ImportError:
-            if "mpl" not in _warned:
-                _warned.add("mpl")
-                warnings.warn(
-                    "GradGuard: matplotlib is not installed, so no per-timestep heatmap images are written "
-                    "(scalars still are). `pip install lightning-gradguard[plot]` adds it.",
-                    GradGuardWarning,
-                    stacklevel=2,
-                )
+            _warn_no_matplotlib()
             return
         writer.add_image(f"gradguard/timestep/{name}", torch.from_numpy(image), global_step=step, dataformats="HWC")
+
+
+def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
+    """The "GradGuard" Custom Scalars category (tags are regular expressions)."""
+    return {
+        "GradGuard": {
+            "total norm (before / after clipping, threshold)": [
+                "Multiline",
+                [r"gradguard/total_norm$", r"gradguard/total_norm_clipped$", r"gradguard/clip_threshold$"],
+            ],
+            "per-layer norms": ["Multiline", [r"gradguard/layer/.*"]],
+            "per-timestep: first/last ratio": ["Multiline", [r"gradguard/timestep/.*/first_last_ratio"]],
+            "per-timestep: horizon": ["Multiline", [r"gradguard/timestep/.*/horizon"]],
+            "per-timestep: decay per step": ["Multiline", [r"gradguard/timestep/.*/decay_per_step"]],
+            "events": [
+                "Multiline",
+                [r"gradguard/skipped_steps$", r"gradguard/nonfinite_steps$", r"gradguard/clipped_fraction$"],
+            ],
+        }
+    }
+
+
+def write_layout(loggers: Iterable[Any]) -> bool:
+    """Write the Custom Scalars layout once (rank zero, TensorBoardLogger only). True if written."""
+    if not is_rank_zero():
+        return False
+    writer = find_tensorboard_writer(loggers)
+    if writer is None or not hasattr(writer, "add_custom_scalars"):
+        return False
+    writer.add_custom_scalars(custom_scalars_layout())
+    return True
+
+
+def render_flow(
+    names: Sequence[str],
+    norms: Sequence[float],
+    step: int,
+    vanish: float | None = None,
+    explode: float | None = None,
+    title: str = "gradient flow",
+) -> Any:
+    """A gradient-flow chart: layers in forward order on x, norm on a log y-axis, thresholds as lines.
+
+    Returns an HWC uint8 numpy array. Raises ImportError when matplotlib is missing.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.array([v if v > 0 and np.isfinite(v) else np.nan for v in norms], dtype=float)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(names) + 2), 3.6), dpi=80)
+    x = np.arange(len(names))
+    ax.bar(x, np.nan_to_num(values, nan=0.0), color="#4c72b0", width=0.7)
+    bad = [i for i, v in enumerate(norms) if not np.isfinite(v)]
+    for i in bad:
+        ax.axvspan(i - 0.4, i + 0.4, color="#d62728", alpha=0.4)
+    ax.set_yscale("log")
+    if vanish:
+        ax.axhline(vanish, color="#8172b2", linestyle="--", linewidth=1, label=f"vanishing < {vanish:g}")
+    if explode:
+        ax.axhline(explode, color="#c44e52", linestyle="--", linewidth=1, label=f"exploding > {explode:g}")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("‖∂L/∂W‖ (log)")
+    ax.set_title(f"{title}, step {step}", fontsize=9)
+    if vanish or explode:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
+    plt.close(fig)
+    return image
+
+
+def log_flow_image(loggers: Iterable[Any], core: Any, report: Any, layer_order: Sequence[str]) -> None:
+    """Write ``gradguard/flow`` (rank zero, TensorBoardLogger only, logging steps)."""
+    if not is_rank_zero() or not report.layer_norms:
+        return
+    writer = find_tensorboard_writer(loggers)
+    if writer is None or not hasattr(writer, "add_image"):
+        return
+    names = [n for n in layer_order if n in report.layer_norms]
+    try:
+        image = render_flow(
+            names, [report.layer_norms[n] for n in names], report.step, core.vanish_threshold or None,
+            core.explode_threshold,
+        )
+    except ImportError:
+        _warn_no_matplotlib()
+        return
+    writer.add_image("gradguard/flow", torch.from_numpy(image), global_step=report.step, dataformats="HWC")
+
+
+def log_histograms(loggers: Iterable[Any], layers: dict[str, list[Tensor]], step: int) -> None:
+    """One gradient histogram per layer (``gradguard/hist/<layer>``); each copies the layer's gradient
+    to the host, so this costs a device-to-host copy of every gradient on logging steps."""
+    if not is_rank_zero():
+        return
+    writer = find_tensorboard_writer(loggers)
+    if writer is None or not hasattr(writer, "add_histogram"):
+        return
+    for name, grads in layers.items():
+        flat = torch.cat([g.detach().reshape(-1).float().cpu() for g in grads])
+        flat = flat[torch.isfinite(flat)]
+        if flat.numel():
+            writer.add_histogram(f"gradguard/hist/{name}", flat, global_step=step)
+
+
+def log_profiles_text(loggers: Iterable[Any], core: Any, step: int) -> None:
+    """The raw per-timestep profiles as JSON text (``gradguard/timestep_profile/<name>``), for the report."""
+    if not is_rank_zero() or not core.timestep_norms:
+        return
+    writer = find_tensorboard_writer(loggers)
+    if writer is None or not hasattr(writer, "add_text"):
+        return
+    import json
+
+    for name, profile in core.timestep_norms.items():
+        values = [float(v) for v in profile.tolist()]
+        writer.add_text(f"gradguard/timestep_profile/{name}", json.dumps(values), global_step=step)
+
+
+def _warn_no_matplotlib() -> None:
+    if "mpl" not in _warned:
+        _warned.add("mpl")
+        warnings.warn(
+            "GradGuard: matplotlib is not installed, so no images are written to TensorBoard "
+            "(scalars still are). `pip install lightning-gradguard[plot]` adds it.",
+            GradGuardWarning,
+            stacklevel=3,
+        )
