@@ -105,6 +105,10 @@ class GradGuard(Callback):
         log_histograms: also write per-layer gradient histograms to TensorBoard on logging steps
             (default False). Each histogram copies its layer's gradients to the host: on a GPU this
             is one device-to-host copy of every gradient per logging step.
+        images_in_background: draw TensorBoard images on a background thread (default True), so that
+            training does not wait for matplotlib; a logging step that comes while the previous
+            images are still being drawn skips its own. False draws every logging step's images on
+            the training thread.
 
     Raises:
         ValueError: an argument is out of range (the message names it).
@@ -145,6 +149,7 @@ class GradGuard(Callback):
         dump_dir: str | None = None,
         max_dumps: int = 5,
         log_histograms: bool = False,
+        images_in_background: bool = True,
     ) -> None:
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
@@ -161,6 +166,9 @@ class GradGuard(Callback):
         self._rng: dict[str, Any] | None = None
         self._step_open = False
         self._logged_order: list[str] = []
+        if not isinstance(images_in_background, bool):
+            raise TypeError(f"Expected `images_in_background` to be a bool, but got {images_in_background!r}.")
+        self._renderer = dashboard.Renderer(background=images_in_background)
         self.core = GuardCore(
             clip=clip,
             norm_type=norm_type,
@@ -329,7 +337,7 @@ class GradGuard(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(report.metrics, step=step)
             if report.timesteps:
-                dashboard.log_timestep_images(trainer.loggers, self.core, step)
+                dashboard.log_timestep_images(trainer.loggers, self.core, step, self._renderer)
                 dashboard.log_profiles_text(trainer.loggers, self.core, step)
             if trainer.is_global_zero and dashboard.find_tensorboard_writer(trainer.loggers) is not None:
                 layout = self.core.layers.layout(optimizer)
@@ -339,7 +347,7 @@ class GradGuard(Callback):
                     writer = dashboard.find_tensorboard_writer(trainer.loggers)
                     if writer is not None:
                         writer.add_text("gradguard/layer_order", json.dumps(order), step)
-                dashboard.log_flow_image(trainer.loggers, self.core, report, order)
+                dashboard.log_flow_image(trainer.loggers, self.core, report, order, self._renderer)
                 if self.log_histograms:
                     by_layer: dict[str, list[Tensor]] = {}
                     for p, layer in zip(layout.params, layout.param_layer, strict=True):
@@ -376,11 +384,13 @@ class GradGuard(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.core.flush()  # steps deferred under on_nonfinite="warn"
+        self._renderer.close()  # the images in flight reach the event file before the logger closes
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank_zero_info(self.core.summary())
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._renderer.close()
         self.core.unwatch()
 
     # ---------------------------------------------------------------- state

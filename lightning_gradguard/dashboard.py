@@ -18,8 +18,9 @@ training goes on. Cost: one small figure per image per logging step (``benchmark
 
 from __future__ import annotations
 
+import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor
 from lightning_gradguard.alerts import GradGuardWarning, is_rank_zero
 
 __all__ = [
+    "Renderer",
     "custom_scalars_layout",
     "find_tensorboard_writer",
     "log_flow_image",
@@ -50,15 +52,28 @@ def find_tensorboard_writer(loggers: Iterable[Any]) -> Any | None:
     return None
 
 
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib Figure on the Agg canvas, without pyplot (thread-safe, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=72)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _pixels(fig: Any) -> Any:
+    import numpy as np
+
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
 def render_timestep_heatmap(name: str, rows: Sequence[tuple[int, Tensor]]) -> Any:
     """Render a heatmap (x: timestep, y: logging step, colour: log10 norm) with the latest profile.
 
     Returns an HWC uint8 numpy array. Raises ImportError when matplotlib is missing.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     import numpy as np
 
     width = max(int(p.numel()) for _, p in rows)
@@ -67,41 +82,111 @@ def render_timestep_heatmap(name: str, rows: Sequence[tuple[int, Tensor]]) -> An
         v = profile.double().numpy()
         with np.errstate(divide="ignore", invalid="ignore"):
             grid[r, : v.size] = np.where(v > 0, np.log10(np.where(v > 0, v, 1.0)), np.nan)
-    fig, (ax, line) = plt.subplots(2, 1, figsize=(7, 5), height_ratios=[3, 1.4], dpi=80)
+    fig = _figure(7, 5)
+    ax = fig.add_axes((0.11, 0.38, 0.72, 0.55))
+    cax = fig.add_axes((0.86, 0.38, 0.025, 0.55))
+    line = fig.add_axes((0.11, 0.08, 0.72, 0.2))
     mesh = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([str(s) for s, _ in rows], fontsize=6)
+    ticks = list(range(0, len(rows), max(1, len(rows) // 8)))
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([str(rows[i][0]) for i in ticks], fontsize=7)
     ax.set_ylabel("optimizer step")
     ax.set_title(f"log10 ‖∂L/∂x_t‖ — {name}", fontsize=9)
-    fig.colorbar(mesh, ax=ax, label="log10 norm")
+    fig.colorbar(mesh, cax=cax, label="log10 norm")
     last = rows[-1][1].double().numpy()
     line.semilogy(np.arange(last.size), np.where(last > 0, last, np.nan))
     line.set_xlabel("timestep t")
     line.set_ylabel("latest")
     line.set_xlim(ax.get_xlim())
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
-    plt.close(fig)
-    return image
+    return _pixels(fig)
 
 
-def log_timestep_images(loggers: Iterable[Any], core: Any, step: int) -> None:
+class Renderer:
+    """Renders images on one background thread, within a time budget, so that training does not wait.
+
+    * At most one batch of images is in flight: a logging step that arrives while the previous one
+      is still being drawn skips its images rather than queueing up work.
+    * Drawing takes at most ``budget`` (default 2%) of wall time: after a batch that took d seconds,
+      the next is drawn no sooner than d / budget seconds later. Skipped batches are counted in
+      :attr:`skipped`; scalars are never skipped.
+    * :meth:`close` waits for the batch in flight.
+
+    ``background=False`` draws every batch inline, with no budget (tests, debugging).
+    """
+
+    def __init__(self, background: bool = True, budget: float = 0.02) -> None:
+        self.background = background
+        self.budget = budget
+        self.skipped = 0
+        self.rendered = 0
+        self._pool: Any = None
+        self._future: Any = None
+        self._next_ok = 0.0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        try:
+            import matplotlib  # noqa: F401  (fail here, on the caller's thread, with one warning)
+        except ImportError:
+            _warn_no_matplotlib()
+            return
+        if not self.background:
+            job()
+            self.rendered += 1
+            return
+        if (self._future is not None and not self._future.done()) or time.monotonic() < self._next_ok:
+            self.skipped += 1
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradguard-images")
+        self._future = self._pool.submit(self._run, job)
+
+    def _run(self, job: Callable[[], None]) -> None:
+        start = time.monotonic()
+        try:
+            job()
+            self.rendered += 1
+        except Exception as exc:  # an image must never take training down
+            if "render" not in _warned:
+                _warned.add("render")
+                warnings.warn(f"GradGuard: drawing an image failed ({exc!r}); scalars are unaffected.",
+                              GradGuardWarning, stacklevel=2)
+        finally:
+            end = time.monotonic()
+            self._next_ok = end + (end - start) / self.budget
+
+    def close(self) -> None:
+        if self._future is not None:
+            self._future.result()
+            self._future = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"background": self.background, "budget": self.budget, "skipped": self.skipped,
+                "rendered": self.rendered, "_pool": None, "_future": None, "_next_ok": 0.0}
+
+
+def log_timestep_images(loggers: Iterable[Any], core: Any, step: int, renderer: Renderer | None = None) -> None:
     """Write one heatmap image per tracked sequence to TensorBoard (rank zero, if present)."""
     if not is_rank_zero():
         return
     writer = find_tensorboard_writer(loggers)
     if writer is None or not hasattr(writer, "add_image"):
         return
-    for name, rows in core.timestep_heat.items():
-        if not rows or rows[-1][0] != step:
-            continue
-        try:
-            image = render_timestep_heatmap(name, list(rows))
-        except ImportError:
-            _warn_no_matplotlib()
-            return
-        writer.add_image(f"gradguard/timestep/{name}", torch.from_numpy(image), global_step=step, dataformats="HWC")
+    jobs = [(name, list(rows)) for name, rows in core.timestep_heat.items() if rows and rows[-1][0] == step]
+    if not jobs:
+        return
+
+    def draw() -> None:
+        for name, rows in jobs:
+            image = render_timestep_heatmap(name, rows)
+            writer.add_image(f"gradguard/timestep/{name}", torch.from_numpy(image), global_step=step,
+                             dataformats="HWC")
+
+    (renderer or Renderer(background=False)).submit(draw)
 
 
 def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
@@ -147,19 +232,16 @@ def render_flow(
 
     Returns an HWC uint8 numpy array. Raises ImportError when matplotlib is missing.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     import numpy as np
 
     values = np.array([v if v > 0 and np.isfinite(v) else np.nan for v in norms], dtype=float)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(names) + 2), 3.6), dpi=80)
+    fig = _figure(max(5.0, 0.3 * len(names) + 2), 3.6)
+    ax = fig.add_axes((0.1, 0.32, 0.87, 0.6))
     x = np.arange(len(names))
     ax.bar(x, np.nan_to_num(values, nan=0.0), color="#4c72b0", width=0.7)
-    bad = [i for i, v in enumerate(norms) if not np.isfinite(v)]
-    for i in bad:
-        ax.axvspan(i - 0.4, i + 0.4, color="#d62728", alpha=0.4)
+    for i, v in enumerate(norms):
+        if not np.isfinite(v):
+            ax.axvspan(i - 0.4, i + 0.4, color="#d62728", alpha=0.4)
     ax.set_yscale("log")
     if vanish:
         ax.axhline(vanish, color="#8172b2", linestyle="--", linewidth=1, label=f"vanishing < {vanish:g}")
@@ -171,14 +253,12 @@ def render_flow(
     ax.set_title(f"{title}, step {step}", fontsize=9)
     if vanish or explode:
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
-    plt.close(fig)
-    return image
+    return _pixels(fig)
 
 
-def log_flow_image(loggers: Iterable[Any], core: Any, report: Any, layer_order: Sequence[str]) -> None:
+def log_flow_image(
+    loggers: Iterable[Any], core: Any, report: Any, layer_order: Sequence[str], renderer: Renderer | None = None
+) -> None:
     """Write ``gradguard/flow`` (rank zero, TensorBoardLogger only, logging steps)."""
     if not is_rank_zero() or not report.layer_norms:
         return
@@ -186,15 +266,14 @@ def log_flow_image(loggers: Iterable[Any], core: Any, report: Any, layer_order: 
     if writer is None or not hasattr(writer, "add_image"):
         return
     names = [n for n in layer_order if n in report.layer_norms]
-    try:
-        image = render_flow(
-            names, [report.layer_norms[n] for n in names], report.step, core.vanish_threshold or None,
-            core.explode_threshold,
-        )
-    except ImportError:
-        _warn_no_matplotlib()
-        return
-    writer.add_image("gradguard/flow", torch.from_numpy(image), global_step=report.step, dataformats="HWC")
+    norms = [report.layer_norms[n] for n in names]
+    step, vanish, explode = report.step, core.vanish_threshold or None, core.explode_threshold
+
+    def draw() -> None:
+        image = render_flow(names, norms, step, vanish, explode)
+        writer.add_image("gradguard/flow", torch.from_numpy(image), global_step=step, dataformats="HWC")
+
+    (renderer or Renderer(background=False)).submit(draw)
 
 
 def log_histograms(loggers: Iterable[Any], layers: dict[str, list[Tensor]], step: int) -> None:

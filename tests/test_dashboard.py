@@ -59,7 +59,7 @@ class SeqNet(pl.LightningModule):
 
 
 def run(logdir: Path, name: str, nan_step: int | None, steps: int = 12, **kw: Any) -> GradGuard:
-    guard = GradGuard(clip=NormClip(0.5), log_every_n_steps=2, **kw)
+    guard = GradGuard(clip=NormClip(0.5), log_every_n_steps=2, images_in_background=False, **kw)
     logger = TensorBoardLogger(logdir, name=name, version="")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GradGuardWarning)

@@ -23,7 +23,7 @@ def test_heatmap_and_scalars_reach_tensorboard(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = TensorBoardLogger(tmp_path, name="tb")
-    guard = GradGuard(log_every_n_steps=2)
+    guard = GradGuard(log_every_n_steps=2, images_in_background=False)
     model = SequenceClassifier("lstm")
     data = DataLoader(long_range_data(256, seed=0), batch_size=32)
     trainer([guard], steps=4, logger=[tb]).fit(model, data)
