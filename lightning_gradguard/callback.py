@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 from lightning_fabric.utilities.exceptions import MisconfigurationException
@@ -35,8 +35,36 @@ __all__ = ["GradGuard"]
 _SHARDED = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
 
-class GradGuard(Callback):
+def _callback_bases() -> tuple[type, ...]:
+    """``pytorch_lightning``'s Callback, plus ``lightning.pytorch``'s when the unified package is installed.
+
+    Each Trainer checks ``isinstance(callback, Callback)`` against its *own* namespace's class, which
+    is why mixing the two packages gives cryptic errors (Lightning issues #17485, #20628). Deriving
+    from both makes one GradGuard class that either Trainer accepts.
+    """
+    bases: list[type] = [Callback]
+    try:
+        from lightning.pytorch.callbacks import Callback as UnifiedCallback
+    except ImportError:
+        return tuple(bases)
+    if UnifiedCallback is not Callback:  # type: ignore[comparison-overlap]
+        bases.append(UnifiedCallback)
+    return tuple(bases)
+
+
+if TYPE_CHECKING:
+    _Base = Callback
+else:
+    _Base = type("_GradGuardBase", _callback_bases(), {"__module__": __name__})
+
+
+class GradGuard(_Base):
     """Measure, guard and clip the gradients of every optimizer step.
+
+    One class for both Lightning namespaces: it derives from ``pytorch_lightning``'s ``Callback``
+    and, when the unified ``lightning`` package is installed, from ``lightning.pytorch``'s too, so a
+    ``pytorch_lightning.Trainer`` and a ``lightning.pytorch.Trainer`` both accept it
+    (``lightning_gradguard.lightning.GradGuard`` is the same class).
 
     Logged metrics (on logging steps, to every logger in ``trainer.loggers``):
 
@@ -260,7 +288,7 @@ class GradGuard(Callback):
         self.core.alerts.sinks = []
         self.core.alerts.taps = []
         writer = dashboard.find_tensorboard_writer(trainer.loggers) if trainer.is_global_zero else None
-        if writer is not None:
+        if writer is not None and hasattr(writer, "add_text"):
 
             def to_tensorboard(event: GradEvent, message: str) -> None:
                 writer.add_text("gradguard/alerts", f"**{event.kind}** (step {event.step}): {message}", event.step)
@@ -345,7 +373,7 @@ class GradGuard(Callback):
                 if order != self._logged_order:  # once (and whenever it changes), for `gradguard report`
                     self._logged_order = order
                     writer = dashboard.find_tensorboard_writer(trainer.loggers)
-                    if writer is not None:
+                    if writer is not None and hasattr(writer, "add_text"):
                         writer.add_text("gradguard/layer_order", json.dumps(order), step)
                 dashboard.log_flow_image(trainer.loggers, self.core, report, order, self._renderer)
                 if self.log_histograms:

@@ -54,6 +54,23 @@ def layer_name_of(module_name: str, module: nn.Module, param_name: str) -> str:
     return module_name
 
 
+_WRAPPERS = frozenset({"_orig_mod", "_forward_module", "_original_module"})
+
+
+def _strip_compiled(name: str) -> str:
+    """Drop the segments that wrappers insert (``torch.compile``'s ``_orig_mod``, Fabric's
+    ``_forward_module``/``_original_module``), so that layer names stay the user's.
+
+    Example::
+
+        >>> _strip_compiled("_orig_mod.encoder._orig_mod.rnn")
+        'encoder.rnn'
+        >>> _strip_compiled("_forward_module.0")
+        '0'
+    """
+    return ".".join(part for part in name.split(".") if part not in _WRAPPERS)
+
+
 @dataclass
 class OptimizerLayout:
     """How one optimizer's parameters map onto layers (built once per optimizer)."""
@@ -139,7 +156,8 @@ class LayerMap:
         self._order.clear()
         self._layouts.clear()
         declared = 0
-        for module_name, module in model.named_modules(remove_duplicate=True):
+        for raw_name, module in model.named_modules(remove_duplicate=True):
+            module_name = _strip_compiled(raw_name)
             own = list(module.named_parameters(recurse=False))
             for param_name, param in own:
                 if id(param) in self._names:

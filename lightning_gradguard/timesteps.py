@@ -83,6 +83,11 @@ def _packed_power(grad: Tensor, batch_sizes: Tensor, p: float) -> Tensor:
     return out.index_add(0, steps, rows.abs().pow(p).sum(dim=1))
 
 
+def _strip_wrappers(name: str) -> str:
+    """Module names without the segments torch.compile and Fabric insert."""
+    return ".".join(p for p in name.split(".") if p not in ("_orig_mod", "_forward_module", "_original_module"))
+
+
 class TimestepTracker:
     """Collects per-timestep gradient norms of recurrent modules and tracked tensors.
 
@@ -123,6 +128,7 @@ class TimestepTracker:
         self.unwatch()
         _ACTIVE = self
         for qualified, module in model.named_modules():
+            qualified = _strip_wrappers(qualified)
             name = qualified or type(module).__name__.lower()
             if self.only is not None and name not in self.only:
                 continue
