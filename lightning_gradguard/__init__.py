@@ -23,7 +23,7 @@ from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.timesteps import track_timesteps
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AGC",

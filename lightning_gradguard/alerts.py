@@ -40,7 +40,14 @@ _ROUTINE = frozenset({"amp_overflow"})
 
 
 class GradGuardWarning(UserWarning):
-    """The warning category of every alarm the guard emits."""
+    """The warning category of every alarm the guard emits.
+
+    Example: turn alarms into errors in a test suite, or silence them::
+
+        >>> import warnings
+        >>> warnings.filterwarnings("ignore", category=GradGuardWarning)
+        >>> warnings.resetwarnings()
+    """
 
 
 def is_rank_zero() -> bool:

@@ -55,6 +55,13 @@ class ClipOutcome:
         clipped: a 0-d bool tensor, True when the clipper changed the gradients this step; None
             means ``coef < 1``.
         clipped_units: for unit-wise clippers, how many units (layers, rows) were clipped.
+
+    Example::
+
+        >>> import torch
+        >>> out = NormClip(1.0).clip_(ClipContext.of([torch.tensor([3.0, 4.0])], want_norm=True))
+        >>> round(out.coef.item(), 4), bool(out.clipped), round(out.clipped_total.item(), 4)
+        (0.2, True, 1.0)
     """
 
     coef: Tensor
@@ -83,6 +90,13 @@ class ClipContext:
         single_group: every gradient has the same device and dtype (lets kernels skip grouping).
         sharded: the gradients are shards (FSDP, DTensor); unit-wise rules that need whole tensors
             refuse them.
+
+    Example::
+
+        >>> import torch
+        >>> ctx = ClipContext.of([torch.tensor([3.0]), torch.tensor([4.0])])
+        >>> ctx.norms.tolist(), ctx.total.item(), ctx.layer_index().tolist()
+        ([3.0, 4.0], 5.0, [0, 1])
     """
 
     grads: Sequence[Tensor]
@@ -207,6 +221,21 @@ class Clipper:
 
     Subclasses implement :meth:`clip_`. A clipper whose ``deferred`` attribute is True is applied only
     on finite steps, after the guard's single host sync; others must be safe on non-finite input.
+    Stateful clippers also implement :meth:`state_dict` and :meth:`load_state_dict` (the guard saves
+    them in checkpoints).
+
+    Example: a clipper that halves every gradient, no matter what::
+
+        >>> import torch
+        >>> class Halve(Clipper):
+        ...     def clip_(self, ctx):
+        ...         coef = torch.full_like(ctx.total, 0.5)
+        ...         coef = torch.where(ctx.finite, coef, torch.ones_like(coef))  # never touch NaN steps
+        ...         scale_grads_(ctx.grads, coef)
+        ...         return ClipOutcome(coef, ctx.total * coef if ctx.want_norm else None)
+        >>> g = [torch.tensor([2.0])]
+        >>> _ = Halve().clip_(ClipContext.of(g)); g[0].item()
+        1.0
     """
 
     deferred: bool = False

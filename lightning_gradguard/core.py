@@ -86,6 +86,14 @@ class StepReport:
         deferred: under ``on_nonfinite="warn"`` a non-logging step is not read on the host at all
             (no sync): its flags and events are settled at the next logging step or
             :meth:`GuardCore.flush`; ``nonfinite`` and ``event`` are then left unset here.
+
+    Example::
+
+        >>> import torch
+        >>> p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.tensor([3.0, 4.0])
+        >>> report = GuardCore(log_every_n_steps=1).step(torch.optim.SGD([p], lr=0.1))
+        >>> report.skipped, report.logged, report.metrics["gradguard/total_norm"]
+        (False, True, 5.0)
     """
 
     step: int
