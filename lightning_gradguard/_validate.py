@@ -11,6 +11,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
 
 def _fail(name: str, expected: str, value: Any, exc: type[Exception] = ValueError) -> Exception:
     return exc(f"Expected `{name}` to be {expected}, but got {value!r}.")
@@ -43,9 +45,14 @@ def check_number(
         raise _fail(name, expected, value, TypeError)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(name, expected, value, TypeError)
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        raise _fail(name, expected, value) from None
     if math.isnan(number) or (math.isinf(number) and not (allow_inf and number > 0)):
         raise _fail(name, expected, value)
+    if math.isfinite(number) and abs(number) > _FLOAT32_MAX:  # thresholds live in float32 tensors
+        raise _fail(name, expected + f" (at most {_FLOAT32_MAX:.4g} in magnitude)", value)
     if minimum is not None and (number <= minimum if strict else number < minimum):
         raise _fail(name, expected, value)
     if maximum is not None and (number >= maximum if strict_max else number > maximum):

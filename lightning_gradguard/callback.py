@@ -58,6 +58,14 @@ else:
     _Base = type("_GradGuardBase", _callback_bases(), {"__module__": __name__})
 
 
+def _handlers(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"Expected `alert_handlers` to be a list of callables or None, but got {value!r}.")
+    return list(value)
+
+
 class GradGuard(_Base):
     """Measure, guard and clip the gradients of every optimizer step.
 
@@ -214,7 +222,7 @@ class GradGuard(_Base):
             vanish_patience=vanish_patience,
             min_loss_scale=min_loss_scale,
             alert_every=alert_every,
-            alert_handlers=list(alert_handlers or []),
+            alert_handlers=_handlers(alert_handlers),
         )
 
     # ------------------------------------------------------------ read-only
@@ -285,6 +293,11 @@ class GradGuard(_Base):
                 "Remove one of them."
             )
         self.core.watch(pl_module)
+        if not any(p.requires_grad for p in pl_module.parameters()):
+            rank_zero_warn(
+                "GradGuard: the model has no trainable parameters (none, or all frozen): there is nothing to "
+                "measure, clip or guard."
+            )
         self.core.alerts.sinks = []
         self.core.alerts.taps = []
         writer = dashboard.find_tensorboard_writer(trainer.loggers) if trainer.is_global_zero else None

@@ -474,7 +474,9 @@ class AGC(Clipper):
     def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3, exclude: Sequence[str] = ()) -> None:
         self.clip_factor = check_number("clip_factor", clip_factor, minimum=0.0)
         self.eps = check_number("eps", eps, minimum=0.0)
-        if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
+        if isinstance(exclude, (str, bytes)) or not isinstance(exclude, (list, tuple, set, frozenset)) or not all(
+            isinstance(e, str) for e in exclude
+        ):
             raise TypeError(f"Expected `exclude` to be a list of layer names or glob patterns, but got {exclude!r}.")
         self.exclude = tuple(exclude)
         self._mask_cache: dict[tuple[str, ...], list[bool]] = {}

@@ -833,6 +833,10 @@ class GuardCore:
         bad_layers = {layout.param_layer[owners[i]] for i in nonfinite_tensors(norms)}
         names = [layout.layer_names[i] for i in self.layers.ordered(layout, bad_layers)]
         origin = origin_of(names, loss_bad)
+        # The origin rests on the forward order recorded on the first pass. A layer that did not run
+        # then (a conditional branch) has no known place in it: say that the origin is uncertain.
+        unplaced = [layout.layer_names[i] for i in bad_layers if layout.layer_seen and not layout.layer_seen[i]]
+        certain = loss_bad or not unplaced
         policy = self.on_nonfinite
         action = {"skip": "skipped", "stop": "stopped", "raise": "raised", "warn": "warned"}[policy]
         if policy in ("skip", "stop"):
@@ -849,9 +853,12 @@ class GuardCore:
             layers=tuple(names),
             origin=origin,
             value=total,
-            message=describe_nonfinite(report.step, names, origin, total, action, optimizer_idx),
+            message=describe_nonfinite(report.step, names, origin, total, action, optimizer_idx)
+            + ("" if certain else f" (Origin uncertain: {', '.join(sorted(unplaced))} did not run in the recorded "
+               "forward pass, so their place in the order is unknown.)"),
             optimizer_idx=optimizer_idx,
             action=action,
+            extra={"origin_certain": certain},
         )
         key = origin or "unknown"
         self.origins[key] = self.origins.get(key, 0) + 1

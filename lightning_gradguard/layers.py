@@ -80,6 +80,7 @@ class OptimizerLayout:
     layer_names: list[str]
     forward_rank: list[int]
     param_names: list[str] = field(default_factory=list)
+    layer_seen: list[bool] = field(default_factory=list)  # ran in the recorded forward pass
     signature: tuple[tuple[int, int], ...] = ()
     plain: bool | None = None  # every gradient a dense, non-DTensor tensor (learned on the first step)
     single_group: bool | None = None  # every gradient on one device with one dtype (learned likewise)
@@ -253,7 +254,8 @@ class LayerMap:
         forward_rank = [0] * len(names)
         for r, name in enumerate(ranked):
             forward_rank[layer_index[name]] = r
-        return OptimizerLayout(params, param_layer, names, forward_rank, param_names)
+        seen_layers = [layer_module[n][0] in order for n in names]
+        return OptimizerLayout(params, param_layer, names, forward_rank, param_names, seen_layers)
 
     def ordered(self, layout: OptimizerLayout, layer_ids: Iterable[int]) -> list[int]:
         """``layer_ids`` sorted in forward order."""

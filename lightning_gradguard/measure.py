@@ -23,7 +23,9 @@ __all__ = ["combine_norms", "global_norms", "grad_norms", "group_by_device_and_d
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
+    if t.dtype.is_complex:  # the norm of complex entries is real; torch wants a complex accumulator
+        return t.dtype
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def grad_norms(grads: Sequence[Tensor], norm_type: float = 2.0, single_group: bool = False) -> Tensor:
@@ -51,12 +53,12 @@ def grad_norms(grads: Sequence[Tensor], norm_type: float = 2.0, single_group: bo
     if single_group:
         acc = _acc_dtype(grads[0])
         norms = torch._foreach_norm(list(grads), norm_type, dtype=acc)
-        return torch.stack(norms).float() if acc != torch.float64 else torch.stack(norms)
+        return torch.stack(norms).float() if acc not in (torch.float64, torch.complex128) else torch.stack(norms).double()
     groups = group_by_device_and_dtype(grads)
     if len(groups) == 1:
         acc = _acc_dtype(grads[0])
         norms = torch._foreach_norm(list(grads), norm_type, dtype=acc)
-        return torch.stack(norms).float() if acc != torch.float64 else torch.stack(norms)
+        return torch.stack(norms).float() if acc not in (torch.float64, torch.complex128) else torch.stack(norms).double()
     device = grads[0].device
     out = torch.empty(len(grads), dtype=torch.float32, device=device)
     for group, index in groups.values():
