@@ -28,6 +28,10 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _as_real(norms: Tensor, acc: torch.dtype) -> Tensor:
+    return norms.double() if acc in (torch.float64, torch.complex128) else norms.float()
+
+
 def grad_norms(grads: Sequence[Tensor], norm_type: float = 2.0, single_group: bool = False) -> Tensor:
     """Return a 1-D tensor with the ``norm_type`` norm of every tensor in ``grads``.
 
@@ -53,12 +57,12 @@ def grad_norms(grads: Sequence[Tensor], norm_type: float = 2.0, single_group: bo
     if single_group:
         acc = _acc_dtype(grads[0])
         norms = torch._foreach_norm(list(grads), norm_type, dtype=acc)
-        return torch.stack(norms).float() if acc not in (torch.float64, torch.complex128) else torch.stack(norms).double()
+        return _as_real(torch.stack(norms), acc)
     groups = group_by_device_and_dtype(grads)
     if len(groups) == 1:
         acc = _acc_dtype(grads[0])
         norms = torch._foreach_norm(list(grads), norm_type, dtype=acc)
-        return torch.stack(norms).float() if acc not in (torch.float64, torch.complex128) else torch.stack(norms).double()
+        return _as_real(torch.stack(norms), acc)
     device = grads[0].device
     out = torch.empty(len(grads), dtype=torch.float32, device=device)
     for group, index in groups.values():
