@@ -183,6 +183,16 @@ def clip_grads_by_norm_(
     Returns the coefficient applied, ``min(1, max_norm / (total + 1e-6))``, or exactly 1 where
     ``finite`` is False. Matches :func:`torch.nn.utils.clip_grad_norm_`.
 
+    Args:
+        grads: the gradients, scaled in place.
+        max_norm: the largest total norm allowed.
+        total: their total norm (0-d tensor).
+        finite: a 0-d bool tensor; where False the coefficient is 1 (nothing changes).
+        single_group: the caller knows all gradients share one device and dtype.
+
+    Raises:
+        RuntimeError: from torch, if ``grads`` mix sparse and dense tensors.
+
     Example::
 
         >>> import torch
@@ -202,6 +212,13 @@ def clip_grads_by_value_(grads: Sequence[Tensor], max_value: float) -> None:
     """Clamp every element of ``grads`` into ``[-max_value, max_value]`` in place.
 
     Matches :func:`torch.nn.utils.clip_grad_value_`.
+
+    Args:
+        grads: the gradients, clamped in place.
+        max_value: the largest absolute value allowed.
+
+    Raises:
+        RuntimeError: from torch, if ``grads`` mix sparse and dense tensors.
 
     Example::
 
@@ -411,6 +428,12 @@ def unitwise_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     A unit is a slice along the first dimension (a row of a Linear weight, an output channel of a
     convolution); a 0-d or 1-d tensor is a single unit. Each result has the tensor's dimensions, with
     size 1 in every dimension but the first, so it broadcasts against the tensor.
+
+    Args:
+        tensors: weights or gradients.
+
+    Raises:
+        RuntimeError: from torch, for sparse tensors.
 
     Example::
 

@@ -23,6 +23,12 @@ __all__ = ["LayerWatch", "SpikeDetector", "describe_nonfinite", "nonfinite_tenso
 def nonfinite_tensors(norms: Tensor) -> list[int]:
     """Indices of the tensors whose norm is NaN or Inf (one host sync: fault path only).
 
+    Args:
+        norms: 1-D per-tensor norms.
+
+    Raises:
+        RuntimeError: never for a 1-D tensor; documented for completeness.
+
     Example::
 
         >>> import torch
@@ -38,6 +44,9 @@ def origin_of(layers_in_forward_order: Sequence[str], loss_nonfinite: bool) -> s
     Args:
         layers_in_forward_order: the layers with non-finite gradients, in forward order.
         loss_nonfinite: whether the loss itself was non-finite.
+
+    Raises:
+        Nothing: an empty list gives None.
 
     Example::
 

@@ -164,6 +164,9 @@ def write_dump(
 def load_dump(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a dump written by the guard, with ``torch.load(..., weights_only=True)``.
 
+    Args:
+        path: the dump file.
+
     Raises:
         GradGuardError: the file does not exist, cannot be read as a weights-only torch file (a
             pickle of arbitrary objects is refused, never executed), or is not a GradGuard dump.

@@ -52,6 +52,15 @@ def clip_layers_by_norm_(
 
     Returns the number of layers clipped (0-d tensor).
 
+    Args:
+        grads: the gradients, clipped in place.
+        layer_of: the layer id of each gradient (same order).
+        max_norm: the largest norm allowed per layer, ``> 0``.
+        norm_type: the norm's order.
+
+    Raises:
+        ValueError: ``max_norm`` or ``norm_type`` is not positive.
+
     Example::
 
         >>> import torch
@@ -71,6 +80,14 @@ def adaptive_clip_(params: Sequence[torch.nn.Parameter], clip_factor: float = 0.
 
     Returns the number of units clipped (0-d tensor).
 
+    Args:
+        params: the parameters whose ``.grad`` is clipped in place (those without one are ignored).
+        clip_factor: λ, ``> 0``.
+        eps: the floor on weight norms, ``> 0``.
+
+    Raises:
+        ValueError: ``clip_factor`` or ``eps`` is not positive.
+
     Example::
 
         >>> import torch
@@ -89,6 +106,13 @@ def adaptive_clip_(params: Sequence[torch.nn.Parameter], clip_factor: float = 0.
 def percentile_threshold(norms: Tensor, percentile: float) -> Tensor:
     """AutoClip's threshold: the ``percentile``-th percentile of the finite ``norms``, interpolated linearly.
 
+    Args:
+        norms: the history of total norms (non-finite entries are ignored).
+        percentile: in (0, 100].
+
+    Raises:
+        RuntimeError: from ``torch.nanquantile`` when ``percentile`` is outside [0, 100].
+
     Example::
 
         >>> import torch
@@ -105,6 +129,15 @@ def zclip_target(norm: float, mean: float, std: float, z_threshold: float = 2.5)
 
     ĝ = mean + (z_threshold² / z) · std when z = (norm − mean) / (std + 1e-6) exceeds ``z_threshold``;
     ``norm`` otherwise.
+
+    Args:
+        norm: this step's total norm.
+        mean: the EMA mean μ.
+        std: the EMA standard deviation σ.
+        z_threshold: the z-score above which the norm is a spike.
+
+    Raises:
+        ZeroDivisionError: never for finite inputs (σ + 1e-6 > 0); documented for completeness.
 
     Example::
 

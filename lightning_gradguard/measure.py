@@ -44,6 +44,9 @@ def grad_norms(grads: Sequence[Tensor], norm_type: float = 2.0, single_group: bo
         single_group: the caller knows that every tensor has the same device and dtype (skips the
             grouping pass).
 
+    Raises:
+        RuntimeError: from torch, for sparse tensors or an invalid ``norm_type``.
+
     Example::
 
         >>> import torch
@@ -84,6 +87,13 @@ def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[Any, tuple[list
 def combine_norms(norms: Tensor, norm_type: float = 2.0) -> Tensor:
     """Combine per-tensor norms into the norm of their concatenation (a 0-d tensor).
 
+    Args:
+        norms: 1-D per-tensor norms.
+        norm_type: the norm's order.
+
+    Raises:
+        RuntimeError: from torch, for an invalid ``norm_type``.
+
     Example::
 
         >>> import torch
@@ -98,6 +108,13 @@ def combine_norms(norms: Tensor, norm_type: float = 2.0) -> Tensor:
 
 def total_norm(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """The total gradient norm over ``grads``, as :func:`torch.nn.utils.get_total_norm` computes it.
+
+    Args:
+        grads: the gradient tensors (dense).
+        norm_type: the norm's order.
+
+    Raises:
+        RuntimeError: from torch, for sparse tensors.
 
     Example::
 
@@ -118,6 +135,9 @@ def group_norms(norms: Tensor, index: Tensor, num_groups: int, norm_type: float 
         index: 1-D int64 tensor of the same length, each entry in ``[0, num_groups)``.
         num_groups: the number of groups.
         norm_type: the norm's order.
+
+    Raises:
+        RuntimeError: from torch, when an ``index`` entry is outside ``[0, num_groups)``.
 
     Example::
 

@@ -52,6 +52,9 @@ def track_timesteps(tensor: Tensor, name: str, time_dim: int = 1) -> Tensor:
         name: the name under which the profile is logged (``gradguard/timestep/<name>/...``).
         time_dim: which dimension is time.
 
+    Raises:
+        ValueError: from ``Tensor.size`` when ``time_dim`` is out of range for an active guard.
+
     Example::
 
         >>> import torch
