@@ -1,8 +1,9 @@
 """Adaptive clippers, whose threshold comes from the run itself: :class:`AutoClip` and :class:`ZClip`.
 
-Both keep their statistics on the gradients' device and update them with tensor arithmetic
-(``torch.where`` on the step's finiteness), so that a step costs no host sync, and a non-finite step
-(skipped by the guard) never enters the statistics. Both implement ``state_dict`` /
+AutoClip keeps its window on the gradients' device and updates it with tensor arithmetic
+(``torch.where`` on the step's finiteness); ZClip keeps μ and σ² as host floats fed from the guard's
+one sync per step. Neither adds a host sync, and a non-finite step (skipped by the guard) never
+enters the statistics. Both implement ``state_dict`` /
 ``load_state_dict``; the guard saves them in Lightning checkpoints, so that a resumed run takes the
 same clipping decisions as an uninterrupted one.
 """
@@ -134,15 +135,20 @@ class ZClip(Clipper):
     * **The statistics** then follow ĝ: μ ← αμ + (1−α)ĝ, then σ² ← ασ² + (1−α)(ĝ − μ)², with the
       updated μ.
     * ``max_norm`` caps the applied norm at min(ĝ, max_norm); the statistics still take ĝ.
-    * The coefficient is ``min(1, applied / (g + 1e-6))``, applied only when g exceeds it.
+    * The coefficient is ``applied / (g + 1e-6)``, applied only when g exceeds ``applied``.
 
     One difference, on purpose: non-finite norms never count toward the warm-up and never enter
     the statistics (the reference code's statistics stay NaN forever after one NaN step).
 
     ``gradguard/clip_threshold`` logs the norm above which a step would be clipped: after warm-up
-    min(μ + z_threshold·σ, max_norm), during warm-up ``max_norm`` (or inf).
+    min(μ + z_threshold·(σ + 1e-6), max_norm), during warm-up ``max_norm`` (or inf).
 
-    Cost: a handful of 0-d device ops; no host sync.
+    Cost: μ, σ² and the warm-up buffer are host floats, updated from the total norm that the guard
+    reads in its one host sync per step (:meth:`observe`); the clip itself is a few 0-d device ops on
+    the current norm against those floats, so there is no extra sync. Under
+    ``on_nonfinite="warn"`` (where the guard otherwise skips the sync on non-logging steps) ZClip
+    keeps the one sync per step, so that every step is judged against up-to-date statistics. Used
+    on its own (``clip_`` without a guard), it reads the norm itself: one sync per call.
 
     Args:
         alpha: the EMA's smoothing factor, in (0, 1).
@@ -163,6 +169,8 @@ class ZClip(Clipper):
         (True, 0.1014)
     """
 
+    needs_host_stats = True
+
     def __init__(
         self,
         alpha: float = 0.97,
@@ -174,87 +182,76 @@ class ZClip(Clipper):
         self.z_threshold = check_number("z_threshold", z_threshold, minimum=0.0)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
         self.max_norm = check_number("max_norm", max_norm, minimum=0.0, allow_none=True)
-        self._buffer: Tensor | None = None  # warm-up norms
-        self._n: Tensor | None = None  # finite norms seen (int64)
-        self._mean: Tensor | None = None
-        self._var: Tensor | None = None
-
-    def _ensure(self, like: Tensor) -> None:
-        assert self.warmup_steps is not None
-        dev = like.device
-        if self._buffer is None or self._n is None or self._mean is None or self._var is None:
-            self._buffer = torch.zeros(self.warmup_steps, dtype=torch.float64, device=dev)
-            self._n = torch.zeros((), dtype=torch.int64, device=dev)
-            self._mean = torch.zeros((), dtype=torch.float64, device=dev)
-            self._var = torch.zeros((), dtype=torch.float64, device=dev)
-        elif self._buffer.device != dev:
-            self._buffer, self._n = self._buffer.to(dev), self._n.to(dev)
-            self._mean, self._var = self._mean.to(dev), self._var.to(dev)
+        self._buffer: list[float] = []
+        self._mean: float | None = None  # None until the warm-up ends
+        self._var: float | None = None
 
     @property
     def initialized(self) -> bool:
-        """Whether the warm-up is over (one host read)."""
-        return self._n is not None and self.warmup_steps is not None and int(self._n) >= self.warmup_steps
+        """Whether the warm-up is over."""
+        return self._mean is not None
 
     @property
     def mean(self) -> float:
-        """μ, the EMA of the (clipped) total norm (one host read; NaN before the warm-up ends)."""
-        return float(self._mean) if self.initialized and self._mean is not None else math.nan
+        """μ, the EMA of the (clipped) total norm (NaN before the warm-up ends)."""
+        return self._mean if self._mean is not None else math.nan
 
     @property
     def var(self) -> float:
-        """σ², the EMA of the variance (one host read; NaN before the warm-up ends)."""
-        return float(self._var) if self.initialized and self._var is not None else math.nan
+        """σ², the EMA of the variance (NaN before the warm-up ends)."""
+        return self._var if self._var is not None else math.nan
+
+    def _target(self, g: float) -> float:
+        """ĝ for a finite norm g after the warm-up (the reciprocal rule)."""
+        assert self._mean is not None and self._var is not None and self.z_threshold is not None
+        std = math.sqrt(max(self._var, 0.0))
+        z = (g - self._mean) / (std + _EPS)
+        return self._mean + (self.z_threshold**2 / z) * std if z > self.z_threshold else g
+
+    def observe(self, total: float, finite: bool) -> None:
+        """Feed this step's pre-clip total norm to the statistics (the guard calls it after its sync)."""
+        assert self.alpha is not None and self.warmup_steps is not None
+        if not (finite and math.isfinite(total)):
+            return
+        if self._mean is None or self._var is None:
+            self._buffer.append(total)
+            if len(self._buffer) >= self.warmup_steps:
+                n = len(self._buffer)
+                self._mean = sum(self._buffer) / n
+                self._var = sum((x - self._mean) ** 2 for x in self._buffer) / n
+                self._buffer = []
+            return
+        g_hat = self._target(total)
+        self._mean = self.alpha * self._mean + (1 - self.alpha) * g_hat
+        self._var = self.alpha * self._var + (1 - self.alpha) * (g_hat - self._mean) ** 2
 
     def clip_(self, ctx: ClipContext) -> ClipOutcome:
-        assert self.alpha is not None and self.z_threshold is not None and self.warmup_steps is not None
-        self._ensure(ctx.total)
-        assert self._buffer is not None and self._n is not None and self._mean is not None and self._var is not None
-        w = self.warmup_steps
+        assert self.z_threshold is not None
         g = ctx.total.to(torch.float64)
-        finite = ctx.finite
-        n = self._n
-        mean0 = self._mean
-        warm = n < w  # still warming up before this step
-        # ---- warm-up: collect, and initialise the statistics on the step that completes it
-        slot = n.clamp(max=w - 1).reshape(1)
-        collect = finite & warm
-        kept = self._buffer.index_select(0, slot).squeeze(0)
-        self._buffer.index_copy_(0, slot, torch.where(collect, g, kept).reshape(1))
-        completes = collect & (n + 1 == w)
-        init_mean = self._buffer.mean()
-        init_var = (self._buffer - init_mean).pow(2).mean()
-        # ---- after warm-up: z-score, reciprocal clip, EMA update with the clipped norm
-        std = self._var.clamp(min=0).sqrt()
-        z = (g - self._mean) / (std + _EPS)
-        spike = finite & ~warm & (z > self.z_threshold)
-        zsafe = torch.where(spike, z, torch.ones_like(z))
-        g_hat = torch.where(spike, self._mean + (self.z_threshold**2 / zsafe) * std, g)
-        new_mean = self.alpha * self._mean + (1 - self.alpha) * g_hat
-        new_var = self.alpha * self._var + (1 - self.alpha) * (g_hat - new_mean) ** 2
-        update = finite & ~warm
-        self._mean = torch.where(completes, init_mean, torch.where(update, new_mean, self._mean))
-        self._var = torch.where(completes, init_var, torch.where(update, new_var, self._var))
-        self._n = n + finite.to(torch.int64)
-        # ---- the norm applied: ĝ after warm-up (capped by max_norm), max_norm (or none) during it
-        inf = torch.full_like(g, math.inf)
-        cap = torch.full_like(g, self.max_norm) if self.max_norm is not None else inf
-        applied = torch.where(warm, cap, torch.minimum(g_hat, cap))
-        during = torch.clamp(cap / (g + _EPS), max=1.0)  # clip_grad_norm_(max_norm); 1 without one
-        after = torch.where(g > applied, applied / (g + _EPS), torch.ones_like(g))
-        coef = torch.where(warm, during, after)
-        coef = torch.where(finite, coef, torch.ones_like(coef)).to(ctx.total.dtype)
+        cap = self.max_norm if self.max_norm is not None else math.inf
+        if self._mean is None or self._var is None:  # warm-up: clip_grad_norm_(max_norm) if given
+            coef = torch.clamp(cap / (g + _EPS), max=1.0) if self.max_norm is not None else torch.ones_like(g)
+            boundary = cap
+        else:
+            mean, std = self._mean, math.sqrt(max(self._var, 0.0))
+            boundary = min(mean + self.z_threshold * (std + _EPS), cap)  # z > z_threshold <=> g > this
+            z = (g - mean) / (std + _EPS)
+            spike = z > self.z_threshold
+            g_hat = torch.where(spike, mean + (self.z_threshold**2 / torch.where(spike, z, 1.0)) * std, g)
+            applied = torch.clamp(g_hat, max=cap)
+            coef = torch.where(g > applied, applied / (g + _EPS), 1.0)
+        coef = torch.where(ctx.finite, coef, 1.0).to(ctx.total.dtype)
         scale_grads_(ctx.grads, coef, ctx.single_group)
-        boundary = torch.minimum(torch.where(warm, inf, mean0 + self.z_threshold * std), cap)
+        if not ctx.host_observed:  # used on its own: read the norm now (one sync)
+            self.observe(float(ctx.total), bool(ctx.finite))
         clipped = ctx.total * coef if ctx.want_norm else None
-        return ClipOutcome(coef, clipped, boundary.to(ctx.total.dtype), clipped=coef < 1)
+        return ClipOutcome(coef, clipped, torch.full_like(ctx.total, boundary), clipped=coef < 1)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "buffer": _state_tensor(self._buffer),
-            "n": _state_tensor(self._n),
-            "mean": _state_tensor(self._mean),
-            "var": _state_tensor(self._var),
+            "buffer": list(self._buffer),
+            "mean": self._mean,
+            "var": self._var,
             "warmup_steps": self.warmup_steps,
         }
 
@@ -264,8 +261,10 @@ class ZClip(Clipper):
                 f"Expected a checkpointed ZClip with `warmup_steps`={self.warmup_steps}, "
                 f"but got {state.get('warmup_steps')}."
             )
-        self._buffer, self._n = state.get("buffer"), state.get("n")
-        self._mean, self._var = state.get("mean"), state.get("var")
+        self._buffer = [float(v) for v in state.get("buffer", [])]
+        mean, var = state.get("mean"), state.get("var")
+        self._mean = None if mean is None else float(mean)
+        self._var = None if var is None else float(var)
 
     def __repr__(self) -> str:
         return (

@@ -88,6 +88,9 @@ class ClipContext:
         param_names: each gradient's parameter name (``layer.weight``), same order.
         inv_scale: 1/loss-scale when ``grads`` are still scaled, else None.
         single_group: every gradient has the same device and dtype (lets kernels skip grouping).
+        host_observed: the guard will call the clipper's ``observe(total, finite)`` with this step's
+            host values after its sync (clippers with ``needs_host_stats``); False when a clipper is
+            used on its own.
         sharded: the gradients are shards (FSDP, DTensor); unit-wise rules that need whole tensors
             refuse them.
 
@@ -112,6 +115,7 @@ class ClipContext:
     inv_scale: Tensor | None = None
     sharded: bool = False
     single_group: bool = False
+    host_observed: bool = False
     _index: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -256,6 +260,10 @@ class Clipper:
     """
 
     deferred: bool = False
+    needs_host_stats: bool = False  # True: the guard calls observe() after its sync, every step
+
+    def observe(self, total: float, finite: bool) -> None:
+        """This step's pre-clip total norm on the host, after the guard's sync (``needs_host_stats``)."""
 
     def clip_(self, ctx: ClipContext) -> ClipOutcome:
         """Clip ``ctx.grads`` in place, without a host sync, and say what was done.

@@ -423,6 +423,7 @@ class GuardCore:
                 inv_scale=inv_scale,
                 sharded=sharded,
                 single_group=single,
+                host_observed=self.clip.needs_host_stats,
                 _index={"layer": layout.index(owners, norms.device)[0]},
             )
         clipped_bit = zero
@@ -463,7 +464,8 @@ class GuardCore:
             elif self.timesteps.armed:
                 self.timesteps.disarm()
         head = torch.cat([flags.float(), watch.to(flags.device)])
-        if self.on_nonfinite == "warn" and not is_log and not (self.clip is not None and self.clip.deferred):
+        needs_host = self.clip is not None and (self.clip.deferred or self.clip.needs_host_stats)
+        if self.on_nonfinite == "warn" and not is_log and not needs_host:
             # Nothing on the host depends on this step's flags (no skip): read them later, with the
             # next logging step's sync (or flush()), so that a non-logging step never blocks.
             self._pending.append((step, head, norms, owners, layout, optimizer_idx))
@@ -544,6 +546,8 @@ class GuardCore:
         step = report.step
         finite = False
         self._clipped_host += int(clipped > 0)
+        if self.clip is not None and self.clip.needs_host_stats:
+            self.clip.observe(total, not (grad_bad or loss_bad or amp_bad))
         if amp_bad:
             report.amp_overflow = True
             self.amp_overflow_steps += 1

@@ -73,7 +73,7 @@ def test_lightning_namespace_checkpoint_and_resume(tmp_path: Path) -> None:
     resumed = UnifiedGuard(clip=ZClip(warmup_steps=2))
     unified_trainer([resumed], steps=6).fit(UnifiedNet(), ckpt_path=tmp_path / "u.ckpt")
     assert resumed.skipped_steps == 1 and resumed.core.steps == 6
-    assert resumed.core.clip is not None and resumed.core.clip.state_dict()["n"] is not None
+    assert resumed.core.clip is not None and resumed.core.clip.state_dict()["mean"] is not None
 
 
 def test_lightning_cli_with_the_shipped_yaml(tmp_path: Path) -> None:
