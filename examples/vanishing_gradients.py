@@ -29,7 +29,7 @@ sequences). Given
 thousands of steps, Adam's per-parameter rescaling sometimes rescues a vanilla RNN on this task; the
 point is the gap the per-timestep profile explains, not an impossibility.
 
-Run ``make demo`` (or ``python examples/vanishing_gradients.py``); it takes under a minute on two
+Run ``make demo`` (or ``python examples/vanishing_gradients.py``); it takes about 10 seconds on two
 CPU cores and writes TensorBoard logs under ``runs/``.
 """
 
