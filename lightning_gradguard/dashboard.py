@@ -242,7 +242,8 @@ def render_flow(
     for i, v in enumerate(norms):
         if not np.isfinite(v):
             ax.axvspan(i - 0.4, i + 0.4, color="#d62728", alpha=0.4)
-    ax.set_yscale("log")
+    if np.any(np.isfinite(values)) or vanish or explode:  # a log axis needs something positive to show
+        ax.set_yscale("log")
     if vanish:
         ax.axhline(vanish, color="#8172b2", linestyle="--", linewidth=1, label=f"vanishing < {vanish:g}")
     if explode:
