@@ -242,12 +242,12 @@ def render_flow(
     for i, v in enumerate(norms):
         if not np.isfinite(v):
             ax.axvspan(i - 0.4, i + 0.4, color="#d62728", alpha=0.4)
-    if np.any(np.isfinite(values)) or vanish or explode:  # a log axis needs something positive to show
-        ax.set_yscale("log")
     if vanish:
         ax.axhline(vanish, color="#8172b2", linestyle="--", linewidth=1, label=f"vanishing < {vanish:g}")
     if explode:
         ax.axhline(explode, color="#c44e52", linestyle="--", linewidth=1, label=f"exploding > {explode:g}")
+    if np.any(np.isfinite(values)):  # a log axis needs a positive bar (a step with all NaN stays linear)
+        ax.set_yscale("log")
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("‖∂L/∂W‖ (log)")
