@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from lightning_gradguard.events import GradEvent
 
-__all__ = ["AlertRouter", "GradGuardWarning", "emit", "is_rank_zero", "log"]
+__all__ = ["AlertRouter", "GradGuardWarning", "is_rank_zero", "log"]
 
 log = logging.getLogger("lightning_gradguard")
 log.addHandler(logging.NullHandler())
@@ -53,27 +53,6 @@ class GradGuardWarning(UserWarning):
 def is_rank_zero() -> bool:
     """True outside ``torch.distributed`` and on global rank 0 inside it."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def emit(event: GradEvent) -> None:
-    """Emit ``event`` once, on rank zero: a warning for alarms, an INFO record for routine events.
-
-    Example::
-
-        >>> import warnings
-        >>> with warnings.catch_warnings(record=True) as caught:
-        ...     warnings.simplefilter("always")
-        ...     emit(GradEvent("nonfinite", step=3, message="NaN gradient at step 3"))
-        >>> [str(w.message) for w in caught]
-        ['NaN gradient at step 3']
-    """
-    if not is_rank_zero():
-        return
-    if event.kind in _ROUTINE:
-        log.info(event.message)
-        return
-    log.debug(event.message)
-    warnings.warn(event.message, GradGuardWarning, stacklevel=2)
 
 
 Handler = Callable[[GradEvent], Any]
