@@ -59,7 +59,7 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {k: [] for k in configs}
     for _ in range(3):
-        for name, g in configs.items():
+        for g in configs.values():
             step(g)
     for _ in range(15):
         for name, g in configs.items():
