@@ -13,20 +13,10 @@ import time
 import warnings
 
 import torch
+from timestep_overhead import LM  # the same 2-layer LSTM language model (this folder)
 from torch import nn
 
 from lightning_gradguard import GuardCore, NormClip
-
-
-class LM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(1000, 128)
-        self.rnn = nn.LSTM(128, 256, num_layers=2, batch_first=True)
-        self.out = nn.Linear(256, 1000)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.rnn(self.embed(x))[0])
 
 
 def main() -> None:
