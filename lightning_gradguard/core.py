@@ -384,9 +384,9 @@ class GuardCore:
             layout.single_group = len(group_by_device_and_dtype(grads)) == 1
         single = bool(layout.single_group)
         norms = grad_norms(grads, self.norm_type, single)
-        sharded = any(shard_flags)
+        sharded = self.sharded if shard_flags is None else any(shard_flags)
         if sharded:
-            mask = None if all(shard_flags) else torch.tensor(shard_flags, device=norms.device)
+            mask = None if shard_flags is None or all(shard_flags) else torch.tensor(shard_flags, device=norms.device)
             norms = global_norms(norms, self.norm_type, mask, self.process_group)
         if inv_scale is not None:
             norms = norms * inv_scale
@@ -697,23 +697,21 @@ class GuardCore:
                 )
             )
 
-    def _collect(self, layout: Any) -> tuple[list[Tensor], list[int], list[bool]]:
+    def _collect(self, layout: Any) -> tuple[list[Tensor], list[int], list[bool] | None]:
         """The dense local gradients of the layout's parameters, their indices and shard flags.
 
         Fast path (the usual case, learned on the first step): every gradient is a plain dense
-        tensor; one list comprehension, as in ``clip_grad_norm_``. Otherwise each gradient is looked
-        at: ``DTensor`` gradients are measured through their local shard, sparse ones are skipped with
-        a one-time warning.
+        tensor; one list comprehension, as in ``clip_grad_norm_``, and the shard flags are None
+        (all equal to ``self.sharded``). Otherwise each gradient is looked at: ``DTensor`` gradients
+        are measured through their local shard, sparse ones are skipped with a one-time warning.
         """
         params = layout.params
         if layout.plain:
             raw = [p.grad for p in params]
             grads = [g for g in raw if g is not None]
-            owners = list(range(len(params))) if len(grads) == len(params) else [
-                i for i, g in enumerate(raw) if g is not None
-            ]
-            if all(not g.is_sparse for g in grads[:1]):
-                return grads, owners, [self.sharded] * len(grads)
+            if len(grads) == len(params):
+                return grads, layout.all_owners, None
+            return grads, [i for i, g in enumerate(raw) if g is not None], None
         grads, owners, flags = [], [], []
         special = False
         for i, p in enumerate(params):

@@ -81,6 +81,7 @@ class OptimizerLayout:
     forward_rank: list[int]
     param_names: list[str] = field(default_factory=list)
     layer_seen: list[bool] = field(default_factory=list)  # ran in the recorded forward pass
+    all_owners: list[int] = field(default_factory=list)  # range(len(params)), built once
     signature: tuple[tuple[int, int], ...] = ()
     plain: bool | None = None  # every gradient a dense, non-DTensor tensor (learned on the first step)
     single_group: bool | None = None  # every gradient on one device with one dtype (learned likewise)
@@ -255,7 +256,9 @@ class LayerMap:
         for r, name in enumerate(ranked):
             forward_rank[layer_index[name]] = r
         seen_layers = [layer_module[n][0] in order for n in names]
-        return OptimizerLayout(params, param_layer, names, forward_rank, param_names, seen_layers)
+        return OptimizerLayout(
+            params, param_layer, names, forward_rank, param_names, seen_layers, list(range(len(params)))
+        )
 
     def ordered(self, layout: OptimizerLayout, layer_ids: Iterable[int]) -> list[int]:
         """``layer_ids`` sorted in forward order."""
