@@ -45,6 +45,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities import grad_norm
+from timestep_overhead import LM  # model (a): the 2-layer LSTM language model (this folder)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -52,17 +53,6 @@ from lightning_gradguard import GradGuard, GuardCore, NormClip, ZClip
 
 
 # ------------------------------------------------------------------- models
-class LSTMLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(1000, 128)
-        self.rnn = nn.LSTM(128, 256, num_layers=2, batch_first=True)
-        self.out = nn.Linear(256, 1000)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.rnn(self.embed(x))[0])  # type: ignore[no-any-return]
-
-
 class Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -86,7 +76,7 @@ class DeepMLP(nn.Module):
         return x
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"a: LSTM LM": LSTMLM, "b: Transformer": Encoder, "c: MLP x200": DeepMLP}
+MODELS: dict[str, Callable[[], nn.Module]] = {"a: LSTM LM": LM, "b: Transformer": Encoder, "c: MLP x200": DeepMLP}
 
 
 class Batches(Dataset[tuple[Tensor, Tensor]]):

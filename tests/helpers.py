@@ -29,6 +29,23 @@ def poison(x: Tensor, value: float) -> Tensor:
     return Poison.apply(x, value)  # type: ignore[no-any-return]
 
 
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by ``factor`` (a vanishing path)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    return ScaleGrad.apply(x, factor)  # type: ignore[no-any-return]
+
+
 class MemoryLogger(Logger):
     """Records every ``log_metrics`` call."""
 

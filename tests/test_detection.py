@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradEvent, GradGuard, GradGuardError, GradGuardWarning, GuardCore, load_dump
 from lightning_gradguard.dump import restore_rng
-from tests.helpers import FaultNet, trainer
+from tests.helpers import FaultNet, scale_grad, trainer
 
 
 def core_with_norm(**kwargs: Any) -> tuple[GuardCore, nn.Parameter, torch.optim.Optimizer]:
@@ -86,17 +86,6 @@ def test_spike_names_the_layer_that_grew() -> None:
 
 
 # --------------------------------------------------- vanishing, dead, unused
-class Scale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, factor: float) -> Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.factor, None
-
-
 class Wired(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -107,7 +96,7 @@ class Wired(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.early(x)
-        h = Scale.apply(h, 1e-12)  # everything before this point gets a 1e-12 gradient
+        h = scale_grad(h, 1e-12)  # everything before this point gets a 1e-12 gradient
         h = h + 0.0 * self.zeroed(x)  # exactly-zero gradient for `zeroed`
         return self.late(torch.tanh(h))  # type: ignore[no-any-return]
 
