@@ -106,6 +106,13 @@ def test_report_text_healthy_and_fail_on(logs: tuple[Path, GradGuard, GradGuard]
     assert (tmp_path / "h.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert out.count("== ") == 2
+    # --fail-on: a finite run whose alerts hold `exploding` passes unless --fail-on names it
+    run(tmp_path / "flag", "flagged", nan_step=None, explode_threshold=1e-9)
+    flagged = str(tmp_path / "flag" / "flagged")
+    assert report_main(["report", flagged]) == 0
+    assert report_main(["report", flagged, "--fail-on", "spike"]) == 0
+    assert report_main(["report", flagged, "--fail-on", "exploding", "spike"]) == 1
+    capsys.readouterr()
 
 
 def test_report_usage_errors(tmp_path: Path, capsys: Any) -> None:
