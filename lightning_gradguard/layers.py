@@ -106,6 +106,19 @@ class OptimizerLayout:
             self._index_cache[key] = cached
         return cached
 
+    def unused(self, layer_ids: Sequence[int]) -> list[str]:
+        """The layers, other than ``layer_ids``, whose parameters require grad (sorted names)."""
+        with_grad = set(layer_ids)
+        if len(with_grad) >= len(self.layer_names):
+            return []
+        return sorted(
+            {
+                self.layer_names[self.param_layer[i]]
+                for i, p in enumerate(self.params)
+                if p.requires_grad and self.param_layer[i] not in with_grad
+            }
+        )
+
     def subset(self, owners: Sequence[int]) -> tuple[list[Tensor], list[int], list[str]]:
         """(params, layer ids, parameter names) of the parameters at ``owners`` (cached per subset)."""
         if len(owners) == len(self.params):

@@ -1,5 +1,10 @@
 """Measuring gradients: per-tensor, total and per-layer norms, without host syncs.
 
+This is the first stage of a step (:func:`measure_step`): it collects the optimizer's gradients,
+takes their norms, makes them global across shards and unscales them under fp16 AMP, all on the
+device. Everything after it (clipping, the decision, the detectors) works from its
+:class:`Measurement`.
+
 The hot path mirrors what :func:`torch.nn.utils.clip_grad_norm_` does inside: one
 ``torch._foreach_norm`` call per (device, dtype) group gives every tensor's norm, and the total and
 per-layer norms are reductions of that vector on the device. Nothing here calls ``.item()``.
@@ -12,14 +17,33 @@ exactly as it would for ``clip_grad_norm_``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["combine_norms", "global_norms", "grad_norms", "group_by_device_and_dtype", "group_norms", "total_norm"]
+if TYPE_CHECKING:
+    from lightning_gradguard.layers import OptimizerLayout
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    _DTensor = None  # type: ignore[assignment,misc]
+
+__all__ = [
+    "Measurement",
+    "combine_norms",
+    "global_norms",
+    "grad_norms",
+    "group_by_device_and_dtype",
+    "group_norms",
+    "layer_norms",
+    "measure_step",
+    "total_norm",
+]
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -181,3 +205,170 @@ def global_norms(norms: Tensor, norm_type: float = 2.0, sharded: Tensor | None =
     vals = torch.where(mask, norms.double().pow(norm_type), torch.zeros_like(norms, dtype=torch.float64))
     dist.all_reduce(vals, op=dist.ReduceOp.SUM, group=group)
     return torch.where(mask, vals.pow(1.0 / norm_type).to(norms.dtype), norms)
+
+
+@dataclass
+class Measurement:
+    """What :func:`measure_step` found on the device for one optimizer step (no host value in it).
+
+    Attributes:
+        grads: the dense local gradients measured (a ``DTensor``'s local shard).
+        owners: the index in ``layout.params`` of each gradient's parameter.
+        norms: the per-tensor norms, global across shards and unscaled.
+        total: their total norm (0-d).
+        finite: ``isfinite(total)`` (0-d bool).
+        inv_scale: 1/loss-scale while the gradients are still scaled (a fused optimizer under
+            fp16), else None.
+        amp_found: the GradScaler's own overflow flag (0-d), or None without a scaler.
+        loss_scale: the GradScaler's current scale (0-d), or None.
+        sharded: the gradients are shards (norms were all-reduced).
+        single_group: every gradient shares one device and dtype.
+        zero: a 0-d zero on the gradients' device (made there: a CPU constant would cost a copy).
+    """
+
+    grads: list[Tensor]
+    owners: list[int]
+    norms: Tensor
+    total: Tensor
+    finite: Tensor
+    inv_scale: Tensor | None
+    amp_found: Tensor | None
+    loss_scale: Tensor | None
+    sharded: bool
+    single_group: bool
+    zero: Tensor
+
+
+def measure_step(
+    layout: OptimizerLayout,
+    norm_type: float,
+    *,
+    sharded: bool = False,
+    process_group: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    warn: Callable[[str, str], None] | None = None,
+) -> Measurement | None:
+    """Measure the gradients of ``layout``'s parameters on the device; None when there are none.
+
+    Args:
+        layout: the optimizer's parameters and layers (:class:`~lightning_gradguard.layers.LayerMap`).
+        norm_type: the order of every norm.
+        sharded: every gradient is a shard of a larger tensor (FSDP's flat views); ``DTensor``
+            gradients are recognised without it.
+        process_group: the ranks holding the shards (default: the world).
+        optimizer: the optimizer, to find its GradScaler state.
+        scaler: the fp16 GradScaler, if any.
+        warn: called as ``warn(key, message)`` for one-time warnings (sparse gradients).
+    """
+    grads, owners, shard_flags = _collect(layout, sharded, warn)
+    if not grads:
+        return None
+    device = grads[0].device
+    inv_scale, amp_found = _amp_state(optimizer, scaler, device)
+    if layout.single_group is None:  # learned once: gradients keep their device and dtype
+        layout.single_group = len(group_by_device_and_dtype(grads)) == 1
+    single = bool(layout.single_group)
+    norms = grad_norms(grads, norm_type, single)
+    is_sharded = sharded if shard_flags is None else any(shard_flags)
+    if is_sharded:
+        mask = None if shard_flags is None or all(shard_flags) else torch.tensor(shard_flags, device=norms.device)
+        norms = global_norms(norms, norm_type, mask, process_group)
+    if inv_scale is not None:
+        norms = norms * inv_scale
+    total = combine_norms(norms, norm_type)
+    finite = torch.isfinite(total)
+    if inv_scale is not None:  # scaled grads: an overflow is the scaler's business
+        amp_found = ~finite
+    enabled = scaler is not None and scaler.is_enabled()
+    loss_scale = scaler._scale if enabled and scaler._scale is not None else None  # type: ignore[union-attr]
+    zero = torch.zeros((), device=device)
+    return Measurement(grads, owners, norms, total, finite, inv_scale, amp_found, loss_scale, is_sharded, single, zero)
+
+
+def layer_norms(
+    norms: Tensor, owners: Sequence[int], layout: OptimizerLayout, norm_type: float
+) -> tuple[list[int], Tensor]:
+    """(the layer ids present, their norms on the device): one scatter over the per-tensor ``norms``
+    of the parameters at ``owners``."""
+    index, layer_ids, layer_sel = layout.index(owners, norms.device)
+    per_layer = group_norms(norms, index, len(layout.layer_names), norm_type).index_select(0, layer_sel)
+    return layer_ids, per_layer
+
+
+def weight_norms(norms: Tensor, owners: Sequence[int], layout: OptimizerLayout, norm_type: float) -> Tensor:
+    """The norm of the weights of each layer present at ``owners`` (for ``vanish_ratio``), on the device."""
+    index, _, layer_sel = layout.index(owners, norms.device)
+    weights = [layout.params[i].detach() for i in owners]
+    w_norms = grad_norms(weights, norm_type).to(norms.device)
+    return group_norms(w_norms, index, len(layout.layer_names), norm_type).index_select(0, layer_sel)
+
+
+def layer_norms_now(
+    norms: Tensor, owners: Sequence[int], layout: OptimizerLayout, norm_type: float
+) -> dict[str, float]:
+    """Every present layer's norm on the host (one more host read: for rare steps, such as a spike)."""
+    index = torch.tensor([layout.param_layer[i] for i in owners], device=norms.device)
+    per_layer = group_norms(norms, index, len(layout.layer_names), norm_type).tolist()
+    present = set(index.tolist())
+    return {layout.layer_names[i]: per_layer[i] for i in present}
+
+
+def _collect(
+    layout: OptimizerLayout, sharded: bool, warn: Callable[[str, str], None] | None
+) -> tuple[list[Tensor], list[int], list[bool] | None]:
+    """The dense local gradients of the layout's parameters, their indices and shard flags.
+
+    Fast path (the usual case, learned on the first step): every gradient is a plain dense
+    tensor; one list comprehension, as in ``clip_grad_norm_``, and the shard flags are None
+    (all equal to ``sharded``). Otherwise each gradient is looked at: ``DTensor`` gradients
+    are measured through their local shard, sparse ones are skipped with a one-time warning.
+    """
+    params = layout.params
+    if layout.plain:
+        raw = [p.grad for p in params]
+        grads = [g for g in raw if g is not None]
+        if len(grads) == len(params):
+            return grads, layout.all_owners, None
+        return grads, [i for i, g in enumerate(raw) if g is not None], None
+    grads, owners, flags = [], [], []
+    special = False
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is None:
+            continue
+        if _DTensor is not None and isinstance(g, _DTensor):
+            special = True
+            shard = any(pl.is_shard() or pl.is_partial() for pl in g.placements)
+            g = g.to_local()
+        else:
+            shard = sharded
+        if g.is_sparse:
+            special = True
+            if warn is not None:
+                warn("sparse", "GradGuard: sparse gradients are not measured or clipped; they are skipped.")
+            continue
+        grads.append(g)
+        owners.append(i)
+        flags.append(shard)
+    if grads and layout.plain is None:
+        layout.plain = not special
+    return grads, owners, flags
+
+
+def _amp_state(
+    optimizer: torch.optim.Optimizer | None, scaler: torch.amp.GradScaler | None, device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
+    """(1/scale if the gradients are still scaled, the scaler's found-inf flag if it unscaled)."""
+    if scaler is None or not scaler.is_enabled() or optimizer is None:
+        return None, None
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is OptState.UNSCALED:
+        found = state["found_inf_per_device"]
+        flag = sum((v.to(device).reshape(()) for v in found.values()), torch.zeros((), device=device))
+        return None, flag
+    scale = scaler._scale
+    assert scale is not None
+    return scale.double().reciprocal().float().to(device), None

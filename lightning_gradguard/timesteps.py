@@ -27,6 +27,7 @@ device when its gradient arrives; nothing is copied to the host until the guard'
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["TimestepTracker", "summarize_profile", "track_timesteps"]
+__all__ = ["TimestepHistory", "TimestepTracker", "summarize_profile", "track_timesteps"]
 
 _CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
 _ACTIVE: TimestepTracker | None = None
@@ -301,3 +302,36 @@ def summarize_profile(profile: Tensor | Sequence[float]) -> dict[str, float]:
                 break
             horizon += 1
     return {"first_last_ratio": ratio, "decay_per_step": decay, "horizon": float(horizon)}
+
+
+class TimestepHistory:
+    """The per-timestep profiles of recent logging steps, and their summaries.
+
+    Attributes:
+        norms: each sequence's latest profile (1-D CPU tensor).
+        summaries: each sequence's latest :func:`summarize_profile`.
+        heat: each sequence's last ``history`` (step, profile) pairs, for the heatmap.
+
+    Example::
+
+        >>> h = TimestepHistory(history=2)
+        >>> h.add(9, "rnn", [0.5, 1.0])["first_last_ratio"]
+        0.5
+        >>> h.norms["rnn"].tolist(), [s for s, _ in h.heat["rnn"]]
+        ([0.5, 1.0], [9])
+    """
+
+    def __init__(self, history: int = 64) -> None:
+        self.history = history
+        self.norms: dict[str, Tensor] = {}
+        self.summaries: dict[str, dict[str, float]] = {}
+        self.heat: dict[str, deque[tuple[int, Tensor]]] = {}
+
+    def add(self, step: int, name: str, values: Sequence[float]) -> dict[str, float]:
+        """Record one logging step's profile of ``name``; return its summary."""
+        profile = torch.tensor(values, dtype=torch.float32)
+        self.norms[name] = profile
+        self.heat.setdefault(name, deque(maxlen=self.history)).append((step, profile))
+        summary = summarize_profile(profile)
+        self.summaries[name] = summary
+        return summary

@@ -1,0 +1,224 @@
+"""The decision of a step: is it healthy, an fp16 overflow, or non-finite, and what to do about it.
+
+Two halves, on either side of the step's one host read:
+
+* on the device, :func:`device_flags` stacks three flags (non-finite gradient, non-finite loss,
+  fp16 overflow) and sums them across ranks with the caller's ``reduce``, so that every rank reads
+  the same flags and takes the same decision (a NaN on one rank only skips the step everywhere);
+* on the host, :class:`StepPolicy` acts on the flags it reads: ``"skip"`` sets every gradient of the
+  optimizer to None (torch optimizers then leave weights and state alone), ``"stop"`` skips and asks
+  the loop to stop, ``"raise"`` raises :class:`~lightning_gradguard.errors.NonFiniteGradientError`,
+  ``"warn"`` only reports. ``max_consecutive_skips`` skipped steps in a row raise too: a run never
+  skips forever in silence.
+
+The policy owns the step counters (skipped, non-finite, fp16 overflows, consecutive skips, origins)
+and the message text of ``nonfinite`` and ``amp_overflow`` events.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard.detect import describe_nonfinite, nonfinite_tensors, origin_of
+from lightning_gradguard.errors import NonFiniteGradientError
+from lightning_gradguard.events import GradEvent
+from lightning_gradguard.layers import LayerMap, OptimizerLayout
+from lightning_gradguard.measure import Measurement
+from lightning_gradguard.readout import HostRead
+
+__all__ = ["FLAGS", "OnNonFinite", "StepPolicy", "Verdict", "device_flags"]
+
+OnNonFinite = Literal["skip", "warn", "raise", "stop"]
+POLICIES = ("skip", "warn", "raise", "stop")
+FLAGS = ("grad_bad", "loss_bad", "amp_bad")  # names in the step's HostRead
+_ACTIONS = {"skip": "skipped", "stop": "stopped", "raise": "raised", "warn": "warned"}
+
+
+def device_flags(
+    m: Measurement, loss_finite: Tensor | None, reduce: Callable[[Tensor], Tensor] | None
+) -> Tensor:
+    """[gradient non-finite, loss non-finite, fp16 overflow] as a float vector on the device, summed
+    over ranks by ``reduce`` (one small collective, no host sync)."""
+    bad = [(~m.finite).float(), m.zero, m.zero]
+    if loss_finite is not None:
+        bad[1] = (~loss_finite).to(m.zero.device).float()
+    if m.amp_found is not None:
+        bad[2] = m.amp_found.to(m.zero.device).float()
+    flags = torch.stack(bad)
+    return reduce(flags) if reduce is not None else flags
+
+
+@dataclass
+class Verdict:
+    """The host view of one step's flags."""
+
+    grad_bad: bool
+    loss_bad: bool
+    amp_bad: bool
+
+    @classmethod
+    def of(cls, read: HostRead) -> Verdict:
+        return cls(*(read[name] > 0 for name in FLAGS))
+
+    @property
+    def finite(self) -> bool:
+        """No overflow, no non-finite gradient or loss."""
+        return not (self.grad_bad or self.loss_bad or self.amp_bad)
+
+    @property
+    def nonfinite(self) -> bool:
+        """A non-finite gradient or loss that no GradScaler handles."""
+        return not self.amp_bad and (self.grad_bad or self.loss_bad)
+
+
+@dataclass
+class Fault:
+    """Where a non-finite step is: what the policy needs to name its layers and to skip it."""
+
+    step: int
+    total: Tensor
+    norms: Tensor
+    owners: Sequence[int]
+    layout: OptimizerLayout
+    params: Sequence[Tensor]
+    optimizer_idx: int
+
+
+class StepPolicy:
+    """Acts on a step's verdict and keeps the step counters.
+
+    Args:
+        on_nonfinite: ``"skip"``, ``"warn"``, ``"raise"`` or ``"stop"``.
+        max_consecutive_skips: the skipped step that makes this many in a row raises.
+        layers: the layer map, for the forward order that names a fault's origin.
+
+    Example::
+
+        >>> policy = StepPolicy("skip", 25, LayerMap())
+        >>> policy.defers(is_log=False, needs_host=False), StepPolicy("warn", 25, LayerMap()).defers(False, False)
+        (False, True)
+    """
+
+    def __init__(self, on_nonfinite: OnNonFinite, max_consecutive_skips: int, layers: LayerMap) -> None:
+        self.on_nonfinite = on_nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
+        self.layers = layers
+        self.skipped_steps = 0
+        self.nonfinite_steps = 0
+        self.consecutive_skips = 0
+        self.amp_overflow_steps = 0
+        self.max_total_norm = 0.0  # the largest finite total norm (host: read with each step's flags)
+        self.origins: dict[str, int] = {}
+
+    def defers(self, is_log: bool, needs_host: bool) -> bool:
+        """Whether this step's read can wait: nothing on the host depends on it (``warn``, no skip)."""
+        return self.on_nonfinite == "warn" and not is_log and not needs_host
+
+    def decide(self, verdict: Verdict, total: float, fault: Fault, record: Callable[[GradEvent], GradEvent]) -> (
+        tuple[GradEvent | None, bool]
+    ):
+        """Act on one step: (the event recorded, whether the step was skipped).
+
+        Raises:
+            NonFiniteGradientError: under ``"raise"`` on a non-finite step, or when
+                ``max_consecutive_skips`` steps in a row were skipped (after recording the event).
+        """
+        if verdict.amp_bad:
+            self.amp_overflow_steps += 1
+            return record(self._overflow_event(fault.step, total, fault.optimizer_idx)), False
+        if verdict.nonfinite:
+            return self._nonfinite(fault, verdict.loss_bad, record)
+        self.consecutive_skips = 0
+        if math.isfinite(total):
+            self.max_total_norm = max(self.max_total_norm, total)
+        return None, False
+
+    @staticmethod
+    def _overflow_event(step: int, total: float, optimizer_idx: int) -> GradEvent:
+        return GradEvent(
+            "amp_overflow",
+            step=step,
+            value=total,
+            message=f"GradGuard: fp16 overflow at step {step}; the GradScaler skips this step and lowers its scale.",
+            optimizer_idx=optimizer_idx,
+            action="none",
+        )
+
+    def _nonfinite(
+        self, fault: Fault, loss_bad: bool, record: Callable[[GradEvent], GradEvent]
+    ) -> tuple[GradEvent, bool]:
+        self.nonfinite_steps += 1
+        event = self._nonfinite_event(fault, loss_bad)
+        skip = self.on_nonfinite in ("skip", "stop")
+        if skip:
+            for p in fault.params:
+                p.grad = None
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+        key = event.origin or "unknown"
+        self.origins[key] = self.origins.get(key, 0) + 1
+        record(event)
+        if self.on_nonfinite == "raise":
+            raise NonFiniteGradientError(event.message, event)
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteGradientError(
+                f"GradGuard: {self.consecutive_skips} consecutive optimizer steps were skipped for non-finite "
+                f"gradients (max_consecutive_skips={self.max_consecutive_skips}); the run is not recovering. "
+                f"Last: {event.message}",
+                event,
+            )
+        return event, skip
+
+    def _nonfinite_event(self, fault: Fault, loss_bad: bool) -> GradEvent:
+        """The ``nonfinite`` event: its layers in forward order and its origin (one more host read)."""
+        layout = fault.layout
+        bad_layers = {layout.param_layer[fault.owners[i]] for i in nonfinite_tensors(fault.norms)}
+        names = [layout.layer_names[i] for i in self.layers.ordered(layout, bad_layers)]
+        origin = origin_of(names, loss_bad)
+        # The origin rests on the forward order recorded on the first pass. A layer that did not run
+        # then (a conditional branch) has no known place in it: say that the origin is uncertain.
+        unplaced = [layout.layer_names[i] for i in bad_layers if layout.layer_seen and not layout.layer_seen[i]]
+        certain = loss_bad or not unplaced
+        action = _ACTIONS[self.on_nonfinite]
+        total = float(fault.total) if fault.total.numel() else math.nan
+        message = describe_nonfinite(fault.step, names, origin, total, action, fault.optimizer_idx)
+        if not certain:
+            message += (
+                f" (Origin uncertain: {', '.join(sorted(unplaced))} did not run in the recorded "
+                "forward pass, so their place in the order is unknown.)"
+            )
+        return GradEvent(
+            "nonfinite",
+            step=fault.step,
+            layers=tuple(names),
+            origin=origin,
+            value=total,
+            message=message,
+            optimizer_idx=fault.optimizer_idx,
+            action=action,
+            extra={"origin_certain": certain},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_steps": self.nonfinite_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "amp_overflow_steps": self.amp_overflow_steps,
+            "max_total_norm": self.max_total_norm,
+            "origins": dict(self.origins),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.amp_overflow_steps = int(state.get("amp_overflow_steps", 0))
+        self.max_total_norm = float(state.get("max_total_norm", 0.0))
+        self.origins = {str(k): int(v) for k, v in dict(state.get("origins", {})).items()}

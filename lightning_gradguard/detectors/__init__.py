@@ -1,0 +1,54 @@
+"""Detectors: each takes a settled step's host values and returns events (see :mod:`.base`).
+
+==========================  ====================================================  =============
+module                      events                                                when
+==========================  ====================================================  =============
+:mod:`.exploding`           ``exploding``                                         finite steps
+:mod:`.spike`               ``spike``                                             finite steps
+:mod:`.loss_scale`          ``loss_scale_collapse``                               every step
+:mod:`.in_time`             ``vanishing_in_time``, ``exploding_in_time``          logging steps
+:mod:`.layers`              ``vanishing``, ``dead``, ``unused``                   logging steps
+==========================  ====================================================  =============
+
+``nonfinite`` and ``amp_overflow`` are not detections but decisions: :mod:`lightning_gradguard.decide`
+makes them.
+"""
+
+from __future__ import annotations
+
+from lightning_gradguard.detect import LayerWatch, SpikeDetector
+from lightning_gradguard.detectors.base import Detector, Observation, state_of
+from lightning_gradguard.detectors.exploding import ExplodingDetector
+from lightning_gradguard.detectors.in_time import InTimeDetector
+from lightning_gradguard.detectors.layers import LayerHealthDetector
+from lightning_gradguard.detectors.loss_scale import LossScaleDetector
+from lightning_gradguard.detectors.spike import SpikeAlarm
+
+__all__ = [
+    "Detector",
+    "ExplodingDetector",
+    "InTimeDetector",
+    "LayerHealthDetector",
+    "LossScaleDetector",
+    "Observation",
+    "SpikeAlarm",
+    "default_detectors",
+    "state_of",
+]
+
+
+def default_detectors(
+    *,
+    explode_threshold: float | None,
+    spike: SpikeDetector | None,
+    spike_zscore: float | None,
+    watch: LayerWatch,
+    min_loss_scale: float,
+    timestep_vanish_ratio: float,
+) -> list[Detector]:
+    """The built-in detectors, in the order their events are recorded within a step."""
+    detectors: list[Detector] = [ExplodingDetector(explode_threshold)]
+    if spike is not None and spike_zscore is not None:
+        detectors.append(SpikeAlarm(spike_zscore, spike, watch))
+    detectors += [LossScaleDetector(min_loss_scale), InTimeDetector(timestep_vanish_ratio), LayerHealthDetector(watch)]
+    return detectors

@@ -1,0 +1,96 @@
+"""The report of a step: :class:`StepReport`, and the metric keys of a logging step.
+
+Every key starts with :data:`METRIC_PREFIX` (``gradguard/``); the table is in the README and on
+:class:`~lightning_gradguard.GradGuard`. A step's metrics are built from its host values, by name:
+nothing here reads the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from lightning_gradguard.events import GradEvent
+
+__all__ = ["METRIC_PREFIX", "StepReport", "layer_metrics", "timestep_metrics"]
+
+METRIC_PREFIX = "gradguard/"
+
+
+@dataclass
+class StepReport:
+    """What :meth:`GuardCore.step <lightning_gradguard.GuardCore.step>` found and did on one optimizer step.
+
+    Attributes:
+        step: the step number the report belongs to.
+        total_norm: the total gradient norm before clipping (0-d device tensor; no sync to build).
+        skipped: the guard set every gradient of the optimizer to None: do not call
+            ``optimizer.step()`` (calling it anyway is harmless: torch optimizers skip parameters
+            whose grad is None).
+        nonfinite: the step had a non-finite gradient or loss (not counting fp16 overflows that a
+            GradScaler handles).
+        amp_overflow: a GradScaler found Inf/NaN and will skip this step itself.
+        should_stop: the policy asks the training loop to stop.
+        event: the event recorded for this step, if any.
+        logged: whether this was a logging step.
+        metrics: on logging steps, every metric as ``{key: float}``; empty otherwise.
+        layer_norms: on logging steps, the norm of each layer before clipping.
+        timesteps: on logging steps, each tracked sequence's per-timestep norms (1-D CPU tensors).
+        deferred: under ``on_nonfinite="warn"`` a non-logging step is not read on the host at all
+            (no sync): its flags and events are settled at the next logging step or
+            :meth:`GuardCore.flush <lightning_gradguard.GuardCore.flush>`; ``nonfinite`` and
+            ``event`` are then left unset here.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_gradguard import GuardCore
+        >>> p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.tensor([3.0, 4.0])
+        >>> report = GuardCore(log_every_n_steps=1).step(torch.optim.SGD([p], lr=0.1))
+        >>> report.skipped, report.logged, report.metrics["gradguard/total_norm"]
+        (False, True, 5.0)
+    """
+
+    step: int
+    total_norm: Tensor
+    skipped: bool = False
+    nonfinite: bool = False
+    amp_overflow: bool = False
+    should_stop: bool = False
+    event: GradEvent | None = None
+    logged: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    layer_norms: dict[str, float] = field(default_factory=dict)
+    timesteps: dict[str, Tensor] = field(default_factory=dict)
+    deferred: bool = False
+
+
+def layer_metrics(
+    layer_names: Sequence[str], layer_ids: Sequence[int], values: Sequence[float]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(each present layer's norm by name, the same as ``gradguard/layer/<name>`` metrics).
+
+    Example::
+
+        >>> layer_metrics(["enc", "head"], [1], [0.5])
+        ({'head': 0.5}, {'gradguard/layer/head': 0.5})
+    """
+    norms = {layer_names[i]: v for i, v in zip(layer_ids, values, strict=True)}
+    return norms, {f"{METRIC_PREFIX}layer/{name}": v for name, v in norms.items()}
+
+
+def timestep_metrics(summaries: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``gradguard/timestep/<name>/<summary>`` for each tracked sequence.
+
+    Example::
+
+        >>> timestep_metrics({"rnn": {"horizon": 3.0}})
+        {'gradguard/timestep/rnn/horizon': 3.0}
+    """
+    return {
+        f"{METRIC_PREFIX}timestep/{name}/{key}": value
+        for name, summary in summaries.items()
+        for key, value in summary.items()
+    }
