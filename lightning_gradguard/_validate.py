@@ -8,7 +8,7 @@ wrong type raises :class:`TypeError`; a value of the right type but out of range
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -83,3 +83,24 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     if value not in options:
         raise _fail(name, expected, value)
     return value
+
+
+def check_handlers(handlers: Any) -> list[Any]:
+    """A list of callables (``alert_handlers``); None is an empty list."""
+    if handlers is None:
+        return []
+    if isinstance(handlers, (str, bytes)) or not isinstance(handlers, Sequence):
+        raise TypeError(f"Expected `alert_handlers` to be a list of callables or None, but got {handlers!r}.")
+    for h in handlers:
+        if not callable(h):
+            raise ValueError(f"Expected every entry of `alert_handlers` to be callable, but got {h!r}.")
+    return list(handlers)
+
+
+def check_ratio(name: str, value: Any) -> float:
+    """A number in (0, 1)."""
+    ratio = check_number(name, value, minimum=0.0)
+    out = float(ratio) if ratio is not None else 1e-4
+    if out >= 1:
+        raise ValueError(f"Expected `{name}` to be a number in (0, 1), but got {value!r}.")
+    return out

@@ -12,8 +12,6 @@ Hook timing it relies on (see ``LIGHTNING_NOTES.md``):
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +21,10 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_gradguard import dashboard, dump
-from lightning_gradguard._validate import check_int
 from lightning_gradguard.clip import Clipper
 from lightning_gradguard.core import GroupBy, GuardCore, OnNonFinite, StepReport
+from lightning_gradguard.dashboard import TensorBoardSink
+from lightning_gradguard.dump import Dumper
 from lightning_gradguard.errors import NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
 
@@ -56,14 +54,6 @@ if TYPE_CHECKING:
     _Base = Callback
 else:
     _Base = type("_GradGuardBase", _callback_bases(), {"__module__": __name__})
-
-
-def _handlers(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise TypeError(f"Expected `alert_handlers` to be a list of callables or None, but got {value!r}.")
-    return list(value)
 
 
 class GradGuard(_Base):
@@ -187,31 +177,15 @@ class GradGuard(_Base):
         log_histograms: bool = False,
         images_in_background: bool = True,
     ) -> None:
-        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
-        if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
-            raise TypeError(f"Expected `dump_dir` to be a directory path or None, but got {dump_dir!r}.")
-        self.dump_dir = None if dump_dir is None else os.fspath(dump_dir)
-        self.max_dumps = int(check_int("max_dumps", max_dumps, minimum=1))  # type: ignore[arg-type]
-        if not isinstance(log_histograms, bool):
-            raise TypeError(f"Expected `log_histograms` to be a bool, but got {log_histograms!r}.")
-        self.log_histograms = log_histograms
-        self.dumps: list[str] = []
-        self._dumped_origins: set[str] = set()
-        self._batches: list[Any] = []
-        self._batch_idx = 0
-        self._rng: dict[str, Any] | None = None
-        self._step_open = False
-        self._logged_order: list[str] = []
-        if not isinstance(images_in_background, bool):
-            raise TypeError(f"Expected `images_in_background` to be a bool, but got {images_in_background!r}.")
-        self._renderer = dashboard.Renderer(background=images_in_background)
+        # Each argument is validated once, by the part that owns it: the core, the dumper, the sink.
+        # The adapter's own `log_every_n_steps=None` means "the Trainer's": it always tells the core.
         self.core = GuardCore(
             clip=clip,
             norm_type=norm_type,
             on_nonfinite=on_nonfinite,
             max_consecutive_skips=max_consecutive_skips,
             group_by=group_by,
-            log_every_n_steps=None,
+            log_every_n_steps=log_every_n_steps,
             track_timesteps=track_timesteps,
             timestep_vanish_ratio=timestep_vanish_ratio,
             explode_threshold=explode_threshold,
@@ -222,8 +196,10 @@ class GradGuard(_Base):
             vanish_patience=vanish_patience,
             min_loss_scale=min_loss_scale,
             alert_every=alert_every,
-            alert_handlers=_handlers(alert_handlers),
+            alert_handlers=alert_handlers,
         )
+        self.dumper = Dumper(dump_dir, max_dumps)
+        self.sink = TensorBoardSink(log_histograms=log_histograms, images_in_background=images_in_background)
 
     # ------------------------------------------------------------ read-only
     @property
@@ -235,6 +211,11 @@ class GradGuard(_Base):
     def on_nonfinite(self) -> str:
         """The non-finite policy."""
         return self.core.on_nonfinite
+
+    @property
+    def log_every_n_steps(self) -> int | None:
+        """The logging cadence; None follows the Trainer's."""
+        return self.core.log_every_n_steps
 
     @property
     def events(self) -> list[GradEvent]:
@@ -255,6 +236,11 @@ class GradGuard(_Base):
     def timestep_norms(self) -> dict[str, Tensor]:
         """Each tracked sequence's per-timestep norms at the last logging step (1-D CPU tensors)."""
         return self.core.timestep_norms
+
+    @property
+    def dumps(self) -> list[str]:
+        """The dump files written so far."""
+        return self.dumper.paths
 
     @property
     def last_report(self) -> StepReport | None:
@@ -298,23 +284,7 @@ class GradGuard(_Base):
                 "GradGuard: the model has no trainable parameters (none, or all frozen): there is nothing to "
                 "measure, clip or guard."
             )
-        self.core.alerts.sinks = []
-        self.core.alerts.taps = []
-        writer = dashboard.find_tensorboard_writer(trainer.loggers) if trainer.is_global_zero else None
-        if writer is not None and hasattr(writer, "add_text"):
-
-            def to_tensorboard(event: GradEvent, message: str) -> None:
-                writer.add_text("gradguard/alerts", f"**{event.kind}** (step {event.step}): {message}", event.step)
-
-            def nonfinite_record(event: GradEvent) -> None:  # every one, for `gradguard report`
-                if event.kind == "nonfinite":
-                    layers = ",".join(event.layers)
-                    line = f"step {event.step} origin {event.origin} action {event.action} layers {layers}"
-                    writer.add_text("gradguard/nonfinite", line, event.step)
-
-            self.core.alerts.sinks.append(to_tensorboard)
-            self.core.alerts.taps.append(nonfinite_record)
-            dashboard.write_layout(trainer.loggers)
+        self.sink.attach(trainer.loggers, self.core.alerts, trainer.is_global_zero)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -332,17 +302,12 @@ class GradGuard(_Base):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.dump_dir is not None and len(self.dumps) < self.max_dumps:
-            if not self._step_open:  # the first micro-batch of an optimizer step
-                self._batches, self._rng = [], dump.capture_rng()
-            self._batches.append(batch)
-            self._batch_idx = batch_idx
-        self._step_open = True
+        self.dumper.begin_batch(batch, batch_idx)
         self.core.begin_step(trainer.global_step, log=self._is_logging_step(trainer))
 
     def _is_logging_step(self, trainer: pl.Trainer) -> bool:
         # The Trainer sets `log_every_n_steps` dynamically; 0 there means Lightning never logs.
-        n = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
+        n = self.core.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
         return n > 0 and (trainer.global_step + 1) % n == 0
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -351,104 +316,66 @@ class GradGuard(_Base):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        step = trainer.global_step
-        idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
         strategy = trainer.strategy
 
         def reduce(flags: Tensor) -> Tensor:
             return strategy.reduce(flags, reduce_op="sum")
 
-        self._step_open = False
+        self.dumper.end_step()
         try:
             report = self.core.step(
                 optimizer,
-                step=step,
+                step=trainer.global_step,
                 log=self._is_logging_step(trainer),
                 scaler=getattr(trainer.precision_plugin, "scaler", None),
-                optimizer_idx=idx,
+                optimizer_idx=next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0),
                 reduce=reduce if trainer.world_size > 1 else None,
             )
         except NonFiniteGradientError as exc:
             self._maybe_dump(trainer, pl_module, optimizer, exc.event)
             raise
         self._last_report = report
-        if report.event is not None:
-            self._maybe_dump(trainer, pl_module, optimizer, report.event)
+        self._maybe_dump(trainer, pl_module, optimizer, report.event)
         if report.metrics:
             for logger in trainer.loggers:
-                logger.log_metrics(report.metrics, step=step)
-            if report.timesteps:
-                dashboard.log_timestep_images(trainer.loggers, self.core, step, self._renderer)
-                dashboard.log_profiles_text(trainer.loggers, self.core, step)
-            if trainer.is_global_zero and dashboard.find_tensorboard_writer(trainer.loggers) is not None:
-                layout = self.core.layers.layout(optimizer)
-                order = self.core.layers.forward_names(layout)
-                if order != self._logged_order:  # once (and whenever it changes), for `gradguard report`
-                    self._logged_order = order
-                    writer = dashboard.find_tensorboard_writer(trainer.loggers)
-                    if writer is not None and hasattr(writer, "add_text"):
-                        writer.add_text("gradguard/layer_order", json.dumps(order), step)
-                dashboard.log_flow_image(trainer.loggers, self.core, report, order, self._renderer)
-                if self.log_histograms:
-                    by_layer: dict[str, list[Tensor]] = {}
-                    for p, layer in zip(layout.params, layout.param_layer, strict=True):
-                        if p.grad is not None and not p.grad.is_sparse:
-                            by_layer.setdefault(layout.layer_names[layer], []).append(p.grad)
-                    dashboard.log_histograms(trainer.loggers, by_layer, step)
+                logger.log_metrics(report.metrics, step=report.step)
+            layout = self.core.layers.layout(optimizer)
+            self.sink.write(trainer.loggers, self.core, report, layout, trainer.is_global_zero)
         if report.should_stop:
             trainer.should_stop = True
 
     def _maybe_dump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, event: Any) -> None:
-        """Dump the first non-finite or spike step, and the first of each new origin, up to max_dumps."""
-        if self.dump_dir is None or event is None or event.kind not in ("nonfinite", "spike"):
-            return
-        if len(self.dumps) >= self.max_dumps or self._rng is None:
-            return
-        origin = f"{event.kind}:{event.origin}"
-        if origin in self._dumped_origins:
-            return
-        self._dumped_origins.add(origin)
-        path = dump.write_dump(
-            self.dump_dir,
-            event=event,
-            batch=self._batches[0] if len(self._batches) == 1 else list(self._batches),
-            batch_idx=self._batch_idx,
+        path = self.dumper.maybe_dump(
+            event,
             global_step=trainer.global_step,
             epoch=trainer.current_epoch,
-            rng=self._rng,
-            model_state=pl_module.state_dict(),
-            optimizer_state=optimizer.state_dict(),
+            model_state=pl_module.state_dict,
+            optimizer_state=optimizer.state_dict,
             rank=trainer.global_rank if trainer.world_size > 1 else None,
         )
-        self.dumps.append(str(path))
-        rank_zero_info(f"GradGuard: wrote a dump of step {trainer.global_step} ({event.kind}) to {path}")
+        if path is not None:
+            rank_zero_info(f"GradGuard: wrote a dump of step {trainer.global_step} ({event.kind}) to {path}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.core.flush()  # steps deferred under on_nonfinite="warn"
-        self._renderer.close()  # the images in flight reach the event file before the logger closes
+        self.sink.close()  # the images in flight reach the event file before the logger closes
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank_zero_info(self.core.summary())
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._renderer.close()
+        self.sink.close()
         self.core.unwatch()
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        state = self.core.state_dict()
-        state["dumps"] = list(self.dumps)
-        state["dumped_origins"] = sorted(self._dumped_origins)
-        return state
+        return {**self.core.state_dict(), **self.dumper.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.core.load_state_dict(state_dict)
-        self.dumps = [str(p) for p in state_dict.get("dumps", [])]
-        self._dumped_origins = set(state_dict.get("dumped_origins", []))
+        self.dumper.load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_last_report"] = None
-        state["_batches"] = []
-        state["_rng"] = None
         return state

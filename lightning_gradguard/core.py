@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard import alerts
-from lightning_gradguard._validate import check_choice, check_int, check_number
+from lightning_gradguard._validate import check_choice, check_handlers, check_int, check_number, check_ratio
 from lightning_gradguard.clip import Clipper
 from lightning_gradguard.clipstage import CLIPPED, ClipStage
 from lightning_gradguard.decide import FLAGS, POLICIES, Fault, OnNonFinite, StepPolicy, Verdict, device_flags
@@ -53,9 +53,9 @@ from lightning_gradguard.detectors import Detector, Observation, default_detecto
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.layers import LayerMap, OptimizerLayout
 from lightning_gradguard.measure import layer_norms, layer_norms_now, measure_step, weight_norms
-from lightning_gradguard.metrics import METRIC_PREFIX, StepReport, layer_metrics, timestep_metrics
+from lightning_gradguard.metrics import METRIC_PREFIX, StepReport, layer_metrics, summarize_run, timestep_metrics
 from lightning_gradguard.readout import HostRead
-from lightning_gradguard.timesteps import TimestepHistory, TimestepTracker
+from lightning_gradguard.timesteps import TimestepHistory, make_tracker
 
 __all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "StepReport"]
 
@@ -175,7 +175,7 @@ class GuardCore:
         vanish_patience: int = 3,
         min_loss_scale: float = 1.0,
         alert_every: int = 100,
-        alert_handlers: Sequence[Callable[[GradEvent], Any]] = (),
+        alert_handlers: Sequence[Callable[[GradEvent], Any]] | None = (),
     ) -> None:
         if clip is not None and not isinstance(clip, Clipper):
             raise TypeError(
@@ -199,10 +199,10 @@ class GuardCore:
         self.vanish_patience = int(check_int("vanish_patience", vanish_patience, minimum=1))  # type: ignore[arg-type]
         self.min_loss_scale = float(check_number("min_loss_scale", min_loss_scale, minimum=0.0, strict=False))  # type: ignore[arg-type]
         self.alert_every = int(check_int("alert_every", alert_every, minimum=1))  # type: ignore[arg-type]
-        self.alerts = alerts.AlertRouter(self.alert_every, _check_handlers(alert_handlers))
+        self.alerts = alerts.AlertRouter(self.alert_every, check_handlers(alert_handlers))
         self.emit = emit if emit is not None else self.alerts
-        self.timesteps = _tracker(track_timesteps, self.norm_type)
-        self.timestep_vanish_ratio = _check_ratio(timestep_vanish_ratio)
+        self.timesteps = make_tracker(track_timesteps, self.norm_type)
+        self.timestep_vanish_ratio = check_ratio("timestep_vanish_ratio", timestep_vanish_ratio)
         self.timestep_history = int(check_int("timestep_history", timestep_history, minimum=1))  # type: ignore[arg-type]
         self.layers = LayerMap(self.group_by)
         self.clipping = ClipStage(clip)
@@ -531,28 +531,8 @@ class GuardCore:
             'GradGuard summary: 0 optimizer steps guarded; no clipping configured; 0 skipped; 0 non-finite steps.'
         """
         self.flush()
-        steps = self.steps
-        if self.clip is None:
-            clip = "no clipping configured"
-        else:
-            frac = self.clipped_steps / steps if steps else 0.0
-            clip = f"{self.clipped_steps} clipped ({frac:.1%}) by {self.clip!r}"
-        text = (
-            f"GradGuard summary: {steps} optimizer steps guarded; {clip}; {self.skipped_steps} skipped; "
-            f"{self.nonfinite_steps} non-finite steps"
-        )
-        if self.origins:
-            ranked = sorted(self.origins.items(), key=lambda kv: -kv[1])
-            text += " (origins: " + ", ".join(f"{k} x{v}" for k, v in ranked) + ")"
-        if self.amp_overflow_steps:
-            text += f"; {self.amp_overflow_steps} fp16 overflows handled by the GradScaler"
-        others = {k: v for k, v in self.kind_counts.items() if k not in ("nonfinite", "amp_overflow")}
-        if others:
-            text += "; events: " + ", ".join(f"{k} x{v}" for k, v in sorted(others.items()))
         quiet = sum(self.alerts.suppressed.values())
-        if quiet:
-            text += f" ({quiet} repeated alerts were rate-limited; all are in guard.events)"
-        return text + "."
+        return summarize_run(self.steps, self.clip, self.clipped_steps, self.policy, self.kind_counts, quiet)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -583,30 +563,3 @@ class GuardCore:
                 load(state.get(detector.state_key, {}))
         self.alerts.load_state_dict(state.get("alerts", {}))
         self.kind_counts = {str(k): int(v) for k, v in dict(state.get("kinds", {})).items()}
-
-
-def _check_handlers(handlers: Any) -> list[Callable[[GradEvent], Any]]:
-    if isinstance(handlers, (str, bytes)) or not isinstance(handlers, Sequence):
-        raise TypeError(f"Expected `alert_handlers` to be a list of callables, but got {handlers!r}.")
-    for h in handlers:
-        if not callable(h):
-            raise ValueError(f"Expected every entry of `alert_handlers` to be callable, but got {h!r}.")
-    return list(handlers)
-
-
-def _check_ratio(value: Any) -> float:
-    ratio = check_number("timestep_vanish_ratio", value, minimum=0.0)
-    out = float(ratio) if ratio is not None else 1e-4
-    if out >= 1:
-        raise ValueError(f"Expected `timestep_vanish_ratio` to be a number in (0, 1), but got {value!r}.")
-    return out
-
-
-def _tracker(track: Any, norm_type: float) -> TimestepTracker | None:
-    if not isinstance(track, bool) and (
-        isinstance(track, str) or not isinstance(track, Sequence) or not all(isinstance(n, str) for n in track)
-    ):
-        raise TypeError(f"Expected `track_timesteps` to be a bool or a list of module names, but got {track!r}.")
-    if track is False:
-        return None
-    return TimestepTracker(norm_type, True if track is True else list(track))

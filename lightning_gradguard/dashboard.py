@@ -18,6 +18,7 @@ training goes on. Cost: one small figure per image per logging step (``benchmark
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -26,10 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard.alerts import GradGuardWarning, is_rank_zero
+from lightning_gradguard.alerts import AlertRouter, GradGuardWarning, is_rank_zero
+from lightning_gradguard.events import GradEvent
 
 __all__ = [
     "Renderer",
+    "TensorBoardSink",
     "custom_scalars_layout",
     "find_tensorboard_writer",
     "log_flow_image",
@@ -299,8 +302,6 @@ def log_profiles_text(loggers: Iterable[Any], core: Any, step: int) -> None:
     writer = find_tensorboard_writer(loggers)
     if writer is None or not hasattr(writer, "add_text"):
         return
-    import json
-
     for name, profile in core.timestep_norms.items():
         values = [float(v) for v in profile.tolist()]
         writer.add_text(f"gradguard/timestep_profile/{name}", json.dumps(values), global_step=step)
@@ -315,3 +316,86 @@ def _warn_no_matplotlib() -> None:
             GradGuardWarning,
             stacklevel=3,
         )
+
+
+class TensorBoardSink:
+    """Everything the guard writes to TensorBoard beyond scalars, fed one step report at a time.
+
+    * :meth:`attach` (at setup): routes rate-limited alerts to the text ``gradguard/alerts`` and
+      every non-finite step to ``gradguard/nonfinite``, and writes the Custom Scalars layout.
+    * :meth:`write` (each logging step): the timestep heatmaps and raw profiles, the layer order
+      (whenever it changes), the ``gradguard/flow`` image and, with ``log_histograms``, histograms.
+    * :meth:`close` (end of training): waits for the images in flight.
+
+    Only a ``TensorBoardLogger`` on rank zero is written to; with none, every call is a no-op.
+
+    Args:
+        log_histograms: also write per-layer gradient histograms (a device-to-host copy of every
+            gradient per logging step).
+        images_in_background: draw images on a background thread within a 2% time budget.
+
+    Raises:
+        TypeError: an argument is not a bool.
+
+    Example::
+
+        >>> sink = TensorBoardSink(log_histograms=False)
+        >>> sink.attach([], AlertRouter(), is_global_zero=True)   # no TensorBoardLogger: nothing to do
+        False
+    """
+
+    def __init__(self, log_histograms: bool = False, images_in_background: bool = True) -> None:
+        if not isinstance(log_histograms, bool):
+            raise TypeError(f"Expected `log_histograms` to be a bool, but got {log_histograms!r}.")
+        if not isinstance(images_in_background, bool):
+            raise TypeError(f"Expected `images_in_background` to be a bool, but got {images_in_background!r}.")
+        self.log_histograms = log_histograms
+        self.renderer = Renderer(background=images_in_background)
+        self._logged_order: list[str] = []
+
+    def attach(self, loggers: Sequence[Any], router: AlertRouter, is_global_zero: bool) -> bool:
+        """Route ``router``'s alerts to TensorBoard text and write the layout; True if a writer was found."""
+        router.sinks = []
+        router.taps = []
+        writer = find_tensorboard_writer(loggers) if is_global_zero else None
+        if writer is None or not hasattr(writer, "add_text"):
+            return False
+
+        def to_tensorboard(event: GradEvent, message: str) -> None:
+            writer.add_text("gradguard/alerts", f"**{event.kind}** (step {event.step}): {message}", event.step)
+
+        def nonfinite_record(event: GradEvent) -> None:  # every one, for `gradguard report`
+            if event.kind == "nonfinite":
+                layers = ",".join(event.layers)
+                line = f"step {event.step} origin {event.origin} action {event.action} layers {layers}"
+                writer.add_text("gradguard/nonfinite", line, event.step)
+
+        router.sinks.append(to_tensorboard)
+        router.taps.append(nonfinite_record)
+        write_layout(loggers)
+        return True
+
+    def write(self, loggers: Sequence[Any], core: Any, report: Any, layout: Any, is_global_zero: bool) -> None:
+        """Write one logging step's images, texts and histograms (``layout``: the optimizer's layers)."""
+        if report.timesteps:
+            log_timestep_images(loggers, core, report.step, self.renderer)
+            log_profiles_text(loggers, core, report.step)
+        writer = find_tensorboard_writer(loggers) if is_global_zero else None
+        if writer is None:
+            return
+        order = core.layers.forward_names(layout)
+        if order != self._logged_order:  # once, and whenever it changes: for `gradguard report`
+            self._logged_order = order
+            if hasattr(writer, "add_text"):
+                writer.add_text("gradguard/layer_order", json.dumps(order), report.step)
+        log_flow_image(loggers, core, report, order, self.renderer)
+        if self.log_histograms:
+            by_layer: dict[str, list[Tensor]] = {}
+            for p, layer in zip(layout.params, layout.param_layer, strict=True):
+                if p.grad is not None and not p.grad.is_sparse:
+                    by_layer.setdefault(layout.layer_names[layer], []).append(p.grad)
+            log_histograms(loggers, by_layer, report.step)
+
+    def close(self) -> None:
+        """Wait for the images in flight, so that they reach the event file before the logger closes."""
+        self.renderer.close()

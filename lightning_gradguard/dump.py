@@ -26,16 +26,18 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_gradguard._validate import check_int
 from lightning_gradguard.errors import GradGuardError
 from lightning_gradguard.events import GradEvent
 
-__all__ = ["DUMP_FORMAT", "capture_rng", "load_dump", "restore_rng", "to_safe", "write_dump"]
+__all__ = ["DUMP_FORMAT", "Dumper", "capture_rng", "load_dump", "restore_rng", "to_safe", "write_dump"]
 
 DUMP_FORMAT = "lightning_gradguard.dump/1"
 
@@ -197,3 +199,101 @@ def load_dump(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{DUMP_FORMAT!r}, got {data.get('format') if isinstance(data, dict) else type(data).__name__!r})."
         )
     return data
+
+
+class Dumper:
+    """Keeps what a dump of the current step needs, and dumps the first bad steps.
+
+    The first non-finite or spike step is dumped, and then the first of each new (kind, origin), up
+    to ``max_dumps`` files. While dumps remain, each step's batches and the RNG state from before its
+    first forward pass are kept (by reference: no copy until a dump is written).
+
+    Args:
+        dump_dir: the directory for dumps, or None (no dumps).
+        max_dumps: at most this many files, an int >= 1.
+
+    Raises:
+        TypeError: ``dump_dir`` is not a path or None.
+        ValueError: ``max_dumps`` is not an int >= 1.
+
+    Example::
+
+        >>> Dumper(None, 5).active, Dumper("dumps", 5).active
+        (False, True)
+    """
+
+    def __init__(self, dump_dir: str | os.PathLike[str] | None, max_dumps: int = 5) -> None:
+        if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
+            raise TypeError(f"Expected `dump_dir` to be a directory path or None, but got {dump_dir!r}.")
+        self.dump_dir = None if dump_dir is None else os.fspath(dump_dir)
+        self.max_dumps = int(check_int("max_dumps", max_dumps, minimum=1))  # type: ignore[arg-type]
+        self.paths: list[str] = []
+        self.origins: set[str] = set()
+        self._batches: list[Any] = []
+        self._batch_idx = 0
+        self._rng: dict[str, Any] | None = None
+        self._open = False  # within an optimizer step (between its first micro-batch and the step)
+
+    @property
+    def active(self) -> bool:
+        """Whether dumps are on and some remain."""
+        return self.dump_dir is not None and len(self.paths) < self.max_dumps
+
+    def begin_batch(self, batch: Any, batch_idx: int) -> None:
+        """A (micro-)batch starts: keep it, and the RNG state on the first of an optimizer step."""
+        if self.active:
+            if not self._open:
+                self._batches, self._rng = [], capture_rng()
+            self._batches.append(batch)
+            self._batch_idx = batch_idx
+        self._open = True
+
+    def end_step(self) -> None:
+        """The optimizer step is being taken: the next batch begins a new one."""
+        self._open = False
+
+    def maybe_dump(
+        self,
+        event: GradEvent | None,
+        *,
+        global_step: int,
+        epoch: int,
+        model_state: Callable[[], dict[str, Any]],
+        optimizer_state: Callable[[], dict[str, Any]],
+        rank: int | None = None,
+    ) -> Path | None:
+        """Dump the step of ``event`` if it is the first of its kind and origin; the path, or None."""
+        if self.dump_dir is None or event is None or event.kind not in ("nonfinite", "spike"):
+            return None
+        if len(self.paths) >= self.max_dumps or self._rng is None:
+            return None
+        origin = f"{event.kind}:{event.origin}"
+        if origin in self.origins:
+            return None
+        self.origins.add(origin)
+        path = write_dump(
+            self.dump_dir,
+            event=event,
+            batch=self._batches[0] if len(self._batches) == 1 else list(self._batches),
+            batch_idx=self._batch_idx,
+            global_step=global_step,
+            epoch=epoch,
+            rng=self._rng,
+            model_state=model_state(),
+            optimizer_state=optimizer_state(),
+            rank=rank,
+        )
+        self.paths.append(str(path))
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dumps": list(self.paths), "dumped_origins": sorted(self.origins)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.paths = [str(p) for p in state.get("dumps", [])]
+        self.origins = set(state.get("dumped_origins", []))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_batches"], state["_rng"] = [], None  # live batches and RNG state: not part of a pickle
+        return state

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
 from lightning_gradguard.events import GradEvent
 
-__all__ = ["METRIC_PREFIX", "StepReport", "layer_metrics", "timestep_metrics"]
+__all__ = ["METRIC_PREFIX", "StepReport", "layer_metrics", "summarize_run", "timestep_metrics"]
 
 METRIC_PREFIX = "gradguard/"
 
@@ -94,3 +95,33 @@ def timestep_metrics(summaries: dict[str, dict[str, float]]) -> dict[str, float]
         for name, summary in summaries.items()
         for key, value in summary.items()
     }
+
+
+def summarize_run(
+    steps: int, clip: Any, clipped_steps: int, counters: Any, kind_counts: dict[str, int], suppressed: int
+) -> str:
+    """The one-paragraph summary of a run (:meth:`GuardCore.summary <lightning_gradguard.GuardCore.summary>`).
+
+    ``counters`` has the step policy's ``skipped_steps``, ``nonfinite_steps``, ``origins`` and
+    ``amp_overflow_steps``.
+    """
+    if clip is None:
+        clipped = "no clipping configured"
+    else:
+        frac = clipped_steps / steps if steps else 0.0
+        clipped = f"{clipped_steps} clipped ({frac:.1%}) by {clip!r}"
+    text = (
+        f"GradGuard summary: {steps} optimizer steps guarded; {clipped}; {counters.skipped_steps} skipped; "
+        f"{counters.nonfinite_steps} non-finite steps"
+    )
+    if counters.origins:
+        ranked = sorted(counters.origins.items(), key=lambda kv: -kv[1])
+        text += " (origins: " + ", ".join(f"{k} x{v}" for k, v in ranked) + ")"
+    if counters.amp_overflow_steps:
+        text += f"; {counters.amp_overflow_steps} fp16 overflows handled by the GradScaler"
+    others = {k: v for k, v in kind_counts.items() if k not in ("nonfinite", "amp_overflow")}
+    if others:
+        text += "; events: " + ", ".join(f"{k} x{v}" for k, v in sorted(others.items()))
+    if suppressed:
+        text += f" ({suppressed} repeated alerts were rate-limited; all are in guard.events)"
+    return text + "."

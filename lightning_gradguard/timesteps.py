@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["TimestepHistory", "TimestepTracker", "summarize_profile", "track_timesteps"]
+__all__ = ["TimestepHistory", "TimestepTracker", "make_tracker", "summarize_profile", "track_timesteps"]
 
 _CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
 _ACTIVE: TimestepTracker | None = None
@@ -335,3 +335,18 @@ class TimestepHistory:
         summary = summarize_profile(profile)
         self.summaries[name] = summary
         return summary
+
+
+def make_tracker(track: Any, norm_type: float) -> TimestepTracker | None:
+    """The tracker for ``track_timesteps`` (True: every recurrent module, a list: those, False: None).
+
+    Raises:
+        TypeError: ``track`` is neither a bool nor a list of module names.
+    """
+    if not isinstance(track, bool) and (
+        isinstance(track, str) or not isinstance(track, Sequence) or not all(isinstance(n, str) for n in track)
+    ):
+        raise TypeError(f"Expected `track_timesteps` to be a bool or a list of module names, but got {track!r}.")
+    if track is False:
+        return None
+    return TimestepTracker(norm_type, True if track is True else list(track))
