@@ -37,7 +37,7 @@ from __future__ import annotations
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -64,7 +64,7 @@ _WATCH = ("total", "loss_scale", CLIPPED)  # read with the flags on every step
 _PENDING_LIMIT = 256  # deferred steps kept before a read is forced (a run that never logs)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Step:
     """One step between its device work and its settling: what its host read and its events need.
 
@@ -78,9 +78,9 @@ class _Step:
     owners: list[int]
     total: Tensor
     logged: bool
-    read: HostRead = field(default_factory=HostRead)
-    layer_ids: list[int] = field(default_factory=list)
-    profiles: list[str] = field(default_factory=list)
+    read: HostRead
+    layer_ids: Sequence[int] = ()  # logging steps: the layers present
+    profiles: Sequence[str] = ()  # logging steps: the tracked sequences read
 
 
 class GuardCore:
@@ -319,7 +319,7 @@ class GuardCore:
         )  # fmt: skip
         if m is None:
             return self._nothing_to_measure(number)
-        s = _Step(number, optimizer_idx, layout, m.norms, m.owners, m.total, is_log)
+        s = _Step(number, optimizer_idx, layout, m.norms, m.owners, m.total, is_log, HostRead())
         s.read.put_each(FLAGS, device_flags(m, self._take_loss_flag(), reduce))
         ctx = self.clipping.context(m, layout, self.norm_type, is_log)
         clipped = self.clipping.clip_now(ctx, m, s.read)
@@ -368,17 +368,20 @@ class GuardCore:
         if self.vanish_ratio is not None:
             s.read.put("weights", weight_norms(s.norms, s.owners, s.layout, self.norm_type))
         if tracker is not None and tracker.armed:
-            for name, profile in tracker.collect(loss_scale).items():
+            profiles = tracker.collect(loss_scale)
+            for name, profile in profiles.items():
                 s.read.put(f"timestep/{name}", profile)
-                s.profiles.append(name)
+            s.profiles = list(profiles)
 
     def _decide(self, s: _Step, report: StepReport) -> Verdict:
         """Act on the step's flags (skip, warn, raise, stop); record its decision event."""
         read = s.read
-        verdict = Verdict.of(read)
-        self.clipping.observe(read["total"], verdict.finite, read[CLIPPED])
-        fault = Fault(s.number, report.total_norm, s.norms, s.owners, s.layout, s.layout.params, s.optimizer_idx)
-        report.event, report.skipped = self.policy.decide(verdict, read["total"], fault, self._record)
+        verdict, total = Verdict.of(read), read["total"]
+        self.clipping.observe(total, verdict.finite, read[CLIPPED])
+        def fault() -> Fault:
+            return Fault(s.number, report.total_norm, s.norms, s.owners, s.layout, s.layout.params, s.optimizer_idx)
+
+        report.event, report.skipped = self.policy.decide(verdict, total, fault, self._record)
         report.amp_overflow, report.nonfinite = verdict.amp_bad, verdict.nonfinite
         report.should_stop = verdict.nonfinite and self.on_nonfinite == "stop"
         return verdict
@@ -408,10 +411,9 @@ class GuardCore:
             layers_now=lambda: layer_norms_now(s.norms, s.owners, layout, self.norm_type),
         )  # fmt: skip
         if s.logged:
-            names = layout.layer_names
-            obs.weight_norms = dict(zip((names[i] for i in s.layer_ids), read.vector("weights"), strict=False)) if (
-                "weights" in read
-            ) else {}
+            if "weights" in read:
+                names = (layout.layer_names[i] for i in s.layer_ids)
+                obs.weight_norms = dict(zip(names, read.vector("weights"), strict=True))
             obs.unused = [] if verdict.nonfinite else layout.unused(s.layer_ids)
             obs.timestep_summaries = {name: self.history.summaries[name] for name in s.profiles}
         for detector in self.detectors:

@@ -64,7 +64,7 @@ class Verdict:
 
     @classmethod
     def of(cls, read: HostRead) -> Verdict:
-        return cls(*(read[name] > 0 for name in FLAGS))
+        return cls(read["grad_bad"] > 0, read["loss_bad"] > 0, read["amp_bad"] > 0)
 
     @property
     def finite(self) -> bool:
@@ -120,10 +120,12 @@ class StepPolicy:
         """Whether this step's read can wait: nothing on the host depends on it (``warn``, no skip)."""
         return self.on_nonfinite == "warn" and not is_log and not needs_host
 
-    def decide(self, verdict: Verdict, total: float, fault: Fault, record: Callable[[GradEvent], GradEvent]) -> (
-        tuple[GradEvent | None, bool]
-    ):
+    def decide(
+        self, verdict: Verdict, total: float, fault: Callable[[], Fault], record: Callable[[GradEvent], GradEvent]
+    ) -> tuple[GradEvent | None, bool]:
         """Act on one step: (the event recorded, whether the step was skipped).
+
+        ``fault`` builds the step's :class:`Fault` (only a faulty step needs it).
 
         Raises:
             NonFiniteGradientError: under ``"raise"`` on a non-finite step, or when
@@ -131,9 +133,10 @@ class StepPolicy:
         """
         if verdict.amp_bad:
             self.amp_overflow_steps += 1
-            return record(self._overflow_event(fault.step, total, fault.optimizer_idx)), False
+            where = fault()
+            return record(self._overflow_event(where.step, total, where.optimizer_idx)), False
         if verdict.nonfinite:
-            return self._nonfinite(fault, verdict.loss_bad, record)
+            return self._nonfinite(fault(), verdict.loss_bad, record)
         self.consecutive_skips = 0
         if math.isfinite(total):
             self.max_total_norm = max(self.max_total_norm, total)

@@ -11,7 +11,7 @@ the origin is where the fault entered the gradient. A non-finite loss is reporte
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -183,7 +183,7 @@ class LayerWatch:
         self.log_ema: dict[str, float] = {}
 
     def update(
-        self, norms: dict[str, float], weight_norms: dict[str, float], unused: Sequence[str] = ()
+        self, norms: Mapping[str, float], weight_norms: Mapping[str, float], unused: Sequence[str] = ()
     ) -> tuple[list[str], list[str], list[str]]:
         """Feed one logging step's per-layer norms; return (newly vanishing, newly dead, newly unused)."""
         vanishing, dead = [], []

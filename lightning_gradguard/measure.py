@@ -207,7 +207,7 @@ def global_norms(norms: Tensor, norm_type: float = 2.0, sharded: Tensor | None =
     return torch.where(mask, vals.pow(1.0 / norm_type).to(norms.dtype), norms)
 
 
-@dataclass
+@dataclass(slots=True)
 class Measurement:
     """What :func:`measure_step` found on the device for one optimizer step (no host value in it).
 

@@ -35,12 +35,13 @@ class HostRead:
         (1.0, [3.0, 4.0])
     """
 
-    __slots__ = ("_dtype", "_parts", "_size", "_slots", "_values")
+    __slots__ = ("_dtype", "_parts", "_scalars", "_size", "_slots", "_values")
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         self._dtype = dtype  # what the values are read as
         self._parts: list[Tensor] = []
         self._slots: dict[str, tuple[int, int]] = {}  # name -> (offset, length) in the read
+        self._scalars: dict[str, int] = {}  # one-value names -> offset (the hot path's lookups)
         self._size = 0
         self._values: list[float] | None = None
 
@@ -52,20 +53,24 @@ class HostRead:
 
     def put_each(self, names: Sequence[str], tensor: Tensor) -> None:
         """Register the elements of the 1-D ``tensor``, one name each (one part, no split on the device)."""
-        if tensor.numel() != len(names):
-            raise ValueError(f"Expected {len(names)} values for {list(names)}, but got {tensor.numel()}.")
-        for name in names:
-            self._claim(name, 1)
-        self._parts.append(tensor.reshape(-1))
+        if tensor.shape[0] != len(names):
+            raise ValueError(f"Expected {len(names)} values for {list(names)}, but got {tuple(tensor.shape)}.")
+        scalars, start = self._scalars, self._size
+        for k, name in enumerate(names):
+            if name in scalars or name in self._slots:
+                raise KeyError(f"HostRead: {name!r} is registered twice.")
+            scalars[name] = start + k
+        self._size = start + len(names)
+        self._parts.append(tensor)
 
     def _claim(self, name: str, length: int) -> None:
-        if name in self._slots:
+        if name in self._slots or name in self._scalars:
             raise KeyError(f"HostRead: {name!r} is registered twice.")
         self._slots[name] = (self._size, length)
         self._size += length
 
     def __contains__(self, name: object) -> bool:
-        return name in self._slots
+        return name in self._slots or name in self._scalars
 
     @property
     def done(self) -> bool:
@@ -95,11 +100,13 @@ class HostRead:
             start += r._size
 
     def __getitem__(self, name: str) -> float:
-        """The host value of the one-element entry ``name``."""
-        offset, length = self._slots[name]
-        if length != 1:
-            raise KeyError(f"HostRead: {name!r} holds {length} values; use vector().")
-        return self._host()[offset]
+        """The host value of the one-value entry ``name`` (registered with :meth:`put_each`)."""
+        try:
+            return self._values[self._scalars[name]]  # type: ignore[index]
+        except (KeyError, TypeError):
+            if self._values is None:
+                raise RuntimeError("HostRead: the values were not read yet; call read() first.") from None
+            raise KeyError(f"HostRead: {name!r} is not a one-value entry; use vector().") from None
 
     def vector(self, name: str) -> list[float]:
         """The host values of entry ``name``, flattened."""
@@ -108,7 +115,7 @@ class HostRead:
 
     def get(self, name: str, default: float) -> float:
         """``self[name]``, or ``default`` when nothing was registered under ``name``."""
-        return self[name] if name in self._slots else default
+        return self[name] if name in self._scalars else default
 
     def _host(self) -> list[float]:
         if self._values is None:

@@ -47,7 +47,7 @@ def default_detectors(
     timestep_vanish_ratio: float,
 ) -> list[Detector]:
     """The built-in detectors, in the order their events are recorded within a step."""
-    detectors: list[Detector] = [ExplodingDetector(explode_threshold)]
+    detectors: list[Detector] = [] if explode_threshold is None else [ExplodingDetector(explode_threshold)]
     if spike is not None and spike_zscore is not None:
         detectors.append(SpikeAlarm(spike_zscore, spike, watch))
     detectors += [LossScaleDetector(min_loss_scale), InTimeDetector(timestep_vanish_ratio), LayerHealthDetector(watch)]

@@ -11,16 +11,17 @@ Adding a detector means adding a module here and listing it in :func:`default_de
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 from lightning_gradguard.events import GradEvent
 
 __all__ = ["Detector", "Observation"]
 
+_NONE: Mapping[str, Any] = MappingProxyType({})  # shared, read-only: no allocation per step
 
-@dataclass
+
 class Observation:
     """One settled step, on the host.
 
@@ -39,18 +40,40 @@ class Observation:
         layers_now: per-layer norms on any step, at the cost of one more host read.
     """
 
-    step: int
-    optimizer_idx: int
-    total: float
-    finite: bool
-    nonfinite: bool
-    loss_scale: float = 0.0
-    logged: bool = False
-    layer_norms: dict[str, float] = field(default_factory=dict)
-    weight_norms: dict[str, float] = field(default_factory=dict)
-    unused: list[str] = field(default_factory=list)
-    timestep_summaries: dict[str, dict[str, float]] = field(default_factory=dict)
-    layers_now: Callable[[], dict[str, float]] = dict
+    # A plain class with slots: one is made per step, and shared empty defaults allocate nothing.
+    __slots__ = (
+        "finite", "layer_norms", "layers_now", "logged", "loss_scale", "nonfinite", "optimizer_idx", "step",
+        "timestep_summaries", "total", "unused", "weight_norms",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        step: int,
+        optimizer_idx: int,
+        total: float,
+        finite: bool,
+        nonfinite: bool,
+        loss_scale: float = 0.0,
+        *,
+        logged: bool = False,
+        layer_norms: Mapping[str, float] = _NONE,
+        weight_norms: Mapping[str, float] = _NONE,
+        unused: Sequence[str] = (),
+        timestep_summaries: Mapping[str, Mapping[str, float]] = _NONE,
+        layers_now: Callable[[], dict[str, float]] = dict,
+    ) -> None:
+        self.step = step
+        self.optimizer_idx = optimizer_idx
+        self.total = total
+        self.finite = finite
+        self.nonfinite = nonfinite
+        self.loss_scale = loss_scale
+        self.logged = logged
+        self.layer_norms = layer_norms
+        self.weight_norms = weight_norms
+        self.unused = unused
+        self.timestep_summaries = timestep_summaries
+        self.layers_now = layers_now
 
 
 @runtime_checkable
