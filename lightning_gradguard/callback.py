@@ -133,8 +133,13 @@ class GradGuard(_Base):
             is one device-to-host copy of every gradient per logging step.
         images_in_background: draw TensorBoard images on a background thread (default True), so that
             training does not wait for matplotlib; a logging step that comes while the previous
-            images are still being drawn skips its own. False draws every logging step's images on
-            the training thread.
+            images are still being drawn skips its own (all images of a step are drawn together,
+            and the last logging step of a fit is always drawn). False draws every logging step's
+            images on the training thread.
+        images: draw the matplotlib images (``gradguard/flow``, ``gradguard/timestep/<name>``) at
+            all (default True: they also reach tools other than TensorBoard). The GradGuard tab in
+            TensorBoard draws its heatmaps in the browser from the logged data, so its users can
+            turn the images off and save their drawing time.
 
     Raises:
         ValueError: an argument is out of range (the message names it).
@@ -176,6 +181,7 @@ class GradGuard(_Base):
         max_dumps: int = 5,
         log_histograms: bool = False,
         images_in_background: bool = True,
+        images: bool = True,
     ) -> None:
         # Each argument is validated once, by the part that owns it: the core, the dumper, the sink.
         # The adapter's own `log_every_n_steps=None` means "the Trainer's": it always tells the core.
@@ -199,7 +205,9 @@ class GradGuard(_Base):
             alert_handlers=alert_handlers,
         )
         self.dumper = Dumper(dump_dir, max_dumps)
-        self.sink = TensorBoardSink(log_histograms=log_histograms, images_in_background=images_in_background)
+        self.sink = TensorBoardSink(
+            log_histograms=log_histograms, images_in_background=images_in_background, images=images
+        )
 
     # ------------------------------------------------------------ read-only
     @property

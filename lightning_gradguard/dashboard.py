@@ -107,12 +107,15 @@ def render_timestep_heatmap(name: str, rows: Sequence[tuple[int, Tensor]]) -> An
 class Renderer:
     """Renders images on one background thread, within a time budget, so that training does not wait.
 
-    * At most one batch of images is in flight: a logging step that arrives while the previous one
-      is still being drawn skips its images rather than queueing up work.
+    * Each logging step's images are one job (the heatmaps and the flow image together), so that no
+      image of a step crowds out another.
+    * At most one job is in flight: a logging step that arrives while the previous one is still
+      being drawn skips its images rather than queueing up work.
     * Drawing takes at most ``budget`` (default 2%) of wall time: after a batch that took d seconds,
       the next is drawn no sooner than d / budget seconds later. Skipped batches are counted in
       :attr:`skipped`; scalars are never skipped.
-    * :meth:`close` waits for the batch in flight.
+    * :meth:`close` waits for the job in flight, then draws the last skipped one: the run's final
+      logging step is always drawn.
 
     ``background=False`` draws every batch inline, with no budget (tests, debugging).
     """
@@ -125,25 +128,34 @@ class Renderer:
         self._pool: Any = None
         self._future: Any = None
         self._next_ok = 0.0
+        self._last_skipped: Callable[[], None] | None = None
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], None]) -> bool:
+        """Draw ``job`` (inline, or on the background thread); False when the budget skipped it.
+
+        A skipped job is kept until the next one is accepted, so that :meth:`close` can draw the
+        last one: the final logging step of a run always reaches the event file.
+        """
         try:
             import matplotlib  # noqa: F401  (fail here, on the caller's thread, with one warning)
         except ImportError:
             _warn_no_matplotlib()
-            return
+            return False
         if not self.background:
             job()
             self.rendered += 1
-            return
+            return True
         if (self._future is not None and not self._future.done()) or time.monotonic() < self._next_ok:
             self.skipped += 1
-            return
+            self._last_skipped = job
+            return False
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradguard-images")
+        self._last_skipped = None
         self._future = self._pool.submit(self._run, job)
+        return True
 
     def _run(self, job: Callable[[], None]) -> None:
         start = time.monotonic()
@@ -160,28 +172,28 @@ class Renderer:
             self._next_ok = end + (end - start) / self.budget
 
     def close(self) -> None:
+        """Wait for the job in flight, then draw the last skipped job, if the run ended on one."""
         if self._future is not None:
             self._future.result()
             self._future = None
+        if self._last_skipped is not None:
+            job, self._last_skipped = self._last_skipped, None
+            self._run(job)
+            self.skipped -= 1
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"background": self.background, "budget": self.budget, "skipped": self.skipped,
-                "rendered": self.rendered, "_pool": None, "_future": None, "_next_ok": 0.0}
+                "rendered": self.rendered, "_pool": None, "_future": None, "_next_ok": 0.0, "_last_skipped": None}
 
 
-def log_timestep_images(loggers: Iterable[Any], core: Any, step: int, renderer: Renderer | None = None) -> None:
-    """Write one heatmap image per tracked sequence to TensorBoard (rank zero, if present)."""
-    if not is_rank_zero():
-        return
-    writer = find_tensorboard_writer(loggers)
-    if writer is None or not hasattr(writer, "add_image"):
-        return
+def timestep_images_job(writer: Any, core: Any, step: int) -> Callable[[], None] | None:
+    """A job drawing one heatmap per sequence tracked at ``step`` (None when there is none)."""
     jobs = [(name, list(rows)) for name, rows in core.timestep_heat.items() if rows and rows[-1][0] == step]
-    if not jobs:
-        return
+    if not jobs or not hasattr(writer, "add_image"):
+        return None
 
     def draw() -> None:
         for name, rows in jobs:
@@ -189,7 +201,15 @@ def log_timestep_images(loggers: Iterable[Any], core: Any, step: int, renderer: 
             writer.add_image(f"gradguard/timestep/{name}", torch.from_numpy(image), global_step=step,
                              dataformats="HWC")
 
-    (renderer or Renderer(background=False)).submit(draw)
+    return draw
+
+
+def log_timestep_images(loggers: Iterable[Any], core: Any, step: int, renderer: Renderer | None = None) -> None:
+    """Write one heatmap image per tracked sequence to TensorBoard (rank zero, if present)."""
+    writer = find_tensorboard_writer(loggers) if is_rank_zero() else None
+    job = None if writer is None else timestep_images_job(writer, core, step)
+    if job is not None:
+        (renderer or Renderer(background=False)).submit(job)
 
 
 def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
@@ -260,15 +280,10 @@ def render_flow(
     return _pixels(fig)
 
 
-def log_flow_image(
-    loggers: Iterable[Any], core: Any, report: Any, layer_order: Sequence[str], renderer: Renderer | None = None
-) -> None:
-    """Write ``gradguard/flow`` (rank zero, TensorBoardLogger only, logging steps)."""
-    if not is_rank_zero() or not report.layer_norms:
-        return
-    writer = find_tensorboard_writer(loggers)
-    if writer is None or not hasattr(writer, "add_image"):
-        return
+def flow_image_job(writer: Any, core: Any, report: Any, layer_order: Sequence[str]) -> Callable[[], None] | None:
+    """A job drawing ``gradguard/flow`` for a logging step's report (None without layer norms)."""
+    if not report.layer_norms or not hasattr(writer, "add_image"):
+        return None
     names = [n for n in layer_order if n in report.layer_norms]
     norms = [report.layer_norms[n] for n in names]
     step, vanish, explode = report.step, core.vanish_threshold or None, core.explode_threshold
@@ -277,7 +292,17 @@ def log_flow_image(
         image = render_flow(names, norms, step, vanish, explode)
         writer.add_image("gradguard/flow", torch.from_numpy(image), global_step=step, dataformats="HWC")
 
-    (renderer or Renderer(background=False)).submit(draw)
+    return draw
+
+
+def log_flow_image(
+    loggers: Iterable[Any], core: Any, report: Any, layer_order: Sequence[str], renderer: Renderer | None = None
+) -> None:
+    """Write ``gradguard/flow`` (rank zero, TensorBoardLogger only, logging steps)."""
+    writer = find_tensorboard_writer(loggers) if is_rank_zero() else None
+    job = None if writer is None else flow_image_job(writer, core, report, layer_order)
+    if job is not None:
+        (renderer or Renderer(background=False)).submit(job)
 
 
 def log_histograms(loggers: Iterable[Any], layers: dict[str, list[Tensor]], step: int) -> None:
@@ -323,8 +348,9 @@ class TensorBoardSink:
 
     * :meth:`attach` (at setup): routes rate-limited alerts to the text ``gradguard/alerts`` and
       every non-finite step to ``gradguard/nonfinite``, and writes the Custom Scalars layout.
-    * :meth:`write` (each logging step): the timestep heatmaps and raw profiles, the layer order
-      (whenever it changes), the ``gradguard/flow`` image and, with ``log_histograms``, histograms.
+    * :meth:`write` (each logging step): the raw per-timestep profiles, the layer order (whenever
+      it changes), the images (the timestep heatmaps and ``gradguard/flow``, one render job) and,
+      with ``log_histograms``, histograms.
     * :meth:`close` (end of training): waits for the images in flight.
 
     Only a ``TensorBoardLogger`` on rank zero is written to; with none, every call is a no-op.
@@ -333,6 +359,8 @@ class TensorBoardSink:
         log_histograms: also write per-layer gradient histograms (a device-to-host copy of every
             gradient per logging step).
         images_in_background: draw images on a background thread within a 2% time budget.
+        images: draw the matplotlib images at all (False: scalars, texts and the GradGuard tab's
+            data only).
 
     Raises:
         TypeError: an argument is not a bool.
@@ -344,12 +372,13 @@ class TensorBoardSink:
         False
     """
 
-    def __init__(self, log_histograms: bool = False, images_in_background: bool = True) -> None:
-        if not isinstance(log_histograms, bool):
-            raise TypeError(f"Expected `log_histograms` to be a bool, but got {log_histograms!r}.")
-        if not isinstance(images_in_background, bool):
-            raise TypeError(f"Expected `images_in_background` to be a bool, but got {images_in_background!r}.")
+    def __init__(self, log_histograms: bool = False, images_in_background: bool = True, images: bool = True) -> None:
+        for name, value in (("log_histograms", log_histograms), ("images_in_background", images_in_background),
+                            ("images", images)):
+            if not isinstance(value, bool):
+                raise TypeError(f"Expected `{name}` to be a bool, but got {value!r}.")
         self.log_histograms = log_histograms
+        self.images = images
         self.renderer = Renderer(background=images_in_background)
         self._logged_order: list[str] = []
 
@@ -377,18 +406,27 @@ class TensorBoardSink:
 
     def write(self, loggers: Sequence[Any], core: Any, report: Any, layout: Any, is_global_zero: bool) -> None:
         """Write one logging step's images, texts and histograms (``layout``: the optimizer's layers)."""
-        if report.timesteps:
-            log_timestep_images(loggers, core, report.step, self.renderer)
-            log_profiles_text(loggers, core, report.step)
-        writer = find_tensorboard_writer(loggers) if is_global_zero else None
+        writer = find_tensorboard_writer(loggers) if is_global_zero and is_rank_zero() else None
         if writer is None:
             return
+        if report.timesteps:
+            log_profiles_text(loggers, core, report.step)
         order = core.layers.forward_names(layout)
         if order != self._logged_order:  # once, and whenever it changes: for `gradguard report`
             self._logged_order = order
             if hasattr(writer, "add_text"):
                 writer.add_text("gradguard/layer_order", json.dumps(order), report.step)
-        log_flow_image(loggers, core, report, order, self.renderer)
+        if self.images:  # all of this step's images are one job: none crowds out another
+            jobs = [timestep_images_job(writer, core, report.step) if report.timesteps else None,
+                    flow_image_job(writer, core, report, order)]
+            todo = [job for job in jobs if job is not None]
+
+            def draw_all() -> None:
+                for job in todo:
+                    job()
+
+            if todo:
+                self.renderer.submit(draw_all)
         if self.log_histograms:
             by_layer: dict[str, list[Tensor]] = {}
             for p, layer in zip(layout.params, layout.param_layer, strict=True):

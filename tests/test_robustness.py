@@ -221,6 +221,8 @@ CONSTRUCTORS: dict[str, tuple[Any, dict[str, Any]]] = {
     "GradGuard.dump_dir": (lambda v: GradGuard(dump_dir=v), {}),
     "GradGuard.max_dumps": (lambda v: GradGuard(max_dumps=v), {}),
     "GradGuard.log_histograms": (lambda v: GradGuard(log_histograms=v), {}),
+    "GradGuard.images": (lambda v: GradGuard(images=v), {}),
+    "GradGuard.images_in_background": (lambda v: GradGuard(images_in_background=v), {}),
     "GradGuard.clip": (lambda v: GradGuard(clip=v), {}),
 }
 
