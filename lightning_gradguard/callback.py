@@ -292,7 +292,7 @@ class GradGuard(_Base):
                 "GradGuard: the model has no trainable parameters (none, or all frozen): there is nothing to "
                 "measure, clip or guard."
             )
-        self.sink.attach(trainer.loggers, self.core.alerts, trainer.is_global_zero)
+        self.sink.attach(trainer.loggers, self.core.alerts, trainer.is_global_zero, self.core)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)

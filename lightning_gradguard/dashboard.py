@@ -8,8 +8,9 @@ Only a ``TensorBoardLogger`` gets these, on rank zero:
 * ``gradguard/timestep/<name>``: a per-timestep heatmap per tracked sequence;
 * ``gradguard/hist/<layer>``: gradient histograms, with ``log_histograms=True``;
 * text: ``gradguard/alerts`` (rate-limited alerts), ``gradguard/nonfinite`` (every non-finite step,
-  its origin and layers) and ``gradguard/timestep_profile/<name>`` (the raw profile, for
-  ``gradguard report``).
+  its origin and layers) and ``gradguard/layer_order``;
+* the data of the GradGuard tab (:mod:`~lightning_gradguard.tabdata`): the thresholds, the raw
+  per-timestep profiles and every event, as tensor summaries under the plugin name ``gradguard``.
 
 Rendering uses matplotlib (the optional extra ``lightning-gradguard[plot]``), imported lazily on
 the first logging step that needs it; without it, a one-time warning says what is missing and
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gradguard import tabdata
 from lightning_gradguard.alerts import AlertRouter, GradGuardWarning, is_rank_zero
 from lightning_gradguard.events import GradEvent
 
@@ -37,7 +39,6 @@ __all__ = [
     "find_tensorboard_writer",
     "log_flow_image",
     "log_histograms",
-    "log_profiles_text",
     "log_timestep_images",
     "render_flow",
     "render_timestep_heatmap",
@@ -221,7 +222,7 @@ def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
                 [r"gradguard/total_norm$", r"gradguard/total_norm_clipped$", r"gradguard/clip_threshold$"],
             ],
             "per-layer norms": ["Multiline", [r"gradguard/layer/.*"]],
-            "per-timestep: first/last ratio": ["Multiline", [r"gradguard/timestep/.*/first_last_ratio"]],
+            "per-timestep: log10 first/last ratio": ["Multiline", [r"gradguard/timestep/.*/log10_first_last"]],
             "per-timestep: horizon": ["Multiline", [r"gradguard/timestep/.*/horizon"]],
             "per-timestep: decay per step": ["Multiline", [r"gradguard/timestep/.*/decay_per_step"]],
             "events": [
@@ -320,18 +321,6 @@ def log_histograms(loggers: Iterable[Any], layers: dict[str, list[Tensor]], step
             writer.add_histogram(f"gradguard/hist/{name}", flat, global_step=step)
 
 
-def log_profiles_text(loggers: Iterable[Any], core: Any, step: int) -> None:
-    """The raw per-timestep profiles as JSON text (``gradguard/timestep_profile/<name>``), for the report."""
-    if not is_rank_zero() or not core.timestep_norms:
-        return
-    writer = find_tensorboard_writer(loggers)
-    if writer is None or not hasattr(writer, "add_text"):
-        return
-    for name, profile in core.timestep_norms.items():
-        values = [float(v) for v in profile.tolist()]
-        writer.add_text(f"gradguard/timestep_profile/{name}", json.dumps(values), global_step=step)
-
-
 def _warn_no_matplotlib() -> None:
     if "mpl" not in _warned:
         _warned.add("mpl")
@@ -381,12 +370,17 @@ class TensorBoardSink:
         self.images = images
         self.renderer = Renderer(background=images_in_background)
         self._logged_order: list[str] = []
+        self._events: list[GradEvent] = []  # recorded since the last write, for the tab
+        self._events_step = -1  # the step of the last events summary (kept strictly increasing)
+        self._writer: Any = None
 
-    def attach(self, loggers: Sequence[Any], router: AlertRouter, is_global_zero: bool) -> bool:
-        """Route ``router``'s alerts to TensorBoard text and write the layout; True if a writer was found."""
+    def attach(self, loggers: Sequence[Any], router: AlertRouter, is_global_zero: bool, core: Any = None) -> bool:
+        """Route ``router``'s alerts to TensorBoard text and write the layout, and (with ``core``) the
+        tab's thresholds; True if a writer was found."""
         router.sinks = []
         router.taps = []
         writer = find_tensorboard_writer(loggers) if is_global_zero else None
+        self._writer = writer
         if writer is None or not hasattr(writer, "add_text"):
             return False
 
@@ -400,8 +394,17 @@ class TensorBoardSink:
                 writer.add_text("gradguard/nonfinite", line, event.step)
 
         router.sinks.append(to_tensorboard)
-        router.taps.append(nonfinite_record)
+        router.taps += [nonfinite_record, self._collect]
         write_layout(loggers)
+        if core is not None:
+            config = {
+                "vanish_threshold": core.vanish_threshold,
+                "explode_threshold": core.explode_threshold,
+                "timestep_vanish_ratio": core.timestep_vanish_ratio,
+                "spike_zscore": core.spike_zscore,
+                "norm_type": core.norm_type,
+            }
+            tabdata.write_json(writer, tabdata.CONFIG_TAG, config, 0)
         return True
 
     def write(self, loggers: Sequence[Any], core: Any, report: Any, layout: Any, is_global_zero: bool) -> None:
@@ -409,8 +412,9 @@ class TensorBoardSink:
         writer = find_tensorboard_writer(loggers) if is_global_zero and is_rank_zero() else None
         if writer is None:
             return
-        if report.timesteps:
-            log_profiles_text(loggers, core, report.step)
+        for name, profile in report.timesteps.items():
+            tabdata.write_vector(writer, f"{tabdata.PROFILE_PREFIX}{name}", profile.numpy(), report.step)
+        self._flush_events(writer, report.step)
         order = core.layers.forward_names(layout)
         if order != self._logged_order:  # once, and whenever it changes: for `gradguard report`
             self._logged_order = order
@@ -434,6 +438,29 @@ class TensorBoardSink:
                     by_layer.setdefault(layout.layer_names[layer], []).append(p.grad)
             log_histograms(loggers, by_layer, report.step)
 
+    def _collect(self, event: GradEvent) -> None:
+        self._events.append(event)
+        if len(self._events) >= 1000 and self._writer is not None:  # a run that rarely logs: bound the memory
+            self._flush_events(self._writer, self._events_step + 1)
+
+    def _flush_events(self, writer: Any, step: int) -> None:
+        """Write the events recorded since the last write as one ``gradguard/events`` summary."""
+        if not self._events:
+            return
+        events, self._events = self._events, []
+        step = max(step, max(e.step for e in events), self._events_step + 1)
+        self._events_step = step
+        rows = [{k: v for k, v in e.as_dict().items() if k != "extra"} for e in events]
+        tabdata.write_json(writer, tabdata.EVENTS_TAG, rows, step)
+
     def close(self) -> None:
-        """Wait for the images in flight, so that they reach the event file before the logger closes."""
+        """Wait for the images in flight, so that they reach the event file before the logger closes,
+        and write the events recorded since the last logging step."""
         self.renderer.close()
+        if self._writer is not None:
+            self._flush_events(self._writer, self._events_step + 1)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_writer"], state["_events"] = None, []  # bound to a live logger
+        return state

@@ -7,6 +7,7 @@ nothing here reads the device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,18 +84,29 @@ def layer_metrics(
 
 
 def timestep_metrics(summaries: dict[str, dict[str, float]]) -> dict[str, float]:
-    """``gradguard/timestep/<name>/<summary>`` for each tracked sequence.
+    """``gradguard/timestep/<name>/<summary>`` for each tracked sequence, and ``log10_first_last``
+    (the first/last ratio spans ten decades between a healthy and a vanishing run: on a log scale a
+    chart of it stays readable).
 
     Example::
 
-        >>> timestep_metrics({"rnn": {"horizon": 3.0}})
-        {'gradguard/timestep/rnn/horizon': 3.0}
+        >>> timestep_metrics({"rnn": {"first_last_ratio": 1e-6, "horizon": 3.0}})
+        {'gradguard/timestep/rnn/first_last_ratio': 1e-06, 'gradguard/timestep/rnn/horizon': 3.0, \
+'gradguard/timestep/rnn/log10_first_last': -6.0}
     """
-    return {
-        f"{METRIC_PREFIX}timestep/{name}/{key}": value
-        for name, summary in summaries.items()
-        for key, value in summary.items()
-    }
+    out = {}
+    for name, summary in summaries.items():
+        for key, value in summary.items():
+            out[f"{METRIC_PREFIX}timestep/{name}/{key}"] = value
+        if "first_last_ratio" in summary:
+            out[f"{METRIC_PREFIX}timestep/{name}/log10_first_last"] = _log10(summary["first_last_ratio"])
+    return out
+
+
+def _log10(x: float) -> float:
+    if x != x:
+        return math.nan
+    return math.log10(x) if x > 0 else -math.inf
 
 
 def summarize_run(

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ReportError", "RunReport", "build_report", "main"]
+__all__ = ["ReportError", "RunData", "RunReport", "build_report", "main", "read_run", "report_from"]
 
 _KINDS = (
     "exploding",
@@ -90,6 +90,59 @@ class RunReport:
         return {k: v for k, v in self.__dict__.items()}
 
 
+@dataclass
+class RunData:
+    """A run's guard data, however it was read: from event files (:func:`read_run`) or through
+    TensorBoard's data provider (the GradGuard tab). :func:`report_from` judges it.
+
+    Attributes:
+        scalars: every ``gradguard/`` scalar series, ``tag -> [(step, value)]``.
+        texts: every ``gradguard/`` text series, by its tag without ``/text_summary``.
+        profiles: each tracked sequence's per-timestep profiles, ``name -> [(step, norms)]``.
+        events: every event the tab's data holds (dicts with kind, step, origin, layers, message).
+        config: the thresholds the guard ran with (empty for event files older than the tab).
+    """
+
+    scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    profiles: dict[str, list[tuple[int, list[float]]]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def add_tensor(self, tag: str, step: int, value: Any) -> None:
+        """Take one tensor datum of the tab's plugin (``gradguard``) or of the text plugin."""
+        from lightning_gradguard import tabdata
+
+        if tag.endswith("/text_summary") and tag.startswith("gradguard/"):
+            self.texts.setdefault(tag[: -len("/text_summary")], []).append((step, _text_of(value)))
+        elif tag.startswith(tabdata.PROFILE_PREFIX):
+            values = [float(v) for v in value.reshape(-1).tolist()]
+            self.profiles.setdefault(tag[len(tabdata.PROFILE_PREFIX) :], []).append((step, values))
+        elif tag == tabdata.EVENTS_TAG:
+            self.events.extend(json.loads(_text_of(value)))
+        elif tag == tabdata.CONFIG_TAG:
+            self.config = json.loads(_text_of(value))
+
+    def finish(self) -> None:
+        """Put every series in step order (profiles from older files come from JSON text)."""
+        for tag, series in self.texts.items():
+            m = re.match(r"gradguard/timestep_profile/(.+)$", tag)
+            if m and m.group(1) not in self.profiles:
+                self.profiles[m.group(1)] = [(step, json.loads(text)) for step, text in series]
+        tables: tuple[dict[str, list[Any]], ...] = (self.scalars, self.texts, self.profiles)
+        for table in tables:
+            for series in table.values():
+                series.sort(key=lambda item: item[0])
+        self.events.sort(key=lambda e: e.get("step", 0))
+
+
+def _text_of(value: Any) -> str:
+    """The string in a text or JSON tensor (a 0-d or 1-d array of bytes)."""
+    flat = value.reshape(-1).tolist() if hasattr(value, "reshape") else [value]
+    first = flat[0] if flat else b""
+    return first.decode("utf-8", "replace") if isinstance(first, bytes) else str(first)
+
+
 def find_runs(logdir: Path) -> list[Path]:
     """Every folder under ``logdir`` (itself included) that holds TensorBoard event files."""
     if not logdir.exists():
@@ -129,18 +182,6 @@ def _check_files(run: Path) -> None:
             raise ReportError(f"corrupt event file {path}: no readable record")
 
 
-def _texts(acc: Any, tag: str) -> list[tuple[int, str]]:
-    key = f"{tag}/text_summary"
-    if key not in acc.Tags().get("tensors", []):
-        return []
-    out = []
-    for ev in acc.Tensors(key):
-        values = ev.tensor_proto.string_val
-        if values:
-            out.append((ev.step, values[0].decode("utf-8", "replace")))
-    return out
-
-
 def _finite(values: Sequence[float]) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
@@ -159,9 +200,10 @@ def _largest_jump(values: Sequence[float], window: int = 5) -> float:
     return worst
 
 
-def build_report(run: Path) -> RunReport:
-    """Read one run's event files and judge its gradients."""
+def read_run(run: Path) -> RunData:
+    """Read one run's guard data from its event files (CRC-checked)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
 
     _check_files(run)
     acc = EventAccumulator(os.fspath(run), size_guidance={"scalars": 0, "tensors": 0, "images": 1, "histograms": 1})
@@ -169,33 +211,37 @@ def build_report(run: Path) -> RunReport:
         acc.Reload()
     except Exception as exc:
         raise ReportError(f"cannot read the event files in {run}: {type(exc).__name__}: {exc}") from None
-    scalars = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags().get("scalars", [])}
-    ours = {t: v for t, v in scalars.items() if t.startswith("gradguard/")}
+    data = RunData()
+    for tag in acc.Tags().get("scalars", []):
+        if tag.startswith("gradguard/"):
+            data.scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    for tag in acc.Tags().get("tensors", []):
+        if tag.startswith("gradguard/"):
+            for ev in acc.Tensors(tag):
+                data.add_tensor(tag, ev.step, tensor_util.make_ndarray(ev.tensor_proto))
+    data.finish()
+    return data
+
+
+def build_report(run: Path) -> RunReport:
+    """Read one run's event files and judge its gradients."""
+    return report_from(os.fspath(run), read_run(run))
+
+
+def report_from(run: str, data: RunData) -> RunReport:
+    """Judge one run's gradients from its data (the same code for the CLI and the tab).
+
+    Raises:
+        ReportError: the run holds no ``gradguard/`` metrics.
+    """
+    ours = data.scalars
     if not ours:
         raise ReportError(f"{run} holds no gradguard/ metrics: was GradGuard among the Trainer's callbacks?")
     steps = max(s for series in ours.values() for s, _ in series) + 1
-    rep = RunReport(run=os.fspath(run), steps=steps)
-
-    for tag, series in sorted(ours.items()):
-        if not tag.startswith("gradguard/layer/"):
-            continue
-        name = tag[len("gradguard/layer/") :]
-        values = [v for _, v in series]
-        fin = _finite(values)
-        median = statistics.median(fin) if fin else math.nan
-        peak = max(fin) if fin else math.nan
-        flags = []
-        if fin and median < VANISH:
-            flags.append("vanishing")
-        jump = _largest_jump(fin)
-        if len(fin) < len(values) or jump > 1000:
-            flags.append("exploding")
-        elif jump > 10:
-            flags.append("spiky")
-        rep.layers[name] = {"median": median, "max": peak, "last": values[-1], "flags": flags}
-    order = _texts(acc, "gradguard/layer_order")
+    rep = RunReport(run=run, steps=steps)
+    rep.layers = _layer_stats(ours)
+    order = data.texts.get("gradguard/layer_order", [])
     rep.layer_order = json.loads(order[-1][1]) if order else sorted(rep.layers)
-
     totals = [v for _, v in ours.get("gradguard/total_norm", [])]
     fin = _finite(totals)
     if fin:
@@ -212,7 +258,7 @@ def build_report(run: Path) -> RunReport:
     rep.clipped_fraction = statistics.fmean(fractions) if fractions else None
     rep.skipped_steps = int(max((v for _, v in ours.get("gradguard/skipped_steps", [])), default=0))
     rep.nonfinite_steps = int(max((v for _, v in ours.get("gradguard/nonfinite_steps", [])), default=0))
-    for _, line in _texts(acc, "gradguard/nonfinite"):
+    for _, line in data.texts.get("gradguard/nonfinite", []):
         m = re.match(r"step (\d+) origin (\S+) action (\S+) layers (.*)", line)
         if m:
             rep.nonfinite.append(
@@ -223,18 +269,35 @@ def build_report(run: Path) -> RunReport:
         m = re.match(r"gradguard/timestep/(.+)/(horizon|first_last_ratio|decay_per_step)$", tag)
         if m:
             rep.timesteps.setdefault(m.group(1), {})[m.group(2)] = series[-1][1]
-    for tag in acc.Tags().get("tensors", []):
-        m = re.match(r"gradguard/timestep_profile/(.+)/text_summary$", tag)
-        if m:
-            texts = _texts(acc, f"gradguard/timestep_profile/{m.group(1)}")
-            if texts:
-                rep.profiles[m.group(1)] = json.loads(texts[-1][1])
-    for _, line in _texts(acc, "gradguard/alerts"):
+    rep.profiles = {name: series[-1][1] for name, series in data.profiles.items() if series}
+    for _, line in data.texts.get("gradguard/alerts", []):
         m = re.match(r"\*\*(\w+)\*\*", line)
         if m:
             rep.alert_kinds[m.group(1)] = rep.alert_kinds.get(m.group(1), 0) + 1
     _judge(rep)
     return rep
+
+
+def _layer_stats(ours: dict[str, list[tuple[int, float]]]) -> dict[str, dict[str, Any]]:
+    """Per layer: median, max, last and flags (vanishing, exploding, spiky)."""
+    layers: dict[str, dict[str, Any]] = {}
+    for tag, series in sorted(ours.items()):
+        if not tag.startswith("gradguard/layer/"):
+            continue
+        values = [v for _, v in series]
+        fin = _finite(values)
+        median = statistics.median(fin) if fin else math.nan
+        peak = max(fin) if fin else math.nan
+        flags = []
+        if fin and median < VANISH:
+            flags.append("vanishing")
+        jump = _largest_jump(fin)
+        if len(fin) < len(values) or jump > 1000:
+            flags.append("exploding")
+        elif jump > 10:
+            flags.append("spiky")
+        layers[tag[len("gradguard/layer/") :]] = {"median": median, "max": peak, "last": values[-1], "flags": flags}
+    return layers
 
 
 def _judge(rep: RunReport) -> None:
