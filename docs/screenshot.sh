@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce docs/dashboard.png: train the demo briefly, serve its logs with TensorBoard on
-# 127.0.0.1, and photograph the GradGuard Custom Scalars page with headless Chromium.
+# Reproduce docs/dashboard.png and docs/tab.png: train the demo briefly, serve its logs with
+# TensorBoard on 127.0.0.1, and photograph the GradGuard Custom Scalars page and the GradGuard tab
+# (run `exploding`) with headless Chromium.
 # Not part of `make test`. Installs Debian's `chromium` package if it is missing (needs root/sudo).
 #
 #   bash docs/screenshot.sh [LOGDIR]       # default: a fresh 200-step demo run under /tmp
@@ -28,4 +29,8 @@ done
 chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1500,1100 \
   --virtual-time-budget=15000 --screenshot="$PWD/docs/dashboard.png" \
   "http://127.0.0.1:$PORT/?darkMode=false#custom_scalars" 2>/dev/null
-echo "wrote docs/dashboard.png (logs: $LOGDIR)"
+CHROME=(chromium --headless=new --no-sandbox --disable-gpu --disable-quic --no-first-run
+        --disable-background-networking --disable-component-update --disable-sync --hide-scrollbars)
+"${CHROME[@]}" --window-size=1400,1500 --virtual-time-budget=15000 --screenshot="$PWD/docs/tab.png" \
+  "http://127.0.0.1:$PORT/?darkMode=false#gradguard" 2>/dev/null
+echo "wrote docs/dashboard.png and docs/tab.png (logs: $LOGDIR)"

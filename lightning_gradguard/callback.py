@@ -76,12 +76,14 @@ class GradGuard(_Base):
     ``gradguard/layer/<layer>``         each layer's gradient norm before clipping
     ``gradguard/skipped_steps``         skipped steps so far (cumulative)
     ``gradguard/nonfinite_steps``       non-finite steps so far (cumulative)
-    ``gradguard/timestep/<name>/...``   ``first_last_ratio``, ``decay_per_step`` and ``horizon`` of
-                                        each tracked sequence (see :mod:`~lightning_gradguard.timesteps`)
+    ``gradguard/timestep/<name>/...``   ``first_last_ratio``, ``log10_first_last``, ``decay_per_step``
+                                        and ``horizon`` of each tracked sequence (see
+                                        :mod:`~lightning_gradguard.timesteps`)
     ==================================  ==========================================================
 
     With a ``TensorBoardLogger``, each tracked sequence also gets an image ``gradguard/timestep/<name>``:
-    a heatmap of log10 per-timestep norms over recent logging steps (needs matplotlib).
+    a heatmap of log10 per-timestep norms over recent logging steps (needs matplotlib), and the
+    GradGuard tab in TensorBoard gets its data (:mod:`~lightning_gradguard.tabdata`).
 
     A logging step is one with ``(trainer.global_step + 1) % n == 0``, ``n`` being
     ``log_every_n_steps`` (default: the Trainer's). Logging steps follow that cadence with or without
