@@ -47,7 +47,16 @@ from lightning_gradguard import alerts
 from lightning_gradguard._validate import check_choice, check_handlers, check_int, check_number, check_ratio
 from lightning_gradguard.clip import Clipper
 from lightning_gradguard.clipstage import CLIPPED, ClipStage
-from lightning_gradguard.decide import FLAGS, POLICIES, Fault, OnNonFinite, StepPolicy, Verdict, device_flags
+from lightning_gradguard.decide import (
+    FLAGS,
+    POLICIES,
+    DeviceSkip,
+    Fault,
+    OnNonFinite,
+    StepPolicy,
+    Verdict,
+    device_flags,
+)
 from lightning_gradguard.detect import LayerWatch, SpikeDetector
 from lightning_gradguard.detectors import Detector, Observation, default_detectors, state_of
 from lightning_gradguard.events import GradEvent
@@ -79,6 +88,7 @@ class _Step:
     total: Tensor
     logged: bool
     read: HostRead
+    deferred: bool = False  # read later (warn, or skipped on the device): its gradients are gone by then
     layer_ids: Sequence[int] = ()  # logging steps: the layers present
     profiles: Sequence[str] = ()  # logging steps: the tracked sequences read
 
@@ -207,6 +217,7 @@ class GuardCore:
         self.layers = LayerMap(self.group_by)
         self.clipping = ClipStage(clip)
         self.policy = StepPolicy(self.on_nonfinite, self.max_consecutive_skips, self.layers)
+        self.skipper = DeviceSkip()
         self.spike = SpikeDetector(self.spike_warmup) if self.spike_zscore is not None else None
         self.watchlist = LayerWatch(self.vanish_threshold, self.vanish_ratio, self.vanish_patience)
         self.detectors: list[Detector] = default_detectors(
@@ -244,6 +255,7 @@ class GuardCore:
     def unwatch(self) -> None:
         """Remove every hook the guard registered on the model."""
         self.layers.unwatch()
+        self.skipper.remove()
         if self.timesteps is not None:
             self.timesteps.unwatch()
 
@@ -320,22 +332,28 @@ class GuardCore:
         if m is None:
             return self._nothing_to_measure(number)
         s = _Step(number, optimizer_idx, layout, m.norms, m.owners, m.total, is_log, HostRead())
-        s.read.put_each(FLAGS, device_flags(m, self._take_loss_flag(), reduce))
+        flags = device_flags(m, self._take_loss_flag(), reduce)
+        s.read.put_each(FLAGS, flags)
+        on_device = self.policy.on_device(optimizer, is_log, self.clipping.needs_host, m.loss_scale is not None)
+        if on_device:  # a non-finite step is skipped by the optimizer itself: no read needed now
+            self.skipper.arm(optimizer, flags)
+        else:
+            self.skipper.disarm(optimizer)
         ctx = self.clipping.context(m, layout, self.norm_type, is_log)
         clipped = self.clipping.clip_now(ctx, m, s.read)
         scale = m.loss_scale.to(m.zero.device).reshape(()).float() if m.loss_scale is not None else m.zero
         s.read.put_each(_WATCH, torch.stack([m.total.to(m.zero.device, torch.float32), scale, clipped]))
         self._register_logged(s, m.loss_scale)
-        if self.policy.defers(is_log, self.clipping.needs_host):
+        if self.policy.defers(is_log, self.clipping.needs_host, on_device):
             return self._defer(s)
         pending, self._pending = self._pending, []
         # The one deliberate host sync of the step: the skip decision needs the flags.
         HostRead.read_all([s.read, *(p.read for p in pending)])
-        for p in pending:
-            self._settle_deferred(p)
+        stop = [self._settle_deferred(p).should_stop for p in pending]
         self._advance()
         report = StepReport(number, m.total, logged=is_log)
         verdict = self._decide(s, report)
+        report.should_stop = report.should_stop or any(stop)  # a step skipped on the device under "stop"
         late = self.clipping.clip_late(ctx, verdict.finite)
         if is_log:
             self._fill_metrics(report, s, late)
@@ -379,7 +397,8 @@ class GuardCore:
         verdict, total = Verdict.of(read), read["total"]
         self.clipping.observe(total, verdict.finite, read[CLIPPED])
         def fault() -> Fault:
-            return Fault(s.number, report.total_norm, s.norms, s.owners, s.layout, s.layout.params, s.optimizer_idx)
+            params = () if s.deferred else s.layout.params  # a deferred step's gradients belong to a later one
+            return Fault(s.number, report.total_norm, s.norms, s.owners, s.layout, params, s.optimizer_idx)
 
         report.event, report.skipped = self.policy.decide(verdict, total, fault, self._record)
         report.amp_overflow, report.nonfinite = verdict.amp_bad, verdict.nonfinite
@@ -422,12 +441,14 @@ class GuardCore:
                 if detector.headline:
                     report.event = event
 
-    def _settle_deferred(self, s: _Step) -> None:
+    def _settle_deferred(self, s: _Step) -> StepReport:
         report = StepReport(s.number, s.total.float())  # as read: the float32 total
         self._detect(s, report, self._decide(s, report))
+        return report
 
     def _defer(self, s: _Step) -> StepReport:
         """Keep the step's read for later: nothing on the host depends on it now (no sync)."""
+        s.deferred = True
         self._pending.append(s)
         self._advance()
         if len(self._pending) >= _PENDING_LIMIT:  # bound the memory of a run that never logs

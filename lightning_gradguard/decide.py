@@ -11,6 +11,12 @@ Two halves, on either side of the step's one host read:
   ``"warn"`` only reports. ``max_consecutive_skips`` skipped steps in a row raise too: a run never
   skips forever in silence.
 
+With an optimizer whose step honours ``found_inf`` (fused ``Adam``, ``AdamW``, ``SGD``, ``Adagrad``:
+the attribute the GradScaler sets), :class:`DeviceSkip` skips a non-finite step on the device
+instead: ``optimizer.found_inf`` is the step's flag, and the fused kernel leaves the weights, their
+state and the step counters untouched when it is 1. Nothing is read on the host, so a healthy step
+needs no sync; the step's event and counters settle with the next logging step's read.
+
 The policy owns the step counters (skipped, non-finite, fp16 overflows, consecutive skips, origins)
 and the message text of ``nonfinite`` and ``amp_overflow`` events.
 """
@@ -24,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from lightning_gradguard.detect import describe_nonfinite, nonfinite_tensors, origin_of
 from lightning_gradguard.errors import NonFiniteGradientError
@@ -32,12 +39,13 @@ from lightning_gradguard.layers import LayerMap, OptimizerLayout
 from lightning_gradguard.measure import Measurement
 from lightning_gradguard.readout import HostRead
 
-__all__ = ["FLAGS", "OnNonFinite", "StepPolicy", "Verdict", "device_flags"]
+__all__ = ["FLAGS", "DeviceSkip", "OnNonFinite", "StepPolicy", "Verdict", "can_skip_on_device", "device_flags"]
 
 OnNonFinite = Literal["skip", "warn", "raise", "stop"]
 POLICIES = ("skip", "warn", "raise", "stop")
 FLAGS = ("grad_bad", "loss_bad", "amp_bad")  # names in the step's HostRead
 _ACTIONS = {"skip": "skipped", "stop": "stopped", "raise": "raised", "warn": "warned"}
+SCALER_SKIPPED = "skipped by the GradScaler"  # the action of a non-finite loss under fp16
 
 
 def device_flags(
@@ -52,6 +60,66 @@ def device_flags(
         bad[2] = m.amp_found.to(m.zero.device).float()
     flags = torch.stack(bad)
     return reduce(flags) if reduce is not None else flags
+
+
+def can_skip_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` honours ``optimizer.found_inf`` (the fused Adam, AdamW, SGD, Adagrad).
+
+    Example::
+
+        >>> import torch
+        >>> p = [torch.nn.Parameter(torch.ones(2))]
+        >>> can_skip_on_device(torch.optim.AdamW(p, fused=True)), can_skip_on_device(torch.optim.AdamW(p))
+        (True, False)
+    """
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(optimizer.defaults.get("fused"))
+
+
+class DeviceSkip:
+    """Skips a non-finite step on the device: ``optimizer.found_inf`` = the step's flag (0-d float32,
+    1.0 for a non-finite gradient or loss on any rank), removed again by a step post-hook.
+
+    Example::
+
+        >>> import torch
+        >>> p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.full((2,), float("nan"))
+        >>> opt = torch.optim.AdamW([p], fused=True)
+        >>> skip = DeviceSkip()
+        >>> skip.arm(opt, torch.tensor([1.0, 0.0, 0.0]))
+        >>> opt.step()
+        >>> p.tolist(), hasattr(opt, "found_inf"), opt.state[p]["step"].item()
+        ([1.0, 1.0], False, 0.0)
+    """
+
+    def __init__(self) -> None:
+        self._armed: dict[int, Tensor] = {}
+        self._hooks: dict[int, RemovableHandle] = {}
+
+    def arm(self, optimizer: torch.optim.Optimizer, flags: Tensor) -> None:
+        """Set ``found_inf`` from the :func:`device_flags` vector (no host sync)."""
+        found = (flags[0] + flags[1]).clamp(max=1.0).to(torch.float32)
+        key = id(optimizer)
+        if key not in self._hooks:
+            self._hooks[key] = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.disarm(opt))
+        optimizer.found_inf = found  # type: ignore[attr-defined]
+        self._armed[key] = found
+
+    def disarm(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remove the ``found_inf`` this object set (after the step, or when a step is not skipped on
+        the device); one the GradScaler set is left alone."""
+        found = self._armed.pop(id(optimizer), None)
+        if found is not None and getattr(optimizer, "found_inf", None) is found:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+
+    def remove(self) -> None:
+        """Remove the post-hooks (the guard is detached)."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._armed.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_armed": {}, "_hooks": {}}  # bound to live optimizers
 
 
 @dataclass
@@ -73,8 +141,14 @@ class Verdict:
 
     @property
     def nonfinite(self) -> bool:
-        """A non-finite gradient or loss that no GradScaler handles."""
-        return not self.amp_bad and (self.grad_bad or self.loss_bad)
+        """A fault: a non-finite loss (even one the fp16 GradScaler skips: it is not an overflow), or
+        a non-finite gradient that no GradScaler handles."""
+        return self.loss_bad or (self.grad_bad and not self.amp_bad)
+
+    @property
+    def overflow(self) -> bool:
+        """A plain fp16 overflow of a finite loss: the GradScaler's business (it skips, lowers its scale)."""
+        return self.amp_bad and not self.loss_bad
 
 
 @dataclass
@@ -116,9 +190,22 @@ class StepPolicy:
         self.max_total_norm = 0.0  # the largest finite total norm (host: read with each step's flags)
         self.origins: dict[str, int] = {}
 
-    def defers(self, is_log: bool, needs_host: bool) -> bool:
-        """Whether this step's read can wait: nothing on the host depends on it (``warn``, no skip)."""
-        return self.on_nonfinite == "warn" and not is_log and not needs_host
+    def on_device(self, optimizer: torch.optim.Optimizer, is_log: bool, needs_host: bool, scaler_on: bool) -> bool:
+        """Whether this step is skipped on the device (:class:`DeviceSkip`) and its read deferred:
+        ``skip`` or ``stop``, an optimizer that honours ``found_inf``, no GradScaler (it owns that
+        attribute), no clipper that needs the host, not a logging step (it reads anyway)."""
+        return (
+            self.on_nonfinite in ("skip", "stop")
+            and not is_log
+            and not needs_host
+            and not scaler_on
+            and can_skip_on_device(optimizer)
+        )
+
+    def defers(self, is_log: bool, needs_host: bool, on_device: bool = False) -> bool:
+        """Whether this step's read can wait: nothing on the host depends on it now (``warn``, which
+        does not skip, or a step skipped on the device)."""
+        return on_device or (self.on_nonfinite == "warn" and not is_log and not needs_host)
 
     def decide(
         self, verdict: Verdict, total: float, fault: Callable[[], Fault], record: Callable[[GradEvent], GradEvent]
@@ -131,12 +218,12 @@ class StepPolicy:
             NonFiniteGradientError: under ``"raise"`` on a non-finite step, or when
                 ``max_consecutive_skips`` steps in a row were skipped (after recording the event).
         """
-        if verdict.amp_bad:
+        if verdict.overflow:
             self.amp_overflow_steps += 1
             where = fault()
             return record(self._overflow_event(where.step, total, where.optimizer_idx)), False
         if verdict.nonfinite:
-            return self._nonfinite(fault(), verdict.loss_bad, record)
+            return self._nonfinite(fault(), verdict.loss_bad, record, by_scaler=verdict.amp_bad)
         self.consecutive_skips = 0
         if math.isfinite(total):
             self.max_total_norm = max(self.max_total_norm, total)
@@ -154,11 +241,15 @@ class StepPolicy:
         )
 
     def _nonfinite(
-        self, fault: Fault, loss_bad: bool, record: Callable[[GradEvent], GradEvent]
+        self, fault: Fault, loss_bad: bool, record: Callable[[GradEvent], GradEvent], by_scaler: bool = False
     ) -> tuple[GradEvent, bool]:
+        """A fault: count it, skip it (unless the GradScaler already does), record it, raise if asked."""
         self.nonfinite_steps += 1
-        event = self._nonfinite_event(fault, loss_bad)
-        skip = self.on_nonfinite in ("skip", "stop")
+        action = _ACTIONS[self.on_nonfinite]
+        if by_scaler and self.on_nonfinite in ("skip", "warn"):
+            action = SCALER_SKIPPED
+        event = self._nonfinite_event(fault, loss_bad, action)
+        skip = self.on_nonfinite in ("skip", "stop") and not by_scaler
         if skip:
             for p in fault.params:
                 p.grad = None
@@ -178,7 +269,7 @@ class StepPolicy:
             )
         return event, skip
 
-    def _nonfinite_event(self, fault: Fault, loss_bad: bool) -> GradEvent:
+    def _nonfinite_event(self, fault: Fault, loss_bad: bool, action: str) -> GradEvent:
         """The ``nonfinite`` event: its layers in forward order and its origin (one more host read)."""
         layout = fault.layout
         bad_layers = {layout.param_layer[fault.owners[i]] for i in nonfinite_tensors(fault.norms)}
@@ -188,7 +279,6 @@ class StepPolicy:
         # then (a conditional branch) has no known place in it: say that the origin is uncertain.
         unplaced = [layout.layer_names[i] for i in bad_layers if layout.layer_seen and not layout.layer_seen[i]]
         certain = loss_bad or not unplaced
-        action = _ACTIONS[self.on_nonfinite]
         total = float(fault.total) if fault.total.numel() else math.nan
         message = describe_nonfinite(fault.step, names, origin, total, action, fault.optimizer_idx)
         if not certain:

@@ -81,6 +81,7 @@ def describe_nonfinite(
         "stopped": "Step skipped; stopping training.",
         "raised": "Raising.",
         "warned": "Step NOT skipped (on_nonfinite='warn').",
+        "skipped by the GradScaler": "Step skipped by the GradScaler.",
     }.get(action, "")
     head = f"GradGuard: non-finite gradient at step {step}{opt} (total norm {total:g})"
     return f"{head}, {where}{listed}. {verdict}".strip()

@@ -49,7 +49,8 @@ class GradEvent:
         value: the total gradient norm before clipping (``nan`` or ``inf`` for a non-finite step).
         message: a one-line, human-readable description.
         optimizer_idx: index of the optimizer in ``trainer.optimizers`` (0 for a single optimizer).
-        action: what the guard did: ``"skipped"``, ``"warned"``, ``"raised"``, ``"stopped"`` or
+        action: what the guard did: ``"skipped"``, ``"warned"``, ``"raised"``, ``"stopped"``,
+            ``"skipped by the GradScaler"`` (a non-finite loss under fp16: the scaler skips the step) or
             ``"none"``.
 
     Example::

@@ -259,7 +259,7 @@ def report_from(run: str, data: RunData) -> RunReport:
     rep.skipped_steps = int(max((v for _, v in ours.get("gradguard/skipped_steps", [])), default=0))
     rep.nonfinite_steps = int(max((v for _, v in ours.get("gradguard/nonfinite_steps", [])), default=0))
     for _, line in data.texts.get("gradguard/nonfinite", []):
-        m = re.match(r"step (\d+) origin (\S+) action (\S+) layers (.*)", line)
+        m = re.match(r"step (\d+) origin (\S+) action (.+?) layers (.*)", line)
         if m:
             rep.nonfinite.append(
                 {"step": int(m.group(1)), "origin": m.group(2), "action": m.group(3), "layers": m.group(4)}
