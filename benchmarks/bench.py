@@ -35,6 +35,7 @@ import functools
 import math
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -97,12 +98,13 @@ class Batches(Dataset[tuple[Tensor, Tensor]]):
 
 
 class Module(pl.LightningModule):
-    def __init__(self, model: str, log_grad_norm: bool = False) -> None:
+    def __init__(self, model: str, log_grad_norm: bool = False, fused: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = MODELS[model]()
         self.kind = model
         self.log_grad_norm = log_grad_norm
+        self.fused = fused
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -116,7 +118,7 @@ class Module(pl.LightningModule):
             self.log_dict(grad_norm(self, norm_type=2))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
+        return torch.optim.SGD(self.parameters(), lr=1e-3, fused=self.fused or None)
 
 
 class NullLogger(Logger):
@@ -166,6 +168,8 @@ CONFIGS: dict[str, str] = {
     "6 guard-ts": "GradGuard(clip=NormClip(1.0)) + per-timestep, every step",
     "7 anomaly": "Trainer(detect_anomaly=True)",
     "8 zclip": "GradGuard(clip=ZClip())",
+    "2f clip-fused": "Trainer(gradient_clip_val=1.0), SGD(fused=True)",
+    "4f guard-fused": "GradGuard(clip=NormClip(1.0)), SGD(fused=True): NaN steps skipped on the device, no host read",
 }
 
 
@@ -179,7 +183,7 @@ def build(config: str, model: str, steps: int, device: str) -> tuple[pl.Trainer,
         kwargs["gradient_clip_val"] = 1.0
     if config.startswith("3"):
         log_every = 1
-    if config == "4 guard":
+    if config in ("4 guard", "4f guard-fused"):
         callbacks.append(GradGuard(clip=NormClip(1.0), track_timesteps=False))
     if config.startswith("4w"):
         callbacks.append(GradGuard(clip=NormClip(1.0), track_timesteps=False, on_nonfinite="warn"))
@@ -205,7 +209,7 @@ def build(config: str, model: str, steps: int, device: str) -> tuple[pl.Trainer,
         num_sanity_val_steps=0,
         **kwargs,
     )
-    return trainer, Module(model, log_grad_norm=config.startswith("3")), timer
+    return trainer, Module(model, log_grad_norm=config.startswith("3"), fused=config[1:2] == "f"), timer
 
 
 def interleaved(model: str, configs: list[str], rounds: int, steps: int, warmup: int, device: str) -> dict[str, Any]:
@@ -293,6 +297,34 @@ def count_syncs(model: str, configs: list[str], steps: int = 12) -> dict[str, fl
     return out
 
 
+def count_host_reads(model: str, configs: list[str], steps: int = 12) -> dict[str, float]:
+    """Host reads per optimizer step made by lightning_gradguard's own code (``.tolist()``, ``.item()``,
+    ``bool(tensor)``...), counted on any device by wrapping those Tensor methods (tests/hostreads.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.hostreads import host_reads_from_the_package
+
+    class PerStep(pl.Callback):
+        def __init__(self, calls: list[str]) -> None:
+            self.calls, self.counts, self._mark = calls, [], 0
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._mark = len(self.calls)
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.counts.append(len(self.calls) - self._mark)
+
+    out: dict[str, float] = {}
+    for config in configs:
+        trainer, module, _ = build(config, model, steps, "cpu")
+        with host_reads_from_the_package() as calls, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            counter = PerStep(calls)
+            trainer.callbacks.append(counter)  # type: ignore[attr-defined]
+            trainer.fit(module, DataLoader(Batches(model, steps), batch_size=None))
+        out[config] = statistics.mean(counter.counts[2:])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -307,7 +339,8 @@ def main() -> None:
     started = time.perf_counter()
     plan = {
         "b: Transformer": [
-            "1 bare", "2 clip", "3 lightning", "4 guard", "4w guard-warn", "5 guard-log", "7 anomaly", "8 zclip"
+            "1 bare", "2 clip", "3 lightning", "4 guard", "4w guard-warn", "5 guard-log", "7 anomaly", "8 zclip",
+            "2f clip-fused", "4f guard-fused",
         ],
         "a: LSTM LM": ["1 bare", "2 clip", "4 guard", "6 guard-ts"],
         "c: MLP x200": ["1 bare", "2 clip", "3 lightning", "4 guard", "5 guard-log"],
@@ -316,7 +349,8 @@ def main() -> None:
     results = {m: interleaved(m, cs, args.rounds, args.steps, args.warmup, args.device) for m, cs in plan.items()}
     scaling = guard_cost_scaling(args.device)
     sync_configs = ["1 bare", "2 clip", "3 lightning", "4 guard", "4w guard-warn", "5 guard-log", "8 zclip"]
-    syncs = count_syncs("b: Transformer", sync_configs) if args.device == "cuda" else {}
+    syncs = count_syncs("b: Transformer", [*sync_configs, "4f guard-fused"]) if args.device == "cuda" else {}
+    reads = count_host_reads("b: Transformer", [*sync_configs, "2f clip-fused", "4f guard-fused"])
     elapsed = time.perf_counter() - started
 
     if args.device == "cuda":
@@ -339,13 +373,21 @@ def main() -> None:
         "",
     ]
     for m, res in results.items():
-        lines += [f"## Model {m}", "", "| configuration | ratio | [min, max] | median step |", "|---|---|---|---|"]
+        head = "| configuration | ratio | [min, max] | median step | guard host reads per step |"
+        lines += [f"## Model {m}", "", head, "|---|---|---|---|---|"]
         for config, r in res.items():
+            read = f"{reads[config]:.2f}" if m.startswith("b") and config in reads else "-"
             lines.append(
                 f"| {config}: {CONFIGS[config]} | {r['median']:.3f} | [{r['min']:.3f}, {r['max']:.3f}] | "
-                f"{r['ms']:.2f} ms |"
+                f"{r['ms']:.2f} ms | {read} |"
             )
         lines.append("")
+    lines += [
+        "Guard host reads per step: device-to-host reads by lightning_gradguard's own code (`.tolist()`, "
+        "`.item()`, `bool(tensor)`, ...), counted by wrapping those Tensor methods over 10 steps at the "
+        "default logging cadence (50): each is a sync on a GPU.",
+        "",
+    ]
     b = results.get("b: Transformer")
     a = results.get("a: LSTM LM")
     targets = [("guard cost 1000 vs 10 tensors", scaling[1000][0] / scaling[10][0], "<= 3")]
@@ -354,6 +396,8 @@ def main() -> None:
             ("config 4 vs config 2 (b)", b["4 guard"]["median"] / b["2 clip"]["median"], "<= 1.02"),
             ("config 5 vs config 3 (b)", b["5 guard-log"]["median"] / b["3 lightning"]["median"], "<= 1.00"),
             ("config 7 vs config 4 (b)", b["7 anomaly"]["median"] / b["4 guard"]["median"], ">= 1.5"),
+            ("config 4f vs config 2f (b)", b["4f guard-fused"]["median"] / b["2f clip-fused"]["median"], "<= 1.02"),
+            ("config 4f host reads per step (b)", reads["4f guard-fused"], "<= 0"),
         ]
     if a is not None:
         targets.insert(-1, ("config 6 vs config 2 (a)", a["6 guard-ts"]["median"] / a["2 clip"]["median"], "<= 1.05"))

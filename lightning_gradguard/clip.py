@@ -26,7 +26,13 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard._validate import check_number
-from lightning_gradguard.measure import combine_norms, grad_norms, group_by_device_and_dtype, total_norm
+from lightning_gradguard.measure import (
+    combine_norms,
+    device_constant,
+    grad_norms,
+    group_by_device_and_dtype,
+    total_norm,
+)
 
 __all__ = [
     "AGC",
@@ -207,7 +213,7 @@ def clip_grads_by_norm_(
     """
     coef = torch.clamp(max_norm / (total + _EPS), max=1.0)
     if finite is not None:
-        coef = torch.where(finite, coef, torch.ones_like(coef))
+        coef = torch.where(finite, coef, device_constant(1.0, coef.device))
     scale_grads_(grads, coef, single_group)
     return coef
 
@@ -315,8 +321,9 @@ class NormClip(Clipper):
         assert self.max_norm is not None and self.norm_type is not None
         own_total = ctx.total if self.norm_type == ctx.norm_type else _own_total(ctx, self.norm_type)
         coef = clip_grads_by_norm_(ctx.grads, self.max_norm, own_total, ctx.finite, ctx.single_group)
-        clipped = ctx.total * coef if ctx.want_norm else None
-        return ClipOutcome(coef, clipped, torch.full_like(ctx.total, self.max_norm), clipped=coef < 1)
+        if not ctx.want_norm:  # a non-logging step: no kernel for what only the metrics need
+            return ClipOutcome(coef, clipped=coef < 1)
+        return ClipOutcome(coef, ctx.total * coef, torch.full_like(ctx.total, self.max_norm), clipped=coef < 1)
 
 
 class ValueClip(Clipper):

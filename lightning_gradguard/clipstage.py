@@ -28,7 +28,7 @@ from lightning_gradguard.readout import HostRead
 __all__ = ["CLIP_VALUES", "ClipStage"]
 
 CLIP_VALUES = ("total_norm_clipped", "clip_coef", "clip_threshold", "clipped_units")
-CLIPPED = "clipped"  # the step's "the clipper changed something" bit, in the step's HostRead
+CLIPPED = "clipped"  # in the step's HostRead: above 0 when the clipper changed the gradients
 
 
 class ClipStage:
@@ -86,13 +86,14 @@ class ClipStage:
         )
 
     def clip_now(self, ctx: ClipContext | None, m: Measurement, read: HostRead) -> Tensor:
-        """Apply a non-deferred clipper before the read; return the "clipped" bit (0-d, device)."""
+        """Apply a non-deferred clipper before the read; return the step's "clipped" bit (0-d, on the
+        device; bool or float: the step's stack turns it into a float without a kernel of its own)."""
         if ctx is None or self.clip is None or self.clip.deferred:
             return m.zero
         outcome = self.clip.clip_(ctx)
         if ctx.want_norm:
             read.put_each(CLIP_VALUES, _values(outcome, m.total))
-        return (outcome.clipped if outcome.clipped is not None else outcome.coef < 1).to(m.zero.device).float()
+        return (outcome.clipped if outcome.clipped is not None else outcome.coef < 1).to(m.zero.device)
 
     def observe(self, total: float, finite: bool, clipped: float) -> None:
         """After the read: count a clipped step, and feed a clipper's host statistics."""

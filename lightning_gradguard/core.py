@@ -61,7 +61,7 @@ from lightning_gradguard.detect import LayerWatch, SpikeDetector
 from lightning_gradguard.detectors import Detector, Observation, default_detectors, state_of
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.layers import LayerMap, OptimizerLayout
-from lightning_gradguard.measure import layer_norms, layer_norms_now, measure_step, weight_norms
+from lightning_gradguard.measure import Measurement, layer_norms, layer_norms_now, measure_step, weight_norms
 from lightning_gradguard.metrics import METRIC_PREFIX, StepReport, layer_metrics, summarize_run, timestep_metrics
 from lightning_gradguard.readout import HostRead
 from lightning_gradguard.timesteps import TimestepHistory, make_tracker
@@ -332,17 +332,14 @@ class GuardCore:
         if m is None:
             return self._nothing_to_measure(number)
         s = _Step(number, optimizer_idx, layout, m.norms, m.owners, m.total, is_log, HostRead())
-        flags = device_flags(m, self._take_loss_flag(), reduce)
-        s.read.put_each(FLAGS, flags)
+        ctx = self.clipping.context(m, layout, self.norm_type, is_log)
+        clipped = self.clipping.clip_now(ctx, m, s.read)
+        flags = self._register_head(s, m, clipped, reduce)
         on_device = self.policy.on_device(optimizer, is_log, self.clipping.needs_host, m.loss_scale is not None)
         if on_device:  # a non-finite step is skipped by the optimizer itself: no read needed now
             self.skipper.arm(optimizer, flags)
         else:
             self.skipper.disarm(optimizer)
-        ctx = self.clipping.context(m, layout, self.norm_type, is_log)
-        clipped = self.clipping.clip_now(ctx, m, s.read)
-        scale = m.loss_scale.to(m.zero.device).reshape(()).float() if m.loss_scale is not None else m.zero
-        s.read.put_each(_WATCH, torch.stack([m.total.to(m.zero.device, torch.float32), scale, clipped]))
         self._register_logged(s, m.loss_scale)
         if self.policy.defers(is_log, self.clipping.needs_host, on_device):
             return self._defer(s)
@@ -374,6 +371,24 @@ class GuardCore:
             self._settle_deferred(p)
 
     # ----------------------------------------------------------------- stages
+    def _register_head(
+        self, s: _Step, m: Measurement, clipped: Tensor, reduce: Callable[[Tensor], Tensor] | None
+    ) -> Tensor:
+        """Register every step's values: the flags (summed across ranks by ``reduce``), the total norm,
+        the loss scale, the clipped bit. One stack on one process; under DDP the flags are a stack of
+        their own (one small collective). Returns the flags vector (:data:`FLAGS` order)."""
+        bad = device_flags(m, self._take_loss_flag())
+        scale = m.loss_scale.to(m.zero.device).reshape(()).float() if m.loss_scale is not None else m.zero
+        watch = [m.total.to(m.zero.device, torch.float32), scale, clipped]
+        if reduce is None:
+            head = torch.stack([*bad, *watch])
+            s.read.put_each(FLAGS + _WATCH, head)
+            return head
+        flags = reduce(torch.stack(bad))
+        s.read.put_each(FLAGS, flags)
+        s.read.put_each(_WATCH, torch.stack(watch))
+        return flags
+
     def _register_logged(self, s: _Step, loss_scale: Tensor | None) -> None:
         """On a logging step, add the per-layer norms (and weights, and per-timestep profiles) to the read."""
         tracker = self.timesteps

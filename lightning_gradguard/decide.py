@@ -2,9 +2,9 @@
 
 Two halves, on either side of the step's one host read:
 
-* on the device, :func:`device_flags` stacks three flags (non-finite gradient, non-finite loss,
-  fp16 overflow) and sums them across ranks with the caller's ``reduce``, so that every rank reads
-  the same flags and takes the same decision (a NaN on one rank only skips the step everywhere);
+* on the device, :func:`device_flags` makes three flags (non-finite gradient, non-finite loss,
+  fp16 overflow), which the step sums across ranks with the caller's ``reduce``, so that every rank
+  reads the same flags and takes the same decision (a NaN on one rank only skips the step everywhere);
 * on the host, :class:`StepPolicy` acts on the flags it reads: ``"skip"`` sets every gradient of the
   optimizer to None (torch optimizers then leave weights and state alone), ``"stop"`` skips and asks
   the loop to stop, ``"raise"`` raises :class:`~lightning_gradguard.errors.NonFiniteGradientError`,
@@ -36,30 +36,30 @@ from lightning_gradguard.detect import describe_nonfinite, nonfinite_tensors, or
 from lightning_gradguard.errors import NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.layers import LayerMap, OptimizerLayout
-from lightning_gradguard.measure import Measurement
+from lightning_gradguard.measure import Measurement, device_constant
 from lightning_gradguard.readout import HostRead
 
 __all__ = ["FLAGS", "DeviceSkip", "OnNonFinite", "StepPolicy", "Verdict", "can_skip_on_device", "device_flags"]
 
 OnNonFinite = Literal["skip", "warn", "raise", "stop"]
 POLICIES = ("skip", "warn", "raise", "stop")
-FLAGS = ("grad_bad", "loss_bad", "amp_bad")  # names in the step's HostRead
+FLAGS = ("grad_bad", "loss_bad", "amp_bad")  # names in the step's HostRead, and the device_flags order
+_GRAD_BAD, _LOSS_BAD = FLAGS.index("grad_bad"), FLAGS.index("loss_bad")
 _ACTIONS = {"skip": "skipped", "stop": "stopped", "raise": "raised", "warn": "warned"}
 SCALER_SKIPPED = "skipped by the GradScaler"  # the action of a non-finite loss under fp16
 
 
-def device_flags(
-    m: Measurement, loss_finite: Tensor | None, reduce: Callable[[Tensor], Tensor] | None
-) -> Tensor:
-    """[gradient non-finite, loss non-finite, fp16 overflow] as a float vector on the device, summed
-    over ranks by ``reduce`` (one small collective, no host sync)."""
-    bad = [(~m.finite).float(), m.zero, m.zero]
+def device_flags(m: Measurement, loss_finite: Tensor | None) -> list[Tensor]:
+    """[gradient non-finite, loss non-finite, fp16 overflow], in :data:`FLAGS` order, as 0-d float32
+    tensors on the device (no host sync). The step stacks them with its other values; under DDP the
+    stack is summed across ranks, so that every rank reads the same flags."""
+    one = device_constant(1.0, m.zero.device)
+    bad = [torch.where(m.finite, m.zero, one), m.zero, m.zero]
     if loss_finite is not None:
-        bad[1] = (~loss_finite).to(m.zero.device).float()
+        bad[1] = torch.where(loss_finite.to(m.zero.device), m.zero, one)
     if m.amp_found is not None:
         bad[2] = m.amp_found.to(m.zero.device).float()
-    flags = torch.stack(bad)
-    return reduce(flags) if reduce is not None else flags
+    return bad
 
 
 def can_skip_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -96,8 +96,8 @@ class DeviceSkip:
         self._hooks: dict[int, RemovableHandle] = {}
 
     def arm(self, optimizer: torch.optim.Optimizer, flags: Tensor) -> None:
-        """Set ``found_inf`` from the :func:`device_flags` vector (no host sync)."""
-        found = (flags[0] + flags[1]).clamp(max=1.0).to(torch.float32)
+        """Set ``found_inf`` from the stacked (and reduced) :func:`device_flags` (no host sync)."""
+        found = (flags[_GRAD_BAD] + flags[_LOSS_BAD]).clamp(max=1.0).to(torch.float32)
         key = id(optimizer)
         if key not in self._hooks:
             self._hooks[key] = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.disarm(opt))

@@ -90,9 +90,9 @@ class HostRead:
             for r in pending:
                 r._values = []
             return
-        device = parts[0].device
-        dtype = pending[0]._dtype
-        values = torch.cat([p.to(device, dtype) for p in parts]).tolist()
+        device, dtype = parts[0].device, pending[0]._dtype
+        flat = parts[0].to(device, dtype) if len(parts) == 1 else torch.cat([p.to(device, dtype) for p in parts])
+        values = flat.tolist()
         start = 0
         for r in pending:
             r._values = values[start : start + r._size]

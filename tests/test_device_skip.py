@@ -16,7 +16,7 @@ from torch import nn
 from lightning_gradguard import GradGuard, GradGuardWarning, GuardCore, NonFiniteGradientError, NormClip
 from lightning_gradguard.decide import can_skip_on_device
 from tests.helpers import FaultNet, GradRecorder, assert_same_state, trainer
-from tests.test_pipeline import host_reads_from_the_package
+from tests.hostreads import host_reads_from_the_package
 
 
 def _setup(fused: bool, policy: str = "skip", **kw: Any) -> tuple[nn.Module, torch.optim.Optimizer, GuardCore]:
