@@ -92,7 +92,7 @@ class AutoClip(Clipper):
         coef = torch.where(ctx.finite & torch.isfinite(threshold), coef, torch.ones_like(coef))
         scale_grads_(ctx.grads, coef, ctx.single_group)
         clipped = ctx.total * coef if ctx.want_norm else None
-        return ClipOutcome(coef, clipped, threshold, clipped=coef < 1)
+        return ClipOutcome(coef, clipped, threshold, clipped=coef < 1 if ctx.want_bit else None)
 
     @property
     def window(self) -> Tensor:
@@ -250,7 +250,8 @@ class ZClip(Clipper):
         if not ctx.host_observed:  # used on its own: read the norm now (one sync)
             self.observe(float(ctx.total), bool(ctx.finite))
         clipped = ctx.total * coef if ctx.want_norm else None
-        return ClipOutcome(coef, clipped, torch.full_like(ctx.total, boundary), clipped=coef < 1)
+        bit = coef < 1 if ctx.want_bit else None
+        return ClipOutcome(coef, clipped, torch.full_like(ctx.total, boundary), clipped=bit)
 
     def state_dict(self) -> dict[str, Any]:
         return {

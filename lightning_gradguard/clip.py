@@ -99,6 +99,9 @@ class ClipContext:
             used on its own.
         sharded: the gradients are shards (FSDP, DTensor); unit-wise rules that need whole tensors
             refuse them.
+        want_bit: whether the caller needs :attr:`ClipOutcome.clipped`; a clipper whose "clipped"
+            is just ``coef < 1`` may leave it None when False (the guard reads ``coef`` instead:
+            one kernel less per step).
 
     Example::
 
@@ -122,6 +125,7 @@ class ClipContext:
     sharded: bool = False
     single_group: bool = False
     host_observed: bool = False
+    want_bit: bool = True
     _index: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -321,9 +325,10 @@ class NormClip(Clipper):
         assert self.max_norm is not None and self.norm_type is not None
         own_total = ctx.total if self.norm_type == ctx.norm_type else _own_total(ctx, self.norm_type)
         coef = clip_grads_by_norm_(ctx.grads, self.max_norm, own_total, ctx.finite, ctx.single_group)
+        bit = coef < 1 if ctx.want_bit else None
         if not ctx.want_norm:  # a non-logging step: no kernel for what only the metrics need
-            return ClipOutcome(coef, clipped=coef < 1)
-        return ClipOutcome(coef, ctx.total * coef, torch.full_like(ctx.total, self.max_norm), clipped=coef < 1)
+            return ClipOutcome(coef, clipped=bit)
+        return ClipOutcome(coef, ctx.total * coef, torch.full_like(ctx.total, self.max_norm), clipped=bit)
 
 
 class ValueClip(Clipper):

@@ -22,13 +22,13 @@ from torch import Tensor
 from lightning_gradguard.clip import ClipContext, ClipOutcome, Clipper
 from lightning_gradguard.errors import GradGuardError
 from lightning_gradguard.layers import OptimizerLayout
-from lightning_gradguard.measure import Measurement
+from lightning_gradguard.measure import Measurement, device_constant
 from lightning_gradguard.readout import HostRead
 
 __all__ = ["CLIP_VALUES", "ClipStage"]
 
 CLIP_VALUES = ("total_norm_clipped", "clip_coef", "clip_threshold", "clipped_units")
-CLIPPED = "clipped"  # in the step's HostRead: above 0 when the clipper changed the gradients
+CLIP_LEVEL = "clip_level"  # in the step's HostRead: 1.0 untouched, below 1 clipped
 
 
 class ClipStage:
@@ -82,22 +82,27 @@ class ClipStage:
             sharded=m.sharded,
             single_group=m.single_group,
             host_observed=self.clip.needs_host_stats,
+            want_bit=False,
             _index={"layer": layout.index(m.owners, m.norms.device)[0]},
         )
 
     def clip_now(self, ctx: ClipContext | None, m: Measurement, read: HostRead) -> Tensor:
-        """Apply a non-deferred clipper before the read; return the step's "clipped" bit (0-d, on the
-        device; bool or float: the step's stack turns it into a float without a kernel of its own)."""
+        """Apply a non-deferred clipper before the read; return the step's clip level (0-d float32
+        on the device): 1.0 when nothing was clipped, below 1 when something was."""
+        one = device_constant(1.0, m.zero.device)
         if ctx is None or self.clip is None or self.clip.deferred:
-            return m.zero
+            return one
         outcome = self.clip.clip_(ctx)
         if ctx.want_norm:
             read.put_each(CLIP_VALUES, _values(outcome, m.total))
-        return (outcome.clipped if outcome.clipped is not None else outcome.coef < 1).to(m.zero.device)
+        if outcome.clipped is not None:
+            return torch.where(outcome.clipped.to(m.zero.device), m.zero, one)
+        coef = outcome.coef.to(m.zero.device)  # "clipped" is "coef < 1": read the coefficient itself
+        return coef if coef.dtype == torch.float32 else torch.where(coef < 1, m.zero, one)
 
-    def observe(self, total: float, finite: bool, clipped: float) -> None:
-        """After the read: count a clipped step, and feed a clipper's host statistics."""
-        self._host_count += int(clipped > 0)
+    def observe(self, total: float, finite: bool, level: float) -> None:
+        """After the read: count a clipped step (``level`` below 1), and feed a clipper's host statistics."""
+        self._host_count += int(level < 1)
         if self.clip is not None and self.clip.needs_host_stats:
             self.clip.observe(total, finite)
 

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from lightning_gradguard import alerts
 from lightning_gradguard._validate import check_choice, check_handlers, check_int, check_number, check_ratio
 from lightning_gradguard.clip import Clipper
-from lightning_gradguard.clipstage import CLIPPED, ClipStage
+from lightning_gradguard.clipstage import CLIP_LEVEL, ClipStage
 from lightning_gradguard.decide import (
     FLAGS,
     POLICIES,
@@ -69,7 +69,7 @@ from lightning_gradguard.timesteps import TimestepHistory, make_tracker
 __all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "StepReport"]
 
 GroupBy = Literal["layer", "parameter"]
-_WATCH = ("total", "loss_scale", CLIPPED)  # read with the flags on every step
+_WATCH = ("total", "loss_scale", CLIP_LEVEL)  # read with the flags on every step
 _PENDING_LIMIT = 256  # deferred steps kept before a read is forced (a run that never logs)
 
 
@@ -333,8 +333,8 @@ class GuardCore:
             return self._nothing_to_measure(number)
         s = _Step(number, optimizer_idx, layout, m.norms, m.owners, m.total, is_log, HostRead())
         ctx = self.clipping.context(m, layout, self.norm_type, is_log)
-        clipped = self.clipping.clip_now(ctx, m, s.read)
-        flags = self._register_head(s, m, clipped, reduce)
+        level = self.clipping.clip_now(ctx, m, s.read)
+        flags = self._register_head(s, m, level, reduce)
         on_device = self.policy.on_device(optimizer, is_log, self.clipping.needs_host, m.loss_scale is not None)
         if on_device:  # a non-finite step is skipped by the optimizer itself: no read needed now
             self.skipper.arm(optimizer, flags)
@@ -372,14 +372,14 @@ class GuardCore:
 
     # ----------------------------------------------------------------- stages
     def _register_head(
-        self, s: _Step, m: Measurement, clipped: Tensor, reduce: Callable[[Tensor], Tensor] | None
+        self, s: _Step, m: Measurement, level: Tensor, reduce: Callable[[Tensor], Tensor] | None
     ) -> Tensor:
         """Register every step's values: the flags (summed across ranks by ``reduce``), the total norm,
-        the loss scale, the clipped bit. One stack on one process; under DDP the flags are a stack of
+        the loss scale, the clip level. One stack on one process; under DDP the flags are a stack of
         their own (one small collective). Returns the flags vector (:data:`FLAGS` order)."""
         bad = device_flags(m, self._take_loss_flag())
         scale = m.loss_scale.to(m.zero.device).reshape(()).float() if m.loss_scale is not None else m.zero
-        watch = [m.total.to(m.zero.device, torch.float32), scale, clipped]
+        watch = [m.total.to(m.zero.device, torch.float32), scale, level]
         if reduce is None:
             head = torch.stack([*bad, *watch])
             s.read.put_each(FLAGS + _WATCH, head)
@@ -410,7 +410,7 @@ class GuardCore:
         """Act on the step's flags (skip, warn, raise, stop); record its decision event."""
         read = s.read
         verdict, total = Verdict.of(read), read["total"]
-        self.clipping.observe(total, verdict.finite, read[CLIPPED])
+        self.clipping.observe(total, verdict.finite, read[CLIP_LEVEL])
         def fault() -> Fault:
             params = () if s.deferred else s.layout.params  # a deferred step's gradients belong to a later one
             return Fault(s.number, report.total_norm, s.norms, s.owners, s.layout, params, s.optimizer_idx)
