@@ -1,7 +1,9 @@
 """CUDA-only checks, run once on a GPU machine (not part of ``make test``).
 
-1. Host syncs per ``GuardCore.step``, counted with ``torch.cuda.set_sync_debug_mode("warn")``, for
-   every clipper, on logging and non-logging steps, under ``on_nonfinite="skip"`` and ``"warn"``.
+1. Host syncs per ``GuardCore.step`` (and the optimizer's step), counted with
+   ``torch.cuda.set_sync_debug_mode("warn")``, for every clipper, on logging and non-logging steps,
+   under ``on_nonfinite="skip"`` and ``"warn"``, with SGD and with ``AdamW(fused=True)`` (a NaN step
+   skipped on the device: the target is 0 syncs on healthy non-logging steps).
 2. A real fp16 ``torch.amp.GradScaler`` loop on CUDA: an injected overflow is left to the scaler
    (``amp_overflow``, no skip, no NaN in the weights), and the guard's NormClip on unscaled
    gradients equals ``clip_grad_norm_``.
@@ -54,22 +56,30 @@ def sync_table() -> None:
     }
     net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).cuda()
     x = torch.randn(32, 64, device="cuda")
-    for policy in ("skip", "warn"):
-        for name, make in clippers.items():
-            guard = GuardCore(net, clip=make(), on_nonfinite=policy, log_every_n_steps=5, track_timesteps=False)
-            opt = torch.optim.SGD(net.parameters(), lr=0.0)
-            counts = {"non-logging": [], "logging": []}
-            for step in range(12):
-                opt.zero_grad()
-                net(x).pow(2).mean().backward()
-                n = count_syncs(functools.partial(guard.step, opt))
-                if step >= 2:
-                    counts["logging" if guard.is_logging_step(step) else "non-logging"].append(n)
-            nl, lg = counts["non-logging"], counts["logging"]
-            print(
-                f"policy={policy:<5} clip={name:<14} syncs/step: non-logging {sum(nl) / len(nl):.2f} "
-                f"(max {max(nl)}), logging {sum(lg) / len(lg):.2f} (max {max(lg)})"
-            )
+    optimizers: dict[str, Any] = {
+        "SGD": lambda: torch.optim.SGD(net.parameters(), lr=0.0),
+        # fused: a NaN step is skipped on the device (optimizer.found_inf): target 0 syncs off logging steps
+        "AdamW(fused)": lambda: torch.optim.AdamW(net.parameters(), lr=0.0, fused=True),
+    }
+    for opt_name, make_opt in optimizers.items():
+        for policy in ("skip", "warn"):
+            for name, make in clippers.items():
+                guard = GuardCore(net, clip=make(), on_nonfinite=policy, log_every_n_steps=5, track_timesteps=False)
+                opt = make_opt()
+                counts: dict[str, list[int]] = {"non-logging": [], "logging": []}
+                for step in range(12):
+                    opt.zero_grad()
+                    net(x).pow(2).mean().backward()
+                    n = count_syncs(functools.partial(guard.step, opt))
+                    n += count_syncs(opt.step)
+                    if step >= 2:
+                        counts["logging" if guard.is_logging_step(step) else "non-logging"].append(n)
+                nl, lg = counts["non-logging"], counts["logging"]
+                print(
+                    f"optimizer={opt_name:<12} policy={policy:<5} clip={name:<14} syncs/step (guard + "
+                    f"optimizer.step): non-logging {sum(nl) / len(nl):.2f} (max {max(nl)}), logging "
+                    f"{sum(lg) / len(lg):.2f} (max {max(lg)})"
+                )
 
 
 def amp_plain_loop() -> None:

@@ -265,12 +265,16 @@ class GradGuard(_Base):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            clip=repr(self.core.clip),
-            norm_type=self.core.norm_type,
-            on_nonfinite=self.core.on_nonfinite,
-            group_by=self.core.group_by,
-        )
+        # Lightning asks for it on every hook call (it names the profiler action): made once.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._state_key = self._generate_state_key(
+                clip=repr(self.core.clip),
+                norm_type=self.core.norm_type,
+                on_nonfinite=self.core.on_nonfinite,
+                group_by=self.core.group_by,
+            )
+        return key
 
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
