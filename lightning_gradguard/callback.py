@@ -30,7 +30,10 @@ from lightning_gradguard.events import GradEvent
 
 __all__ = ["GradGuard"]
 
-_SHARDED = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+# Strategies that set the model up after the callbacks' `setup` (configure_model, wrapping): the guard
+# names layers and attaches its hooks at `on_fit_start`, once the parameters are the final ones.
+_SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
+_ENGINE_OWNED = ("DeepSpeedStrategy",)
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -281,24 +284,31 @@ class GradGuard(_Base):
         if stage != "fit":
             return
         strategy = type(trainer.strategy).__name__
-        if strategy in _SHARDED:
+        if strategy in _ENGINE_OWNED:
             raise MisconfigurationException(
-                f"GradGuard does not support `{strategy}` yet: its gradients are sharded (or owned by the "
-                "engine), so per-rank norms would be wrong. Use strategy='ddp', or remove GradGuard."
+                f"GradGuard does not support `{strategy}`: DeepSpeed owns and partitions the gradients (under "
+                "ZeRO-2/3 `p.grad` is None) and clips and skips steps inside its engine (its `gradient_clipping` "
+                "config), where no callback can see them. Use strategy='fsdp' or ModelParallelStrategy (FSDP2, "
+                "tensor parallel), which GradGuard supports with global norms, clipping and skips, or strategy='ddp'."
             )
+        self.core.sharded = strategy == "FSDPStrategy"  # FSDP1's gradients are flat-view shards
         if trainer.gradient_clip_val and self.core.clip is not None:
             rank_zero_warn(
                 f"GradGuard clips with {self.core.clip!r} and `Trainer(gradient_clip_val={trainer.gradient_clip_val})` "
                 "is also set: gradients would be clipped twice (GradGuard first, then Lightning). "
                 "Remove one of them."
             )
-        self.core.watch(pl_module)
         if not any(p.requires_grad for p in pl_module.parameters()):
             rank_zero_warn(
                 "GradGuard: the model has no trainable parameters (none, or all frozen): there is nothing to "
                 "measure, clip or guard."
             )
         self.sink.attach(trainer.loggers, self.core.alerts, trainer.is_global_zero, self.core)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After configure_model and the strategy's setup: FSDP2 and tensor parallelism replace the
+        # parameters (DTensors) after the callbacks' `setup`, so naming them there would go stale.
+        self.core.watch(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LayerMap", "OptimizerLayout", "layer_name_of"]
+__all__ = ["LayerMap", "OptimizerLayout", "layer_name_of", "strip_wrappers"]
 
 _RNN_SUFFIX = re.compile(r"_(l\d+(?:_reverse)?)$")
 
@@ -54,18 +54,21 @@ def layer_name_of(module_name: str, module: nn.Module, param_name: str) -> str:
     return module_name
 
 
-_WRAPPERS = frozenset({"_orig_mod", "_forward_module", "_original_module"})
+_WRAPPERS = frozenset(
+    {"_orig_mod", "_forward_module", "_original_module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+)
 
 
-def _strip_compiled(name: str) -> str:
+def strip_wrappers(name: str) -> str:
     """Drop the segments that wrappers insert (``torch.compile``'s ``_orig_mod``, Fabric's
-    ``_forward_module``/``_original_module``), so that layer names stay the user's.
+    ``_forward_module``/``_original_module``, FSDP1's ``_fsdp_wrapped_module``, activation
+    checkpointing's ``_checkpoint_wrapped_module``), so that layer names stay the user's.
 
     Example::
 
-        >>> _strip_compiled("_orig_mod.encoder._orig_mod.rnn")
+        >>> strip_wrappers("_orig_mod.encoder._orig_mod.rnn")
         'encoder.rnn'
-        >>> _strip_compiled("_forward_module.0")
+        >>> strip_wrappers("_forward_module.0")
         '0'
     """
     return ".".join(part for part in name.split(".") if part not in _WRAPPERS)
@@ -87,6 +90,7 @@ class OptimizerLayout:
     single_group: bool | None = None  # every gradient on one device with one dtype (learned likewise)
     _subsets: dict[tuple[int, ...], tuple[list[Tensor], list[int], list[str]]] = field(default_factory=dict)
     _index_cache: dict[tuple[object, str], tuple[Tensor, list[int], Tensor]] = field(default_factory=dict)
+    reduction_cache: dict[object, object] = field(default_factory=dict)  # sharded layouts: masks per group
 
     def index(self, owners: Sequence[int], device: torch.device) -> tuple[Tensor, list[int], Tensor]:
         """(layer id of each owner's gradient, the sorted layer ids present, those ids as a tensor),
@@ -172,7 +176,7 @@ class LayerMap:
         self._layouts.clear()
         declared = 0
         for raw_name, module in model.named_modules(remove_duplicate=True):
-            module_name = _strip_compiled(raw_name)
+            module_name = strip_wrappers(raw_name)
             own = list(module.named_parameters(recurse=False))
             for param_name, param in own:
                 if id(param) in self._names:

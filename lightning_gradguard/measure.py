@@ -43,6 +43,7 @@ __all__ = [
     "group_norms",
     "layer_norms",
     "measure_step",
+    "reduce_shard_norms",
     "total_norm",
 ]
 
@@ -194,18 +195,33 @@ def global_norms(norms: Tensor, norm_type: float = 2.0, sharded: Tensor | None =
     Returns:
         The global per-tensor norms, identical on every rank.
     """
+    return reduce_shard_norms(norms, norm_type, [(sharded, group)])
+
+
+def reduce_shard_norms(norms: Tensor, norm_type: float, reductions: Sequence[tuple[Tensor | None, Any]]) -> Tensor:
+    """Per-tensor norms of whole tensors whose shards lie over one or more process groups.
+
+    ``reductions`` lists (mask, group): the tensors in ``mask`` (None: all) are sharded over
+    ``group``. A tensor sharded over two mesh dimensions (FSDP2 x tensor parallel) appears in two
+    reductions; their p-th-power sums compose, so that it ends up summed over the whole product of
+    ranks, while a tensor replicated along a dimension is not counted twice. One small
+    ``all_reduce`` per distinct group (one for a 1-D mesh).
+    """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or norms.numel() == 0:
+    if not (dist.is_available() and dist.is_initialized()) or norms.numel() == 0 or not reductions:
         return norms
-    mask = torch.ones_like(norms, dtype=torch.bool) if sharded is None else sharded.to(norms.device)
-    if math.isinf(norm_type):
-        vals = torch.where(mask, norms, torch.zeros_like(norms))
-        dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=group)
-        return torch.where(mask, vals, norms)
-    vals = torch.where(mask, norms.double().pow(norm_type), torch.zeros_like(norms, dtype=torch.float64))
-    dist.all_reduce(vals, op=dist.ReduceOp.SUM, group=group)
-    return torch.where(mask, vals.pow(1.0 / norm_type).to(norms.dtype), norms)
+    inf = math.isinf(norm_type)
+    acc = norms if inf else norms.double().pow(norm_type)
+    touched = torch.zeros_like(norms, dtype=torch.bool)
+    for mask, group in reductions:
+        mask = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask.to(norms.device)
+        vals = torch.where(mask, acc, torch.zeros_like(acc))
+        dist.all_reduce(vals, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+        acc = torch.where(mask, vals, acc)
+        touched = touched | mask
+    whole = acc if inf else acc.pow(1.0 / norm_type).to(norms.dtype)
+    return torch.where(touched, whole, norms)
 
 
 @dataclass(slots=True)
@@ -262,7 +278,7 @@ def measure_step(
         scaler: the fp16 GradScaler, if any.
         warn: called as ``warn(key, message)`` for one-time warnings (sparse gradients).
     """
-    grads, owners, shard_flags = _collect(layout, sharded, warn)
+    grads, owners, shard_groups = _collect(layout, sharded, warn)
     if not grads:
         return None
     device = grads[0].device
@@ -271,10 +287,13 @@ def measure_step(
         layout.single_group = len(group_by_device_and_dtype(grads)) == 1
     single = bool(layout.single_group)
     norms = grad_norms(grads, norm_type, single)
-    is_sharded = sharded if shard_flags is None else any(shard_flags)
+    if shard_groups is None:
+        reductions: list[tuple[Tensor | None, Any]] = [(None, process_group)] if sharded else []
+    else:
+        reductions = _reductions(shard_groups, process_group, norms.device, layout.reduction_cache)
+    is_sharded = bool(reductions)
     if is_sharded:
-        mask = None if shard_flags is None or all(shard_flags) else torch.tensor(shard_flags, device=norms.device)
-        norms = global_norms(norms, norm_type, mask, process_group)
+        norms = reduce_shard_norms(norms, norm_type, reductions)
     if inv_scale is not None:
         norms = norms * inv_scale
     total = combine_norms(norms, norm_type)
@@ -338,13 +357,16 @@ def layer_norms_now(
 
 def _collect(
     layout: OptimizerLayout, sharded: bool, warn: Callable[[str, str], None] | None
-) -> tuple[list[Tensor], list[int], list[bool] | None]:
-    """The dense local gradients of the layout's parameters, their indices and shard flags.
+) -> tuple[list[Tensor], list[int], list[tuple[Any, ...]] | None]:
+    """The dense local gradients of the layout's parameters, their indices and the process groups
+    each one is sharded over.
 
     Fast path (the usual case, learned on the first step): every gradient is a plain dense
-    tensor; one list comprehension, as in ``clip_grad_norm_``, and the shard flags are None
-    (all equal to ``sharded``). Otherwise each gradient is looked at: ``DTensor`` gradients
-    are measured through their local shard, sparse ones are skipped with a one-time warning.
+    tensor; one list comprehension, as in ``clip_grad_norm_``, and the groups are None (every
+    gradient sharded over the guard's group when ``sharded``, else none). Otherwise each gradient is
+    looked at: a ``DTensor`` gradient is measured through its local shard, sharded over the groups
+    of its mesh dimensions with a ``Shard`` (or ``Partial``) placement; sparse ones are skipped with
+    a one-time warning.
     """
     params = layout.params
     if layout.plain:
@@ -353,18 +375,21 @@ def _collect(
         if len(grads) == len(params):
             return grads, layout.all_owners, None
         return grads, [i for i, g in enumerate(raw) if g is not None], None
-    grads, owners, flags = [], [], []
+    grads, owners, groups = [], [], []
     special = False
+    over: tuple[Any, ...]
     for i, p in enumerate(params):
         g = p.grad
         if g is None:
             continue
         if _DTensor is not None and isinstance(g, _DTensor):
             special = True
-            shard = any(pl.is_shard() or pl.is_partial() for pl in g.placements)
+            mesh = g.device_mesh
+            dims = [d for d, pl in enumerate(g.placements) if pl.is_shard() or pl.is_partial()]
+            over = tuple(mesh.get_group(mesh_dim=d) for d in dims)
             g = g.to_local()
         else:
-            shard = sharded
+            over = (None,) if sharded else ()
         if g.is_sparse:
             special = True
             if warn is not None:
@@ -372,10 +397,33 @@ def _collect(
             continue
         grads.append(g)
         owners.append(i)
-        flags.append(shard)
+        groups.append(over)
     if grads and layout.plain is None:
         layout.plain = not special
-    return grads, owners, flags
+    return grads, owners, groups
+
+
+def _reductions(
+    groups: Sequence[tuple[Any, ...]], default: Any, device: torch.device, cache: dict[Any, Any]
+) -> list[tuple[Tensor | None, Any]]:
+    """(mask, group) per distinct group the gradients are sharded over (``None`` stands for
+    ``default``), cached: the masks cost a host-to-device copy only the first time."""
+    key = (tuple(tuple(id(g) for g in over) for over in groups), str(device))
+    found = cache.get(key)
+    if found is None:
+        distinct: dict[int, Any] = {}
+        for over in groups:
+            for g in over:
+                distinct.setdefault(id(g), g)
+        found = []
+        for gid, group in distinct.items():
+            members = [any(id(g) == gid for g in over) for over in groups]
+            mask = None if all(members) else torch.tensor(members, device=device)
+            found.append((mask, default if group is None else group))
+        if len(cache) > 8:
+            cache.clear()
+        cache[key] = found
+    return found
 
 
 def _amp_state(

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradguard.layers import strip_wrappers as _strip_wrappers
+
 __all__ = ["TimestepHistory", "TimestepTracker", "make_tracker", "summarize_profile", "track_timesteps"]
 
 _CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
@@ -85,11 +87,6 @@ def _packed_power(grad: Tensor, batch_sizes: Tensor, p: float) -> Tensor:
     if math.isinf(p):
         return out.scatter_reduce(0, steps, rows.abs().amax(dim=1), reduce="amax")
     return out.index_add(0, steps, rows.abs().pow(p).sum(dim=1))
-
-
-def _strip_wrappers(name: str) -> str:
-    """Module names without the segments torch.compile and Fabric insert."""
-    return ".".join(p for p in name.split(".") if p not in ("_orig_mod", "_forward_module", "_original_module"))
 
 
 class TimestepTracker:

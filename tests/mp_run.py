@@ -1,0 +1,200 @@
+"""Run by tests/test_model_parallel.py: Lightning's ModelParallelStrategy on 2 CPU processes (gloo).
+
+Usage: python tests/mp_run.py OUTDIR MODE [CKPT]
+MODE: ``fsdp2`` (fully_shard), ``tp`` (a tensor-parallel plan), ``nan`` (FSDP2, a NaN gradient on
+rank 1 only at step 3), ``save`` / ``resume`` (FSDP2 with ZClip: a distributed checkpoint after step
+6, then a run resumed from it), ``plain`` (the same model, one process: the names a user expects).
+Each rank writes OUTDIR/<mode><r>.json: the guard's reports next to references computed here from
+the full (unsharded) gradients with ``DTensor.full_tensor()``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import GradGuard, GradGuardWarning, NormClip, ZClip
+from tests.helpers import poison
+
+MAX_NORM = 0.05
+NAN_STEP = 3
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor (a collective for a DTensor: every rank calls it, in the same order)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class SeqModel(pl.LightningModule):
+    """embed -> LSTM -> head (FSDP2), or an MLP l0 -> l1 -> l2 (tensor parallel)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode = mode
+        if mode == "tp":
+            self.l0 = nn.Linear(6, 16)
+            self.l1 = nn.Linear(16, 8)
+            self.l2 = nn.Linear(8, 1)
+        else:
+            self.embed = nn.Linear(3, 8)
+            self.rnn = nn.LSTM(8, 8, batch_first=True)
+            self.head = nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "tp":
+            return self.l2(torch.tanh(self.l1(torch.tanh(self.l0(x)))))
+        out = self.head(self.rnn(self.embed(x))[0][:, -1])
+        if self.mode == "nan" and self.global_rank == 1 and self.trainer.global_step == NAN_STEP:
+            out = poison(out, math.nan)
+        return out  # type: ignore[no-any-return]
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh
+        if self.mode == "tp":
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            parallelize_module(self, mesh["tensor_parallel"], {"l0": ColwiseParallel(), "l1": RowwiseParallel()})
+        elif self.mode != "plain":
+            from torch.distributed.fsdp import fully_shard
+
+            for module in (self.embed, self.rnn, self.head):
+                fully_shard(module, mesh=mesh["data_parallel"])
+            fully_shard(self, mesh=mesh["data_parallel"])
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        g = torch.Generator().manual_seed(0)
+        shape = (16, 6) if self.mode == "tp" else (16, 5, 3)
+        return DataLoader(TensorDataset(torch.randn(*shape, generator=g), torch.randn(16, 1, generator=g)), 8)
+
+
+def layer_of(name: str) -> str:
+    module, _, param = name.rpartition(".")
+    if module == "rnn":
+        return f"rnn.{param.rsplit('_', 1)[1]}"
+    return module
+
+
+class Reference(pl.Callback):
+    """Listed before the guard: the full per-layer and total norms, before clipping."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        grads: dict[str, list[Tensor]] = {}
+        for name, p in pl_module.named_parameters():
+            if p.grad is not None:
+                grads.setdefault(layer_of(name), []).append(full(p.grad))
+        row = {f"gradguard/layer/{k}": torch.linalg.vector_norm(torch.cat([g.flatten() for g in v])).item()
+               for k, v in grads.items()}
+        row["gradguard/total_norm"] = torch.linalg.vector_norm(
+            torch.cat([g.flatten() for v in grads.values() for g in v])
+        ).item()
+        self.rows[trainer.global_step] = row
+
+
+class After(pl.Callback):
+    """Listed after the guard: the guard's report, and the full total norm the optimizer will get."""
+
+    def __init__(self, guard: GradGuard) -> None:
+        self.guard = guard
+        self.rows: dict[int, dict[str, Any]] = {}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        grads = [full(p.grad) for p in pl_module.parameters() if p.grad is not None]
+        total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item() if grads else None
+        report = self.guard.last_report
+        assert report is not None
+        self.rows[trainer.global_step] = {
+            "metrics": report.metrics,
+            "skipped": report.skipped,
+            "clipped_total": total,
+            "weights": {n: full(p.detach()).tolist() for n, p in pl_module.named_parameters()},
+            "opt_steps": [full(s["step"]).item() for s in optimizer.state.values() if "step" in s],
+        }
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.rows[trainer.global_step - 1]["weights_after"] = {
+            n: full(p.detach()).tolist() for n, p in pl_module.named_parameters()
+        }
+
+
+def main() -> None:
+    out, mode = Path(sys.argv[1]), sys.argv[2]
+    ckpt = sys.argv[3] if len(sys.argv) > 3 else None
+    warnings.simplefilter("ignore")
+    handler_log = out / f"handler-{mode}.txt"
+
+    def handler(event: Any) -> None:
+        with handler_log.open("a") as fh:
+            fh.write(f"{event.kind} {event.step}\n")
+
+    clip = ZClip(warmup_steps=3, z_threshold=1.0) if mode in ("save", "resume") else NormClip(MAX_NORM)
+    guard = GradGuard(clip=clip, log_every_n_steps=1, alert_handlers=[handler], spike_warmup=2)
+    ref, after = Reference(), After(guard)
+    callbacks: list[pl.Callback] = [ref, guard, after]
+    steps = 10 if mode in ("save", "resume") else 6
+    if mode == "save":
+        callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=6, save_top_k=-1))
+    if mode == "plain":
+        strategy: Any = "auto"
+        devices = 1
+    else:
+        tp = 2 if mode == "tp" else 1
+        strategy = ModelParallelStrategy(data_parallel_size=2 // tp, tensor_parallel_size=tp)
+        devices = 2
+    t = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
+        enable_checkpointing=mode == "save", enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks, log_every_n_steps=1, num_sanity_val_steps=0,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradGuardWarning)
+        t.fit(SeqModel(mode), ckpt_path=ckpt)
+    rank = t.global_rank
+    layout = guard.core.layers.layout(t.optimizers[0])
+    clip_state = guard.core.clip.state_dict() if guard.core.clip is not None else {}
+    result = {
+        "rank": rank,
+        "reference": {str(k): v for k, v in ref.rows.items()},
+        "after": {str(k): v for k, v in after.rows.items()},
+        "layers": guard.core.layers.forward_names(layout),
+        "timesteps": sorted(guard.timestep_norms),
+        "events": [(e.kind, e.step, e.origin, list(e.layers), e.action) for e in guard.events],
+        "state": {k: v for k, v in guard.core.state_dict().items() if k not in ("clip", "alerts")},
+        "clip_state": {k: v.tolist() if isinstance(v, Tensor) else v for k, v in clip_state.items()},
+    }
+    (out / f"{mode}{rank}.json").write_text(json.dumps(result))
+    deadline = time.monotonic() + 60
+    while rank == 0 and devices == 2 and not (out / f"{mode}1.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
