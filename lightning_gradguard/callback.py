@@ -59,6 +59,23 @@ else:
     _Base = type("_GradGuardBase", _callback_bases(), {"__module__": __name__})
 
 
+def _profile_gatherer(trainer: pl.Trainer) -> Callable[[dict[str, list[float]]], list[dict[str, list[float]]]]:
+    """Gathers a logging step's per-timestep profiles from every data-parallel rank (host lists, once
+    per logging step): tensor-parallel ranks share their inputs, so only the data-parallel ones."""
+    import torch.distributed as dist
+
+    mesh: Any = getattr(trainer.strategy, "device_mesh", None)
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    group = mesh["data_parallel"].get_group() if "data_parallel" in names else None
+
+    def gather(local: dict[str, list[float]]) -> list[dict[str, list[float]]]:
+        out: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, local, group=group)
+        return out
+
+    return gather
+
+
 class GradGuard(_Base):
     """Measure, guard and clip the gradients of every optimizer step.
 
@@ -309,6 +326,7 @@ class GradGuard(_Base):
         # After configure_model and the strategy's setup: FSDP2 and tensor parallelism replace the
         # parameters (DTensors) after the callbacks' `setup`, so naming them there would go stale.
         self.core.watch(pl_module)
+        self.core.gather_profiles = _profile_gatherer(trainer) if trainer.world_size > 1 else None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)

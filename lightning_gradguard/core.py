@@ -64,7 +64,7 @@ from lightning_gradguard.layers import LayerMap, OptimizerLayout
 from lightning_gradguard.measure import Measurement, layer_norms, layer_norms_now, measure_step, weight_norms
 from lightning_gradguard.metrics import METRIC_PREFIX, StepReport, layer_metrics, summarize_run, timestep_metrics
 from lightning_gradguard.readout import HostRead
-from lightning_gradguard.timesteps import TimestepHistory, make_tracker
+from lightning_gradguard.timesteps import TimestepHistory, combine_profiles, make_tracker
 
 __all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "StepReport"]
 
@@ -229,6 +229,9 @@ class GuardCore:
             timestep_vanish_ratio=self.timestep_vanish_ratio,
         )
         self.history = TimestepHistory(self.timestep_history)
+        # Under data parallelism: gathers every rank's profiles of a logging step (set by the adapter),
+        # so that each profile is the whole batch's and identical on every rank.
+        self.gather_profiles: Callable[[dict[str, list[float]]], list[dict[str, list[float]]]] | None = None
         self.kind_counts: dict[str, int] = {}
         self._events: deque[GradEvent] = deque(maxlen=self.max_events)
         self._pending: list[_Step] = []
@@ -430,8 +433,12 @@ class GuardCore:
         metrics.update(per_layer)
         metrics[f"{p}skipped_steps"] = float(self.policy.skipped_steps)
         metrics[f"{p}nonfinite_steps"] = float(self.policy.nonfinite_steps)
-        for name in s.profiles:
-            self.history.add(report.step, name, read.vector(f"timestep/{name}"))
+        profiles = {name: read.vector(f"timestep/{name}") for name in s.profiles}
+        if self.gather_profiles is not None and self.timesteps is not None:  # every rank, every logging step
+            profiles = combine_profiles(self.gather_profiles(profiles), self.norm_type)
+            s.profiles = list(profiles)
+        for name, values in profiles.items():
+            self.history.add(report.step, name, values)
             report.timesteps[name] = self.history.norms[name]
         metrics.update(timestep_metrics({name: self.history.summaries[name] for name in s.profiles}))
         report.metrics = metrics

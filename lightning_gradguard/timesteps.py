@@ -38,7 +38,14 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_gradguard.layers import strip_wrappers as _strip_wrappers
 
-__all__ = ["TimestepHistory", "TimestepTracker", "make_tracker", "summarize_profile", "track_timesteps"]
+__all__ = [
+    "TimestepHistory",
+    "TimestepTracker",
+    "combine_profiles",
+    "make_tracker",
+    "summarize_profile",
+    "track_timesteps",
+]
 
 _CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
 _ACTIVE: TimestepTracker | None = None
@@ -347,3 +354,31 @@ def make_tracker(track: Any, norm_type: float) -> TimestepTracker | None:
     if track is False:
         return None
     return TimestepTracker(norm_type, True if track is True else list(track))
+
+
+def combine_profiles(per_rank: Sequence[dict[str, list[float]]], norm_type: float = 2.0) -> dict[str, list[float]]:
+    """The profiles of a whole data-parallel batch from each rank's own.
+
+    Data parallelism averages the ranks' gradients, so the global loss is the mean of the ranks'
+    losses and each rank's ∂L/∂x_t is 1/R of its own. Each timestep's norm over the whole batch is
+    therefore the p-th root of the sum over ranks of the p-th powers (the max for ``inf``), divided
+    by R. A sequence shorter on some rank (variable lengths) contributes nothing past its end.
+
+    Example::
+
+        >>> combine_profiles([{"rnn": [3.0, 1.0]}, {"rnn": [4.0]}])
+        {'rnn': [2.5, 0.5]}
+    """
+    ranks = len(per_rank)
+    names = sorted({name for profiles in per_rank for name in profiles})
+    out: dict[str, list[float]] = {}
+    for name in names:
+        rows = [profiles.get(name, []) for profiles in per_rank]
+        length = max(len(r) for r in rows)
+        combined = []
+        for t in range(length):
+            values = [r[t] for r in rows if t < len(r)]
+            p = norm_type
+            combined.append((max(values) if math.isinf(p) else sum(v**p for v in values) ** (1.0 / p)) / ranks)
+        out[name] = combined
+    return out

@@ -59,7 +59,10 @@ class SeqModel(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "tp":
             return self.l2(torch.tanh(self.l1(torch.tanh(self.l0(x)))))
-        out = self.head(self.rnn(self.embed(x))[0][:, -1])
+        h = self.embed(x)
+        if h.requires_grad:  # the reference for the per-timestep norms: this rank's ∂L/∂h
+            h.register_hook(lambda g: setattr(self, "captured", g.detach().clone()))
+        out = self.head(self.rnn(h)[0][:, -1])
         if self.mode == "nan" and self.global_rank == 1 and self.trainer.global_step == NAN_STEP:
             out = poison(out, math.nan)
         return out  # type: ignore[no-any-return]
@@ -113,6 +116,15 @@ class Reference(pl.Callback):
         row["gradguard/total_norm"] = torch.linalg.vector_norm(
             torch.cat([g.flatten() for v in grads.values() for g in v])
         ).item()
+        captured = getattr(pl_module, "captured", None)
+        if captured is not None and trainer.world_size > 1:
+            import torch.distributed as dist
+
+            # the whole batch's ∂L/∂h: DP averages the ranks' gradients, so each rank's part is 1/R
+            parts = [torch.empty_like(captured) for _ in range(trainer.world_size)]
+            dist.all_gather(parts, captured)
+            whole = torch.cat(parts) / trainer.world_size
+            row["timestep/rnn"] = torch.linalg.vector_norm(whole, dim=(0, 2)).tolist()  # type: ignore[assignment]
         self.rows[trainer.global_step] = row
 
 
@@ -130,6 +142,7 @@ class After(pl.Callback):
         assert report is not None
         self.rows[trainer.global_step] = {
             "metrics": report.metrics,
+            "timesteps": {k: v.tolist() for k, v in report.timesteps.items()},
             "skipped": report.skipped,
             "clipped_total": total,
             "weights": {n: full(p.detach()).tolist() for n, p in pl_module.named_parameters()},
