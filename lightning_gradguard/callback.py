@@ -327,6 +327,11 @@ class GradGuard(_Base):
         # parameters (DTensors) after the callbacks' `setup`, so naming them there would go stale.
         self.core.watch(pl_module)
         self.core.gather_profiles = _profile_gatherer(trainer) if trainer.world_size > 1 else None
+        for optimizer in trainer.optimizers:  # e.g. AGC refuses a placement that splits its units
+            try:
+                self.core.clipping.check(self.core.layers.layout(optimizer))
+            except ValueError as exc:
+                raise MisconfigurationException(str(exc)) from None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,9 @@ class ClipContext:
             used on its own.
         sharded: the gradients are shards (FSDP, DTensor); unit-wise rules that need whole tensors
             refuse them.
+        global_norms: for sharded gradients, ``global_norms(values, p)`` turns per-tensor p-norms
+            of the local shards into the whole tensors' (one all-reduce; p=1 sums counts); None
+            otherwise.
         want_bit: whether the caller needs :attr:`ClipOutcome.clipped`; a clipper whose "clipped"
             is just ``coef < 1`` may leave it None when False (the guard reads ``coef`` instead:
             one kernel less per step).
@@ -126,6 +129,7 @@ class ClipContext:
     single_group: bool = False
     host_observed: bool = False
     want_bit: bool = True
+    global_norms: Callable[[Tensor, float], Tensor] | None = None
     _index: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -271,6 +275,14 @@ class Clipper:
 
     deferred: bool = False
     needs_host_stats: bool = False  # True: the guard calls observe() after its sync, every step
+
+    def check_placements(self, names: Sequence[str], layers: Sequence[str], params: Sequence[Tensor]) -> None:
+        """Refuse parameter layouts (``DTensor`` placements) this clipper cannot clip correctly; the
+        guard calls it once per optimizer, before the first step. By default every layout is fine.
+
+        Raises:
+            ValueError: a parameter's placement is not supported (the message names both).
+        """
 
     def observe(self, total: float, finite: bool) -> None:
         """This step's pre-clip total norm on the host, after the guard's sync (``needs_host_stats``)."""
@@ -442,6 +454,12 @@ class LayerNormClip(Clipper):
         )
 
 
+def _local(t: Tensor) -> Tensor:
+    """A ``DTensor``'s local shard; any other tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def unitwise_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     """The L2 norm of each unit of each tensor, as AGC defines units.
 
@@ -535,7 +553,7 @@ class AGC(Clipper):
 
     def clip_(self, ctx: ClipContext) -> ClipOutcome:
         assert self.clip_factor is not None and self.eps is not None
-        if ctx.sharded:
+        if ctx.sharded and ctx.global_norms is None:
             raise ValueError(
                 "Expected whole (unsharded) gradients for AGC, whose units are rows of each weight, but got "
                 "sharded gradients (FSDP/DTensor). Use NormClip, LayerNormClip, AutoClip or ZClip there."
@@ -550,7 +568,9 @@ class AGC(Clipper):
             return ClipOutcome(_ones(ctx.total), ctx.total if ctx.want_norm else None, threshold,
                                clipped=torch.zeros((), dtype=torch.bool, device=ctx.total.device),
                                clipped_units=torch.zeros((), dtype=torch.int64, device=ctx.total.device))
-        w_norms = unitwise_norms([p.detach() for p in params])
+        # A DTensor weight's rows are measured on this rank's shard: rows lie whole on one rank
+        # (check_placements refuses any other layout), like its gradient's.
+        w_norms = unitwise_norms([_local(p.detach()) for p in params])
         g_norms = unitwise_norms(grads)
         if ctx.inv_scale is not None:
             g_norms = list(torch._foreach_mul(g_norms, ctx.inv_scale))
@@ -563,8 +583,15 @@ class AGC(Clipper):
             coefs.append(coef)
             hits.append((hit & ctx.finite).sum())
         scale_grads_(grads, coefs)
-        units = torch.stack(hits).sum()
-        clipped_total = total_norm(ctx.grads, ctx.norm_type) if ctx.want_norm else None
+        per_tensor = torch.stack(hits)
+        if ctx.global_norms is not None:  # rows of a sharded weight lie on several ranks: count them all
+            per_tensor = ctx.global_norms(per_tensor.double(), 1.0).round().to(torch.int64)
+        units = per_tensor.sum()
+        clipped_total = None
+        if ctx.want_norm:
+            local = grad_norms(ctx.grads, ctx.norm_type)
+            whole = ctx.global_norms(local, ctx.norm_type) if ctx.global_norms is not None else local
+            clipped_total = combine_norms(whole, ctx.norm_type)
         if clipped_total is not None and ctx.inv_scale is not None:
             clipped_total = clipped_total * ctx.inv_scale
         coef = _ones(ctx.total)
@@ -572,6 +599,29 @@ class AGC(Clipper):
             clipped_total = torch.where(ctx.finite, clipped_total.to(ctx.total.device), ctx.total)
             coef = torch.where(ctx.total > 0, clipped_total / ctx.total, coef)
         return ClipOutcome(coef, clipped_total, threshold, clipped=units > 0, clipped_units=units)
+
+    def check_placements(self, names: Sequence[str], layers: Sequence[str], params: Sequence[Tensor]) -> None:
+        """Refuse a sharded parameter whose units do not lie whole on one rank.
+
+        AGC's unit is a row (the slice along dimension 0) of a weight, and a whole 0-d or 1-d
+        tensor. A ``DTensor`` parameter is fine when every placement is ``Replicate`` or, for a
+        weight of 2 or more dimensions, ``Shard(0)`` (FSDP2's layout, ``ColwiseParallel``).
+        Excluded parameters are not checked.
+
+        Raises:
+            ValueError: naming the first parameter whose placement splits a unit, and the placement.
+        """
+        for name, layer, p in zip(names, layers, params, strict=True):
+            placements = getattr(p, "placements", None)
+            if placements is None or _matches(layer, self.exclude) or _matches(name, self.exclude):
+                continue
+            whole = all(pl.is_replicate() or (p.ndim >= 2 and pl.is_shard(0)) for pl in placements)
+            if not whole:
+                raise ValueError(
+                    f"AGC cannot clip `{name}`: its placement {tuple(placements)} splits AGC's units (the rows "
+                    "of a weight; a whole 1-d or 0-d tensor) across ranks. Exclude it (AGC(exclude=[...])), "
+                    "shard it along dimension 0 only, or use NormClip, LayerNormClip, AutoClip or ZClip."
+                )
 
     def __repr__(self) -> str:
         return f"AGC(clip_factor={self.clip_factor!r}, eps={self.eps!r}, exclude={list(self.exclude)!r})"

@@ -46,6 +46,7 @@ class ClipStage:
         self._device_count: Tensor | None = None  # deferred clippers: steps clipped, on the device
         self._host_count = 0  # other clippers: steps clipped, read with each step's flags
         self._log_mark = (0, 0)  # (steps, clipped steps) at the last logging step
+        self._checked: set[int] = set()  # layouts whose parameter placements the clipper accepted
 
     @property
     def needs_host(self) -> bool:
@@ -60,6 +61,8 @@ class ClipStage:
         """
         if self.clip is None:
             return None
+        if id(layout) not in self._checked:
+            self.check(layout)
         if m.inv_scale is not None and self.clip.deferred:
             raise GradGuardError(
                 f"GradGuard: {self.clip!r} cannot clip gradients that are still scaled by the GradScaler "
@@ -83,8 +86,20 @@ class ClipStage:
             single_group=m.single_group,
             host_observed=self.clip.needs_host_stats,
             want_bit=False,
+            global_norms=m.global_norms if m.sharded else None,
             _index={"layer": layout.index(m.owners, m.norms.device)[0]},
         )
+
+    def check(self, layout: OptimizerLayout) -> None:
+        """Let the clipper refuse the optimizer's parameter placements (before the first step).
+
+        Raises:
+            ValueError: from the clipper, naming the parameter and its placement.
+        """
+        if self.clip is not None:
+            layers = [layout.layer_names[i] for i in layout.param_layer]
+            self.clip.check_placements(layout.param_names, layers, layout.params)
+        self._checked.add(id(layout))
 
     def clip_now(self, ctx: ClipContext | None, m: Measurement, read: HostRead) -> Tensor:
         """Apply a non-deferred clipper before the read; return the step's clip level (0-d float32

@@ -241,6 +241,7 @@ class Measurement:
         sharded: the gradients are shards (norms were all-reduced).
         single_group: every gradient shares one device and dtype.
         zero: a 0-d float32 zero on the gradients' device (:func:`device_constant`).
+        reductions: the (mask, process group) pairs the norms were reduced over (empty: not sharded).
     """
 
     grads: list[Tensor]
@@ -254,6 +255,11 @@ class Measurement:
     sharded: bool
     single_group: bool
     zero: Tensor
+    reductions: list[tuple[Tensor | None, Any]]
+
+    def global_norms(self, values: Tensor, norm_type: float) -> Tensor:
+        """Per-tensor values of the local shards made whole, over the same groups as the norms."""
+        return reduce_shard_norms(values, norm_type, self.reductions)
 
 
 def measure_step(
@@ -304,7 +310,9 @@ def measure_step(
     enabled = scaler is not None and scaler.is_enabled()
     loss_scale = scaler._scale if enabled and scaler._scale is not None else None  # type: ignore[union-attr]
     zero = device_constant(0.0, device)
-    return Measurement(grads, owners, norms, total, finite, inv_scale, amp_found, loss_scale, is_sharded, single, zero)
+    return Measurement(
+        grads, owners, norms, total, finite, inv_scale, amp_found, loss_scale, is_sharded, single, zero, reductions
+    )
 
 
 _CONSTANTS: dict[tuple[str, float], Tensor] = {}

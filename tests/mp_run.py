@@ -3,7 +3,8 @@
 Usage: python tests/mp_run.py OUTDIR MODE [CKPT]
 MODE: ``fsdp2`` (fully_shard), ``tp`` (a tensor-parallel plan), ``nan`` (FSDP2, a NaN gradient on
 rank 1 only at step 3), ``save`` / ``resume`` (FSDP2 with ZClip: a distributed checkpoint after step
-6, then a run resumed from it), ``plain`` (the same model, one process: the names a user expects).
+6, then a run resumed from it), ``plain`` (the same model, one process: the names a user expects),
+``agc`` (FSDP2 with AGC, biases excluded), ``agc_refused`` (FSDP2 with AGC on everything: refused).
 Each rank writes OUTDIR/<mode><r>.json: the guard's reports next to references computed here from
 the full (unsharded) gradients with ``DTensor.full_tensor()``.
 """
@@ -23,12 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import GradGuard, GradGuardWarning, NormClip, ZClip
+from lightning_gradguard import AGC, GradGuard, GradGuardWarning, NormClip, ZClip
 from tests.helpers import poison
 
 MAX_NORM = 0.05
@@ -101,12 +103,19 @@ def layer_of(name: str) -> str:
 
 
 class Reference(pl.Callback):
-    """Listed before the guard: the full per-layer and total norms, before clipping."""
+    """Listed before the guard: the full per-layer and total norms, before clipping (and, for AGC, the
+    full weights and gradients)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = False) -> None:
         self.rows: dict[int, dict[str, float]] = {}
+        self.keep = keep
+        self.full: dict[int, dict[str, Any]] = {}
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.keep:
+            self.full[trainer.global_step] = {
+                n: (full(p.detach()).tolist(), full(p.grad).tolist()) for n, p in pl_module.named_parameters()
+            }
         grads: dict[str, list[Tensor]] = {}
         for name, p in pl_module.named_parameters():
             if p.grad is not None:
@@ -147,6 +156,7 @@ class After(pl.Callback):
             "clipped_total": total,
             "weights": {n: full(p.detach()).tolist() for n, p in pl_module.named_parameters()},
             "opt_steps": [full(s["step"]).item() for s in optimizer.state.values() if "step" in s],
+            "grads": {n: full(p.grad).tolist() for n, p in pl_module.named_parameters() if p.grad is not None},
         }
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -165,9 +175,11 @@ def main() -> None:
         with handler_log.open("a") as fh:
             fh.write(f"{event.kind} {event.step}\n")
 
-    clip = ZClip(warmup_steps=3, z_threshold=1.0) if mode in ("save", "resume") else NormClip(MAX_NORM)
+    clip: Any = ZClip(warmup_steps=3, z_threshold=1.0) if mode in ("save", "resume") else NormClip(MAX_NORM)
+    if mode.startswith("agc"):
+        clip = AGC(0.01, exclude=["*bias*"] if mode == "agc" else [])
     guard = GradGuard(clip=clip, log_every_n_steps=1, alert_handlers=[handler], spike_warmup=2)
-    ref, after = Reference(), After(guard)
+    ref, after = Reference(keep=mode == "agc"), After(guard)
     callbacks: list[pl.Callback] = [ref, guard, after]
     steps = 10 if mode in ("save", "resume") else 6
     if mode == "save":
@@ -186,7 +198,12 @@ def main() -> None:
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GradGuardWarning)
-        t.fit(SeqModel(mode), ckpt_path=ckpt)
+        try:
+            t.fit(SeqModel(mode), ckpt_path=ckpt)
+        except MisconfigurationException as exc:  # agc_refused: refused before the first step, on every rank
+            (out / f"{mode}{t.global_rank}.json").write_text(json.dumps({"error": str(exc)}))
+            sys.stdout.flush()
+            os._exit(0)
     rank = t.global_rank
     layout = guard.core.layers.layout(t.optimizers[0])
     clip_state = guard.core.clip.state_dict() if guard.core.clip is not None else {}
@@ -199,6 +216,7 @@ def main() -> None:
         "events": [(e.kind, e.step, e.origin, list(e.layers), e.action) for e in guard.events],
         "state": {k: v for k, v in guard.core.state_dict().items() if k not in ("clip", "alerts")},
         "clip_state": {k: v.tolist() if isinstance(v, Tensor) else v for k, v in clip_state.items()},
+        "full_before": {str(k): v for k, v in ref.full.items()},
     }
     (out / f"{mode}{rank}.json").write_text(json.dumps(result))
     deadline = time.monotonic() + 60

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).with_name("mp_run.py")
 RENDEZVOUS_ERRORS = ("Address already in use", "EADDRINUSE", "Connection reset by peer", "Connection refused")
@@ -107,6 +108,26 @@ def test_resume_from_a_distributed_checkpoint_makes_identical_decisions(out: Pat
             assert b["after"][step]["metrics"] == a["after"][step]["metrics"], step
         assert b["state"] == a["state"] and b["clip_state"] == a["clip_state"]
         assert b["state"]["steps"] == 10 and len(b["clip_state"]["buffer"]) == 0 and b["clip_state"]["mean"] > 0
+
+
+def test_agc_clips_rows_of_shard0_weights_and_refuses_split_units(out: Path) -> None:
+    from lightning_gradguard import AGC
+    from lightning_gradguard.clip import ClipContext
+
+    ranks = run(out, "agc")
+    for r in ranks:
+        for step, params in r["full_before"].items():
+            names = [n for n in params if "bias" not in n]
+            weights = [torch.nn.Parameter(torch.tensor(params[n][0])) for n in names]
+            grads = [torch.tensor(params[n][1]) for n in names]
+            AGC(0.01).clip_(ClipContext.of(grads, params=weights))  # the reference: AGC on the whole tensors
+            for n, g in zip(names, grads, strict=True):
+                assert torch.tensor(r["after"][step]["grads"][n]) == pytest.approx(g, rel=1e-5, abs=1e-9), (step, n)
+    assert ranks[0]["after"] == ranks[1]["after"]
+    assert any(row["metrics"].get("gradguard/clipped_units", 0) > 0 for row in ranks[0]["after"].values())
+    refused = run(out, "agc_refused")
+    for r in refused:
+        assert "AGC cannot clip `embed.bias`" in r["error"] and "Shard(dim=0)" in r["error"]
 
 
 def test_deepspeed_is_refused_at_setup_with_the_alternatives() -> None:
