@@ -144,3 +144,20 @@ def test_deepspeed_is_refused_at_setup_with_the_alternatives() -> None:
     with pytest.raises(MisconfigurationException, match="DeepSpeed owns and partitions the gradients") as info:
         GradGuard().setup(trainer, None, "fit")  # type: ignore[arg-type]
     assert "strategy='fsdp'" in str(info.value) and "ModelParallelStrategy" in str(info.value)
+
+
+def test_fabric_sharded_example(tmp_path: Path) -> None:
+    example = SCRIPT.parents[1] / "examples" / "fabric_sharded.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(example), "--steps", "20", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=SCRIPT.parents[1],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    r0, r1 = (json.loads((tmp_path / f"fabric{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1  # one decision, the same numbers, on both ranks
+    assert r0["events"] == [["nonfinite", 10, "loss"]] and r0["skipped"] == 1  # the NaN was on rank 1 only
+    for row in r0["rows"]:  # the whole gradient after the guard: clipped globally to max_norm 1.0
+        total = row["metrics"]["gradguard/total_norm"]
+        assert row["clipped_whole"] == pytest.approx(min(total, 1.0), rel=1e-5)
