@@ -382,12 +382,17 @@ def _collect(
         grads = [g for g in raw if g is not None]
         if len(grads) == len(params):
             return grads, layout.all_owners, None
+        if sharded:  # FSDP1: keep every rank's norms vector aligned (see _placeholder)
+            owners = [i for i, g in enumerate(raw) if g is not None or params[i].requires_grad]
+            return [_placeholder(params[i], raw[i]) for i in owners], owners, None
         return grads, [i for i, g in enumerate(raw) if g is not None], None
     grads, owners, groups = [], [], []
     special = False
     over: tuple[Any, ...]
     for i, p in enumerate(params):
         g = p.grad
+        if g is None and sharded and p.requires_grad:
+            g = _placeholder(p, g)
         if g is None:
             continue
         if _DTensor is not None and isinstance(g, _DTensor):
@@ -409,6 +414,16 @@ def _collect(
     if grads and layout.plain is None:
         layout.plain = not special
     return grads, owners, groups
+
+
+def _placeholder(p: Tensor, g: Tensor | None) -> Tensor:
+    """``g``, or an empty gradient for a parameter that lies wholly outside this rank's shard.
+
+    FSDP1 with ``use_orig_params=True`` leaves such a parameter's ``.grad`` None on that rank only;
+    an empty stand-in (norm 0, never written back) keeps the per-tensor norms lined up across ranks
+    for their all-reduce, so that no rank waits on a vector of another length.
+    """
+    return g if g is not None else p.new_zeros(0)
 
 
 def _reductions(

@@ -78,14 +78,19 @@ def run_flat(rank: int) -> dict[str, Any]:
     named = model.params()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     rows: dict[str, Any] = {}
-    for name, clip in (("norm", NormClip(1.0)), ("layer", LayerNormClip(1.0)), ("zclip", ZClip(warmup_steps=5))):
+    clips = (
+        ("norm", NormClip(1.0)), ("none", NormClip(1.0)), ("layer", LayerNormClip(1.0)), ("zclip", ZClip(warmup_steps=5))
+    )
+    for name, clip in clips:
         guard = GuardCore(model, clip=clip, sharded=True, log_every_n_steps=1, track_timesteps=False)
         steps = []
         for step in range(15 if name == "zclip" else 1):
             grads = full_grads(step)
             flat = torch.cat([grads[k].flatten() for k in SHAPES])
             for k, p in named.items():
-                p.grad = shard_of(rank, flat, k).clone()
+                shard = shard_of(rank, flat, k).clone()
+                # "none": FSDP1 with use_orig_params leaves .grad None where a tensor has no part here
+                p.grad = None if name == "none" and shard.numel() == 0 else shard
             report = guard.step(opt)
             steps.append(
                 {

@@ -130,3 +130,10 @@ def test_dtensor_gradients_are_measured_globally(ranks: list[dict[str, Any]]) ->
         for k, v in r["dtensor"]["clipped"].items():
             torch.testing.assert_close(torch.tensor(v), full[k] * coef, rtol=1e-6, atol=1e-7)
     assert not math.isnan(total)
+
+
+def test_a_parameter_outside_a_ranks_shard_without_gradient_lines_up(ranks: list[dict[str, Any]]) -> None:
+    """FSDP1 (use_orig_params=True) leaves .grad None on the rank that holds none of a tensor."""
+    assert any(len(r["flat"]["none"][0]["shards"]) < len(SHAPES) for r in ranks)  # some grad was None
+    for r in ranks:
+        assert r["flat"]["none"][0]["metrics"] == r["flat"]["norm"][0]["metrics"]
