@@ -79,7 +79,10 @@ def run_flat(rank: int) -> dict[str, Any]:
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     rows: dict[str, Any] = {}
     clips = (
-        ("norm", NormClip(1.0)), ("none", NormClip(1.0)), ("layer", LayerNormClip(1.0)), ("zclip", ZClip(warmup_steps=5))
+        ("norm", NormClip(1.0)),
+        ("none", NormClip(1.0)),
+        ("layer", LayerNormClip(1.0)),
+        ("zclip", ZClip(warmup_steps=5)),
     )
     for name, clip in clips:
         guard = GuardCore(model, clip=clip, sharded=True, log_every_n_steps=1, track_timesteps=False)
