@@ -33,6 +33,7 @@ import argparse
 import datetime as dt
 import functools
 import math
+import os
 import platform
 import statistics
 import sys
@@ -325,6 +326,25 @@ def count_host_reads(model: str, configs: list[str], steps: int = 12) -> dict[st
     return out
 
 
+def sharded_ratio(rounds: int = 5, steps: int = 12) -> dict[str, Any]:
+    """benchmarks/sharded_bench.py in 2 CPU processes (FSDP2): GradGuard vs clip_grad_norm_."""
+    import json
+    import socket
+    import subprocess
+    import tempfile
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "sharded.json"
+        script = Path(__file__).with_name("sharded_bench.py")
+        cmd = [sys.executable, str(script), str(out), "--rounds", str(rounds), "--steps", str(steps)]
+        subprocess.run(cmd, env=env, capture_output=True, timeout=1200, check=True)
+        return dict(json.loads(out.read_text()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -351,6 +371,7 @@ def main() -> None:
     sync_configs = ["1 bare", "2 clip", "3 lightning", "4 guard", "4w guard-warn", "5 guard-log", "8 zclip"]
     syncs = count_syncs("b: Transformer", [*sync_configs, "4f guard-fused"]) if args.device == "cuda" else {}
     reads = count_host_reads("b: Transformer", [*sync_configs, "2f clip-fused", "4f guard-fused"])
+    sharded = sharded_ratio() if args.device == "cpu" else None
     elapsed = time.perf_counter() - started
 
     if args.device == "cuda":
@@ -401,6 +422,22 @@ def main() -> None:
         ]
     if a is not None:
         targets.insert(-1, ("config 6 vs config 2 (a)", a["6 guard-ts"]["median"] / a["2 clip"]["median"], "<= 1.05"))
+    if sharded is not None:
+        targets.insert(-1, ("FSDP2, 2 processes: GradGuard vs clip_grad_norm_", sharded["ratio"], "<= 1.05"))
+        lines += [
+            "## Sharded: FSDP2 (ModelParallelStrategy), 2 CPU processes (gloo), 8 x 256 MLP",
+            "",
+            f"`python benchmarks/sharded_bench.py` ({sharded['rounds']} interleaved rounds x {sharded['steps']} "
+            "steps): GradGuard(clip=NormClip(1.0)) against clip_grad_norm_(self.parameters(), 1.0) in "
+            "configure_gradient_clipping.",
+            "",
+            "| configuration | median step | ratio [min, max] |",
+            "|---|---|---|",
+            f"| clip_grad_norm_ | {sharded['ms']['clip_grad_norm_']:.2f} ms | 1.000 |",
+            f"| GradGuard | {sharded['ms']['GradGuard']:.2f} ms | {sharded['ratio']:.3f} "
+            f"[{sharded['min']:.3f}, {sharded['max']:.3f}] |",
+            "",
+        ]
     lines += ["## Targets", "", "| what | measured | target | met |", "|---|---|---|---|"]
     for what, value, target in targets:
         op, bound = target.split()

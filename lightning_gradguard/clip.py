@@ -615,7 +615,11 @@ class AGC(Clipper):
             placements = getattr(p, "placements", None)
             if placements is None or _matches(layer, self.exclude) or _matches(name, self.exclude):
                 continue
-            whole = all(pl.is_replicate() or (p.ndim >= 2 and pl.is_shard(0)) for pl in placements)
+            # rows stay whole when dimension 0 is the one split (Shard(0), FSDP2's _StridedShard(0))
+            whole = all(
+                pl.is_replicate() or (p.ndim >= 2 and not pl.is_partial() and getattr(pl, "dim", None) == 0)
+                for pl in placements
+            )
             if not whole:
                 raise ValueError(
                     f"AGC cannot clip `{name}`: its placement {tuple(placements)} splits AGC's units (the rows "

@@ -398,7 +398,8 @@ def _collect(
         if _DTensor is not None and isinstance(g, _DTensor):
             special = True
             mesh = g.device_mesh
-            dims = [d for d, pl in enumerate(g.placements) if pl.is_shard() or pl.is_partial()]
+            # Every placement but Replicate splits the tensor (Shard, _StridedShard, Partial)
+            dims = [d for d, pl in enumerate(g.placements) if not pl.is_replicate()]
             over = tuple(mesh.get_group(mesh_dim=d) for d in dims)
             g = g.to_local()
         else:

@@ -4,7 +4,8 @@ Usage: python tests/mp_run.py OUTDIR MODE [CKPT]
 MODE: ``fsdp2`` (fully_shard), ``tp`` (a tensor-parallel plan), ``nan`` (FSDP2, a NaN gradient on
 rank 1 only at step 3), ``save`` / ``resume`` (FSDP2 with ZClip: a distributed checkpoint after step
 6, then a run resumed from it), ``plain`` (the same model, one process: the names a user expects),
-``agc`` (FSDP2 with AGC, biases excluded), ``agc_refused`` (FSDP2 with AGC on everything: refused).
+``agc`` (FSDP2 with AGC, biases excluded), ``agc_refused`` (FSDP2 with AGC on everything: refused),
+``2d`` (4 processes: FSDP2 over 2 data-parallel ranks x tensor parallel over 2).
 Each rank writes OUTDIR/<mode><r>.json: the guard's reports next to references computed here from
 the full (unsharded) gradients with ``DTensor.full_tensor()``.
 """
@@ -49,7 +50,7 @@ class SeqModel(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.mode = mode
-        if mode == "tp":
+        if mode in ("tp", "2d"):
             self.l0 = nn.Linear(6, 16)
             self.l1 = nn.Linear(16, 8)
             self.l2 = nn.Linear(8, 1)
@@ -59,7 +60,7 @@ class SeqModel(pl.LightningModule):
             self.head = nn.Linear(8, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "tp":
+        if self.mode in ("tp", "2d"):
             return self.l2(torch.tanh(self.l1(torch.tanh(self.l0(x)))))
         h = self.embed(x)
         if h.requires_grad:  # the reference for the per-timestep norms: this rank's ∂L/∂h
@@ -71,10 +72,16 @@ class SeqModel(pl.LightningModule):
 
     def configure_model(self) -> None:
         mesh = self.device_mesh
-        if self.mode == "tp":
+        if self.mode in ("tp", "2d"):
             from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
             parallelize_module(self, mesh["tensor_parallel"], {"l0": ColwiseParallel(), "l1": RowwiseParallel()})
+            if self.mode == "2d":  # and FSDP2 over the data-parallel dimension
+                from torch.distributed.fsdp import fully_shard
+
+                for module in (self.l0, self.l1, self.l2):
+                    fully_shard(module, mesh=mesh["data_parallel"])
+                fully_shard(self, mesh=mesh["data_parallel"])
         elif self.mode != "plain":
             from torch.distributed.fsdp import fully_shard
 
@@ -91,7 +98,7 @@ class SeqModel(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
         g = torch.Generator().manual_seed(0)
-        shape = (16, 6) if self.mode == "tp" else (16, 5, 3)
+        shape = (16, 6) if self.mode in ("tp", "2d") else (16, 5, 3)
         return DataLoader(TensorDataset(torch.randn(*shape, generator=g), torch.randn(16, 1, generator=g)), 8)
 
 
@@ -188,9 +195,9 @@ def main() -> None:
         strategy: Any = "auto"
         devices = 1
     else:
-        tp = 2 if mode == "tp" else 1
-        strategy = ModelParallelStrategy(data_parallel_size=2 // tp, tensor_parallel_size=tp)
-        devices = 2
+        devices = 4 if mode == "2d" else 2
+        tp = 2 if mode in ("tp", "2d") else 1
+        strategy = ModelParallelStrategy(data_parallel_size=devices // tp, tensor_parallel_size=tp)
     t = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
         enable_checkpointing=mode == "save", enable_progress_bar=False, enable_model_summary=False,
@@ -220,7 +227,8 @@ def main() -> None:
     }
     (out / f"{mode}{rank}.json").write_text(json.dumps(result))
     deadline = time.monotonic() + 60
-    while rank == 0 and devices == 2 and not (out / f"{mode}1.json").exists() and time.monotonic() < deadline:
+    others = [out / f"{mode}{r}.json" for r in range(1, devices)]
+    while rank == 0 and not all(f.exists() for f in others) and time.monotonic() < deadline:
         time.sleep(0.05)
     sys.stdout.flush()
     sys.stderr.flush()
