@@ -330,7 +330,7 @@ class GuardCore:
         layout = self.layers.layout(optimizer)
         m = measure_step(
             layout, self.norm_type, sharded=self.sharded, process_group=self.process_group,
-            optimizer=optimizer, scaler=scaler, warn=self._warn_once,
+            optimizer=optimizer, scaler=scaler, warn=self._warn_once, loss_finite=self._take_loss_flag(),
         )  # fmt: skip
         if m is None:
             return self._nothing_to_measure(number)
@@ -380,10 +380,10 @@ class GuardCore:
         """Register every step's values: the flags (summed across ranks by ``reduce``), the total norm,
         the loss scale, the clip level. One stack on one process; under DDP the flags are a stack of
         their own (one small collective). Returns the flags vector (:data:`FLAGS` order)."""
-        bad = device_flags(m, self._take_loss_flag())
+        bad = device_flags(m, m.loss_finite)
         scale = m.loss_scale.to(m.zero.device).reshape(()).float() if m.loss_scale is not None else m.zero
         watch = [m.total.to(m.zero.device, torch.float32), scale, level]
-        if reduce is None:
+        if reduce is None or m.shared_flags is not None:  # flags the same on every rank already
             head = torch.stack([*bad, *watch])
             s.read.put_each(FLAGS + _WATCH, head)
             return head

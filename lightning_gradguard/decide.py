@@ -55,6 +55,11 @@ def device_flags(m: Measurement, loss_finite: Tensor | None) -> list[Tensor]:
     stack is summed across ranks, so that every rank reads the same flags."""
     one = device_constant(1.0, m.zero.device)
     bad = [torch.where(m.finite, m.zero, one), m.zero, m.zero]
+    if m.shared_flags is not None:  # already summed over every rank with the sharded norms
+        bad[1], bad[2] = m.shared_flags[0], m.shared_flags[1]
+        if m.inv_scale is not None and m.amp_found is not None:
+            bad[2] = m.amp_found.to(m.zero.device).float()  # from the global total: the same on every rank
+        return bad
     if loss_finite is not None:
         bad[1] = torch.where(loss_finite.to(m.zero.device), m.zero, one)
     if m.amp_found is not None:

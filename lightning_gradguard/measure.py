@@ -198,7 +198,9 @@ def global_norms(norms: Tensor, norm_type: float = 2.0, sharded: Tensor | None =
     return reduce_shard_norms(norms, norm_type, [(sharded, group)])
 
 
-def reduce_shard_norms(norms: Tensor, norm_type: float, reductions: Sequence[tuple[Tensor | None, Any]]) -> Tensor:
+def reduce_shard_norms(
+    norms: Tensor, norm_type: float, reductions: Sequence[tuple[Tensor | None, Any]], extra: Tensor | None = None
+) -> Tensor:
     """Per-tensor norms of whole tensors whose shards lie over one or more process groups.
 
     ``reductions`` lists (mask, group): the tensors in ``mask`` (None: all) are sharded over
@@ -206,22 +208,40 @@ def reduce_shard_norms(norms: Tensor, norm_type: float, reductions: Sequence[tup
     reductions; their p-th-power sums compose, so that it ends up summed over the whole product of
     ranks, while a tensor replicated along a dimension is not counted twice. One small
     ``all_reduce`` per distinct group (one for a 1-D mesh).
+
+    ``extra`` (flags) rides along in every reduction, summed (the max for the inf-norm) as it is;
+    with it the result is the norms followed by the reduced extras.
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or norms.numel() == 0 or not reductions:
-        return norms
+    n = norms.numel()
+    if not (dist.is_available() and dist.is_initialized()) or n == 0 or not reductions:
+        return norms if extra is None else torch.cat([norms, extra.to(norms.dtype)])
     inf = math.isinf(norm_type)
     acc = norms if inf else norms.double().pow(norm_type)
+    side = None if extra is None else extra.to(acc.device, acc.dtype)
     touched = torch.zeros_like(norms, dtype=torch.bool)
     for mask, group in reductions:
         mask = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask.to(norms.device)
         vals = torch.where(mask, acc, torch.zeros_like(acc))
+        if side is not None:
+            vals = torch.cat([vals, side])
         dist.all_reduce(vals, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+        if side is not None:
+            vals, side = vals[:n], vals[n:]
         acc = torch.where(mask, vals, acc)
         touched = touched | mask
     whole = acc if inf else acc.pow(1.0 / norm_type).to(norms.dtype)
-    return torch.where(touched, whole, norms)
+    result = torch.where(touched, whole, norms)
+    return result if side is None else torch.cat([result, side.to(result.dtype)])
+
+
+def _spans_world(reductions: Sequence[tuple[Tensor | None, Any]]) -> bool:
+    """Whether the groups compose to the whole world (mesh dimensions whose sizes multiply to it)."""
+    import torch.distributed as dist
+
+    groups = {id(g): g for _, g in reductions}
+    return math.prod(dist.get_world_size(g) for g in groups.values()) == dist.get_world_size()
 
 
 @dataclass(slots=True)
@@ -242,6 +262,10 @@ class Measurement:
         single_group: every gradient shares one device and dtype.
         zero: a 0-d float32 zero on the gradients' device (:func:`device_constant`).
         reductions: the (mask, process group) pairs the norms were reduced over (empty: not sharded).
+        shared_flags: [loss non-finite, fp16 overflow] summed over every rank with the norms'
+            all-reduce (their groups span the world), so that the step needs no collective of its
+            own for its flags; None otherwise.
+        loss_finite: the loss flag the step was given (0-d bool), or None.
     """
 
     grads: list[Tensor]
@@ -256,6 +280,8 @@ class Measurement:
     single_group: bool
     zero: Tensor
     reductions: list[tuple[Tensor | None, Any]]
+    shared_flags: Tensor | None = None
+    loss_finite: Tensor | None = None
 
     def global_norms(self, values: Tensor, norm_type: float) -> Tensor:
         """Per-tensor values of the local shards made whole, over the same groups as the norms."""
@@ -271,6 +297,7 @@ def measure_step(
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
     warn: Callable[[str, str], None] | None = None,
+    loss_finite: Tensor | None = None,
 ) -> Measurement | None:
     """Measure the gradients of ``layout``'s parameters on the device; None when there are none.
 
@@ -283,6 +310,8 @@ def measure_step(
         optimizer: the optimizer, to find its GradScaler state.
         scaler: the fp16 GradScaler, if any.
         warn: called as ``warn(key, message)`` for one-time warnings (sparse gradients).
+        loss_finite: whether the loss was finite (0-d bool), to be summed over the ranks with the
+            sharded norms (:attr:`Measurement.shared_flags`).
     """
     grads, owners, shard_groups = _collect(layout, sharded, warn)
     if not grads:
@@ -298,7 +327,15 @@ def measure_step(
     else:
         reductions = _reductions(shard_groups, process_group, norms.device, layout.reduction_cache)
     is_sharded = bool(reductions)
-    if is_sharded:
+    shared: Tensor | None = None
+    if is_sharded and _spans_world(reductions):  # the step's flags ride in the norms' all-reduce
+        one = device_constant(1.0, norms.device)
+        zero = device_constant(0.0, norms.device)
+        loss_bad = zero if loss_finite is None else torch.where(loss_finite.to(norms.device), zero, one)
+        amp_bad = zero if amp_found is None else amp_found.to(norms.device).float()
+        both = reduce_shard_norms(norms, norm_type, reductions, torch.stack([loss_bad, amp_bad]))
+        norms, shared = both[: len(grads)], both[len(grads) :]
+    elif is_sharded:
         norms = reduce_shard_norms(norms, norm_type, reductions)
     if inv_scale is not None:
         norms = norms * inv_scale
@@ -311,8 +348,9 @@ def measure_step(
     loss_scale = scaler._scale if enabled and scaler._scale is not None else None  # type: ignore[union-attr]
     zero = device_constant(0.0, device)
     return Measurement(
-        grads, owners, norms, total, finite, inv_scale, amp_found, loss_scale, is_sharded, single, zero, reductions
-    )
+        grads, owners, norms, total, finite, inv_scale, amp_found, loss_scale, is_sharded, single, zero, reductions,
+        shared, loss_finite,
+    )  # fmt: skip
 
 
 _CONSTANTS: dict[tuple[str, float], Tensor] = {}

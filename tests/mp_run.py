@@ -172,7 +172,31 @@ class After(pl.Callback):
         }
 
 
+COLLECTIVES: list[str] = []
+
+
+def count_guard_collectives() -> None:
+    """Count all_reduce calls made on behalf of the guard (a lightning_gradguard frame on the stack)."""
+    import torch.distributed as dist
+
+    original = dist.all_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        frame = sys._getframe(1)
+        for _ in range(8):
+            if frame is None:
+                break
+            if "lightning_gradguard" in frame.f_code.co_filename:
+                COLLECTIVES.append(frame.f_code.co_name)
+                break
+            frame = frame.f_back
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted
+
+
 def main() -> None:
+    count_guard_collectives()
     out, mode = Path(sys.argv[1]), sys.argv[2]
     ckpt = sys.argv[3] if len(sys.argv) > 3 else None
     warnings.simplefilter("ignore")
@@ -224,6 +248,7 @@ def main() -> None:
         "state": {k: v for k, v in guard.core.state_dict().items() if k not in ("clip", "alerts")},
         "clip_state": {k: v.tolist() if isinstance(v, Tensor) else v for k, v in clip_state.items()},
         "full_before": {str(k): v for k, v in ref.full.items()},
+        "collectives": len(COLLECTIVES),
     }
     (out / f"{mode}{rank}.json").write_text(json.dumps(result))
     deadline = time.monotonic() + 60

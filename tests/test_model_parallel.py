@@ -78,6 +78,9 @@ def test_reported_norms_are_the_full_unsharded_ones_on_every_rank(out: Path, mod
     assert all(r["after"] == ranks[0]["after"] for r in ranks)  # identical on every rank, profiles included
     if mode == "fsdp2":
         assert all("timestep/rnn" in ref for ref in ranks[0]["reference"].values())
+    # the guard's collective: one small all-reduce per step and mesh dimension (the flags ride in it)
+    dims = 2 if mode == "2d" else 1
+    assert all(r["collectives"] == 6 * dims for r in ranks), [r["collectives"] for r in ranks]
     if mode == "fsdp2":  # the names of the same model unsharded; the LSTM still tracked
         assert ranks[0]["layers"] == ranks[1]["layers"] == plain["layers"] == ["embed", "rnn.l0", "head"]
         assert ranks[0]["timesteps"] == plain["timesteps"] == ["rnn"]
