@@ -8,6 +8,7 @@
    (``amp_overflow``, no skip, no NaN in the weights), and the guard's NormClip on unscaled
    gradients equals ``clip_grad_norm_``.
 3. The same in Lightning with ``precision="16-mixed"`` on the GPU.
+4. FSDP1 (Lightning's FSDPStrategy), which refuses CPU: tests/test_model_parallel.py -k fsdp1.
 
     PYTHONPATH=. python benchmarks/gpu_checks.py > gpu_checks.txt
 """
@@ -146,11 +147,27 @@ def amp_lightning() -> None:
     print("weights finite:", all(bool(torch.isfinite(p).all()) for p in model_.parameters()))
 
 
+def fsdp1() -> None:
+    """Lightning's FSDPStrategy (FSDP1, CUDA only): the guard's total and per-layer norms against the
+    whole gradients (summon_full_params), its global clip, with use_orig_params True and False."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    print("== FSDP1 (tests/test_model_parallel.py -k fsdp1) ==")
+    root = Path(__file__).resolve().parents[1]
+    test = "tests/test_model_parallel.py"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test, "-k", "fsdp1"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    print(proc.stdout[-3000:], proc.stderr[-2000:])
+
+
 def main() -> None:
     print(torch.__version__, torch.cuda.get_device_name(), "lightning", pl.__version__)
     sync_table()
     amp_plain_loop()
     amp_lightning()
+    fsdp1()
     print("done", math.pi > 3)
 
 

@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytorch_lightning as pl
 import torch
+from bench import StepTimer  # the same timer as make bench (this folder)
 from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -71,20 +71,8 @@ class Net(pl.LightningModule):
         return DataLoader(TensorDataset(torch.randn(4096, 256, generator=g), torch.randn(4096, 1, generator=g)), 64)
 
 
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t = 0.0
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.times.append(time.perf_counter() - self._t)
-
-
 def fit(guarded: bool, steps: int) -> float:
-    timer = StepTimer()
+    timer = StepTimer(lambda: None)
     callbacks: list[pl.Callback] = [GradGuard(clip=NormClip(1.0), track_timesteps=False), timer] if guarded else [timer]
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from bench import StepTimer  # the same timer as make bench (this folder)
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -55,18 +55,6 @@ class Classifier(pl.LightningModule):
         return DataLoader(data, batch_size=32)
 
 
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t = 0.0
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.times.append(time.perf_counter() - self._t)
-
-
 @contextmanager
 def as_in_0_2_0() -> Iterator[None]:
     """The tab's writers replaced by what 0.2.0 wrote: the profile as JSON text, nothing else."""
@@ -85,7 +73,7 @@ def as_in_0_2_0() -> Iterator[None]:
 
 
 def fit(steps: int, images: bool, patch: Callable[[], Any] | None) -> list[float]:
-    timer = StepTimer()
+    timer = StepTimer(lambda: None)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logger = TensorBoardLogger(tmp, name="run", version="")

@@ -5,7 +5,8 @@ MODE: ``fsdp2`` (fully_shard), ``tp`` (a tensor-parallel plan), ``nan`` (FSDP2, 
 rank 1 only at step 3), ``save`` / ``resume`` (FSDP2 with ZClip: a distributed checkpoint after step
 6, then a run resumed from it), ``plain`` (the same model, one process: the names a user expects),
 ``agc`` (FSDP2 with AGC, biases excluded), ``agc_refused`` (FSDP2 with AGC on everything: refused),
-``2d`` (4 processes: FSDP2 over 2 data-parallel ranks x tensor parallel over 2).
+``2d`` (4 processes: FSDP2 over 2 data-parallel ranks x tensor parallel over 2), ``fsdp1`` /
+``fsdp1_flat`` (Lightning's FSDPStrategy on every GPU, ``use_orig_params`` True / False: CUDA only).
 Each rank writes OUTDIR/<mode><r>.json: the guard's reports next to references computed here from
 the full (unsharded) gradients with ``DTensor.full_tensor()``.
 """
@@ -71,6 +72,8 @@ class SeqModel(pl.LightningModule):
         return out  # type: ignore[no-any-return]
 
     def configure_model(self) -> None:
+        if self.mode in ("plain", "fsdp1", "fsdp1_flat"):  # FSDP1 wraps the model itself
+            return
         mesh = self.device_mesh
         if self.mode in ("tp", "2d"):
             from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -82,7 +85,7 @@ class SeqModel(pl.LightningModule):
                 for module in (self.l0, self.l1, self.l2):
                     fully_shard(module, mesh=mesh["data_parallel"])
                 fully_shard(self, mesh=mesh["data_parallel"])
-        elif self.mode != "plain":
+        else:
             from torch.distributed.fsdp import fully_shard
 
             for module in (self.embed, self.rnn, self.head):
@@ -103,6 +106,7 @@ class SeqModel(pl.LightningModule):
 
 
 def layer_of(name: str) -> str:
+    name = ".".join(part for part in name.split(".") if part != "_fsdp_wrapped_module")
     module, _, param = name.rpartition(".")
     if module == "rnn":
         return f"rnn.{param.rsplit('_', 1)[1]}"
@@ -124,8 +128,10 @@ class Reference(pl.Callback):
                 n: (full(p.detach()).tolist(), full(p.grad).tolist()) for n, p in pl_module.named_parameters()
             }
         grads: dict[str, list[Tensor]] = {}
+        if type(trainer.strategy).__name__ == "FSDPStrategy":  # FSDP1: flat views of this rank's shard
+            grads = self._fsdp1_grads(trainer)
         for name, p in pl_module.named_parameters():
-            if p.grad is not None:
+            if p.grad is not None and type(trainer.strategy).__name__ != "FSDPStrategy":
                 grads.setdefault(layer_of(name), []).append(full(p.grad))
         row = {f"gradguard/layer/{k}": torch.linalg.vector_norm(torch.cat([g.flatten() for g in v])).item()
                for k, v in grads.items()}
@@ -144,6 +150,27 @@ class Reference(pl.Callback):
         self.rows[trainer.global_step] = row
 
 
+    @staticmethod
+    def _fsdp1_grads(trainer: pl.Trainer) -> dict[str, list[Tensor]]:
+        """FSDP1's whole gradients: summoned with the full parameters (use_orig_params=True), or
+        each flat shard's squared sum all-reduced (use_orig_params=False: one unit, 'flat')."""
+        import torch.distributed as dist
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        model = trainer.strategy.model
+        if getattr(trainer.strategy, "kwargs", {}).get("use_orig_params", True):
+            out: dict[str, list[Tensor]] = {}
+            with FSDP.summon_full_params(model, with_grads=True):
+                for name, p in model.named_parameters():
+                    if p.grad is not None:
+                        out.setdefault(layer_of(name.removeprefix("_forward_module.")), []).append(p.grad.clone())
+            return out
+        squares = sum((p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None),
+                      torch.zeros((), dtype=torch.float64, device=trainer.strategy.root_device))
+        dist.all_reduce(squares)
+        return {"flat": [squares.sqrt().float().reshape(1)]}
+
+
 class After(pl.Callback):
     """Listed after the guard: the guard's report, and the full total norm the optimizer will get."""
 
@@ -152,7 +179,10 @@ class After(pl.Callback):
         self.rows: dict[int, dict[str, Any]] = {}
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        grads = [full(p.grad) for p in pl_module.parameters() if p.grad is not None]
+        if type(trainer.strategy).__name__ == "FSDPStrategy":  # the whole clipped gradient, as the reference
+            grads = [g for v in Reference._fsdp1_grads(trainer).values() for g in v]
+        else:
+            grads = [full(p.grad) for p in pl_module.parameters() if p.grad is not None]
         total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item() if grads else None
         report = self.guard.last_report
         assert report is not None
@@ -215,15 +245,21 @@ def main() -> None:
     steps = 10 if mode in ("save", "resume") else 6
     if mode == "save":
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=6, save_top_k=-1))
+    accelerator = "cpu"
     if mode == "plain":
         strategy: Any = "auto"
         devices = 1
+    elif mode.startswith("fsdp1"):  # Lightning's FSDPStrategy: CUDA only (every GPU of the machine)
+        from pytorch_lightning.strategies import FSDPStrategy
+
+        accelerator, devices = "cuda", torch.cuda.device_count()
+        strategy = FSDPStrategy(use_orig_params=mode == "fsdp1", auto_wrap_policy={nn.Linear, nn.LSTM})
     else:
         devices = 4 if mode == "2d" else 2
         tp = 2 if mode in ("tp", "2d") else 1
         strategy = ModelParallelStrategy(data_parallel_size=devices // tp, tensor_parallel_size=tp)
     t = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
+        accelerator=accelerator, devices=devices, strategy=strategy, max_steps=steps, logger=False,
         enable_checkpointing=mode == "save", enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks, log_every_n_steps=1, num_sanity_val_steps=0,
     )  # fmt: skip

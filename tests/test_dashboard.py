@@ -5,12 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard, GradGuardWarning, NormClip
 from lightning_gradguard.report import main as report_main
-from tests.helpers import poison, trainer
+from tests.helpers import get_json, poison, tensorboard_server, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,58 +155,27 @@ def test_console_script_is_installed(logs: tuple[Path, GradGuard, GradGuard]) ->
     assert proc.returncode == 0 and "verdict: healthy" in proc.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.loads(resp.read().decode())
-
-
 def test_tensorboard_serves_the_dashboard(logs: tuple[Path, GradGuard, GradGuard]) -> None:
     root, _, _ = logs
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(root), "--host", "127.0.0.1", "--port", str(port),
-         "--load_fast", "false", "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}/data/plugin"
-    try:
-        deadline = time.monotonic() + 90
-        scalars: Any = {}
-        while time.monotonic() < deadline:
-            try:
-                scalars = _get(f"{base}/scalars/tags")
-                if "faulty" in scalars and "gradguard/total_norm" in scalars["faulty"]:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
+
+    def ready(base: str) -> bool:
+        scalars = get_json(f"{base}/data/plugin/scalars/tags")
+        return "faulty" in scalars and "gradguard/total_norm" in scalars["faulty"]
+
+    with tensorboard_server(root, ready) as server:
+        base = f"{server}/data/plugin"
+        scalars = get_json(f"{base}/scalars/tags")
         assert "gradguard/total_norm" in scalars["faulty"], scalars
         assert {"gradguard/layer/rnn.l0", "gradguard/timestep/rnn/horizon", "gradguard/clip_threshold"} <= set(
             scalars["faulty"]
         )
-        layout = _get(f"{base}/custom_scalars/layout")
+        layout = get_json(f"{base}/custom_scalars/layout")
         (category,) = [c for c in layout["category"] if c["title"] == "GradGuard"]
         titles = [chart["title"] for chart in category["chart"]]
         assert "per-layer norms" in titles and any("total norm" in t for t in titles)
-        images = _get(f"{base}/images/tags")
+        images = get_json(f"{base}/images/tags")
         assert {"gradguard/flow", "gradguard/timestep/rnn"} <= set(images["faulty"])
-        texts = _get(f"{base}/text/tags")
+        texts = get_json(f"{base}/text/tags")
         assert {"gradguard/alerts/text_summary", "gradguard/nonfinite/text_summary"} <= set(texts["faulty"])
-        hist = _get(f"{base}/histograms/tags")
+        hist = get_json(f"{base}/histograms/tags")
         assert "gradguard/hist/head" in hist["faulty"]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
-    assert server.poll() is not None

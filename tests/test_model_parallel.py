@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,22 +20,18 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers import free_port
+
 SCRIPT = Path(__file__).with_name("mp_run.py")
 RENDEZVOUS_ERRORS = ("Address already in use", "EADDRINUSE", "Connection reset by peer", "Connection refused")
 MAX_NORM = 0.05
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(out: Path, mode: str, *extra: str) -> list[dict[str, Any]]:
     """Run tests/mp_run.py in ``mode``; the JSON of each rank."""
     for attempt in range(2):
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(_free_port())}  # fmt: skip
+               "MASTER_PORT": str(free_port())}  # fmt: skip
         proc = subprocess.run(
             [sys.executable, str(SCRIPT), str(out), mode, *extra],
             capture_output=True, text=True, timeout=240, env=env, cwd=SCRIPT.parents[1],
@@ -45,7 +40,8 @@ def run(out: Path, mode: str, *extra: str) -> list[dict[str, Any]]:
             continue
         break
     assert proc.returncode == 0, proc.stderr[-6000:]
-    ranks = {"plain": (0,), "2d": (0, 1, 2, 3)}.get(mode, (0, 1))
+    count = torch.cuda.device_count() if mode.startswith("fsdp1") else {"plain": 1, "2d": 4}.get(mode, 2)
+    ranks = range(count)
     return [json.loads((out / f"{mode}{r}.json").read_text()) for r in ranks]
 
 
@@ -152,7 +148,7 @@ def test_deepspeed_is_refused_at_setup_with_the_alternatives() -> None:
 def test_fabric_sharded_example(tmp_path: Path) -> None:
     example = SCRIPT.parents[1] / "examples" / "fabric_sharded.py"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}  # fmt: skip
+           "MASTER_PORT": str(free_port())}  # fmt: skip
     proc = subprocess.run(
         [sys.executable, str(example), "--steps", "20", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=240, env=env, cwd=SCRIPT.parents[1],
@@ -164,3 +160,20 @@ def test_fabric_sharded_example(tmp_path: Path) -> None:
     for row in r0["rows"]:  # the whole gradient after the guard: clipped globally to max_norm 1.0
         total = row["metrics"]["gradguard/total_norm"]
         assert row["clipped_whole"] == pytest.approx(min(total, 1.0), rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy (FSDP1) needs CUDA")
+@pytest.mark.parametrize("mode", ["fsdp1", "fsdp1_flat"])
+def test_fsdp1_norms_and_clipping_are_global(out: Path, mode: str) -> None:  # pragma: no cover - CUDA only
+    """FSDP1 with use_orig_params=True (original parameters: layer names) and False (flat parameters)."""
+    ranks = run(out, mode)
+    for r in ranks:
+        for step, ref in r["reference"].items():
+            metrics = r["after"][step]["metrics"]
+            assert metrics["gradguard/total_norm"] == pytest.approx(ref["gradguard/total_norm"], rel=1e-5)
+            assert r["after"][step]["clipped_total"] <= MAX_NORM * (1 + 1e-5)
+            if mode == "fsdp1":
+                for key, value in ref.items():
+                    if key.startswith("gradguard/layer/"):
+                        assert metrics[key] == pytest.approx(value, rel=1e-5), (step, key)
+    assert all(r["after"] == ranks[0]["after"] for r in ranks)

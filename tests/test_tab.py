@@ -7,11 +7,7 @@ import math
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -27,7 +23,7 @@ from tensorboard.util import tensor_util
 from lightning_gradguard import GradGuard, GradGuardWarning, NormClip
 from lightning_gradguard.report import main as report_main
 from lightning_gradguard.report import read_run, report_from
-from tests.helpers import trainer
+from tests.helpers import get_json, tensorboard_server, trainer
 from tests.test_dashboard import SeqNet
 
 
@@ -76,45 +72,16 @@ def tab_logs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GradGuard]
 @pytest.fixture(scope="module")
 def server(tab_logs: tuple[Path, GradGuard]) -> Iterator[str]:
     root, _ = tab_logs
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(root), "--host", "127.0.0.1", "--port", str(port),
-         "--load_fast", "false", "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if _get(f"{base}/data/plugin/gradguard/runs") == ["faulty"]:
-                    events = _get(f"{base}/data/plugin/gradguard/events?run=faulty")
-                    if events:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.5)
+
+    def ready(base: str) -> bool:  # the run and its events are loaded
+        api = f"{base}/data/plugin/gradguard"
+        return bool(_get(f"{api}/runs") == ["faulty"] and _get(f"{api}/events?run=faulty"))
+
+    with tensorboard_server(root, ready) as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read().decode())
+_get = get_json
 
 
 def test_the_tab_is_listed_enabled_and_its_module_is_served(server: str) -> None:
