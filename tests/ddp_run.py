@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_gradguard import GradGuard, NonFiniteGradientError, ZClip
-from tests.helpers import FaultNet, trainer
+from tests.helpers import FaultNet, leave_when_written, trainer
 
 
 class RankFaultNet(FaultNet):
@@ -99,14 +97,7 @@ def main() -> None:
         "clip_state": {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in clip_state.items()},
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    # gloo's threads can abort a normal interpreter exit ("terminate called without an active
-    # exception"), which has nothing to do with the guard: once both ranks have written, leave at once.
-    deadline = time.monotonic() + 60
-    while rank == 0 and not (out / "rank1.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_when_written(rank, [out / "rank1.json"])
 
 
 if __name__ == "__main__":

@@ -240,3 +240,17 @@ def tensorboard_server(logdir: Path, ready: Callable[[str], bool], timeout: floa
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=10)
+
+
+def leave_when_written(rank: int, others: list[Path], timeout: float = 60) -> None:
+    """End a launched rank's process at once: rank 0 first waits for the other ranks' result files.
+
+    gloo's threads can abort a normal interpreter exit ("terminate called without an active
+    exception"), which has nothing to do with the guard: once every rank has written, leave.
+    """
+    deadline = time.monotonic() + timeout
+    while rank == 0 and not all(f.exists() for f in others) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
