@@ -5,7 +5,8 @@ MODE: ``fsdp2`` (fully_shard), ``tp`` (a tensor-parallel plan), ``nan`` (FSDP2, 
 rank 1 only at step 3), ``save`` / ``resume`` (FSDP2 with ZClip: a distributed checkpoint after step
 6, then a run resumed from it), ``plain`` (the same model, one process: the names a user expects),
 ``agc`` (FSDP2 with AGC, biases excluded), ``agc_refused`` (FSDP2 with AGC on everything: refused),
-``2d`` (4 processes: FSDP2 over 2 data-parallel ranks x tensor parallel over 2), ``fsdp1`` /
+``nan_raise`` / ``nan_stop`` (as ``nan`` under those policies), ``2d`` (4 processes: FSDP2 over 2
+data-parallel ranks x tensor parallel over 2), ``fsdp1`` /
 ``fsdp1_flat`` (Lightning's FSDPStrategy on every GPU, ``use_orig_params`` True / False: CUDA only).
 Each rank writes OUTDIR/<mode><r>.json: the guard's reports next to references computed here from
 the full (unsharded) gradients with ``DTensor.full_tensor()``.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -31,7 +31,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import AGC, GradGuard, GradGuardWarning, NormClip, ZClip
+from lightning_gradguard import AGC, GradGuard, GradGuardWarning, NonFiniteGradientError, NormClip, ZClip
 from tests.helpers import leave_when_written, poison
 
 MAX_NORM = 0.05
@@ -66,7 +66,7 @@ class SeqModel(pl.LightningModule):
         if h.requires_grad:  # the reference for the per-timestep norms: this rank's ∂L/∂h
             h.register_hook(lambda g: setattr(self, "captured", g.detach().clone()))
         out = self.head(self.rnn(h)[0][:, -1])
-        if self.mode == "nan" and self.global_rank == 1 and self.trainer.global_step == NAN_STEP:
+        if self.mode.startswith("nan") and self.global_rank == 1 and self.trainer.global_step == NAN_STEP:
             out = poison(out, math.nan)
         return out  # type: ignore[no-any-return]
 
@@ -238,7 +238,8 @@ def main() -> None:
     clip: Any = ZClip(warmup_steps=3, z_threshold=1.0) if mode in ("save", "resume") else NormClip(MAX_NORM)
     if mode.startswith("agc"):
         clip = AGC(0.01, exclude=["*bias*"] if mode == "agc" else [])
-    guard = GradGuard(clip=clip, log_every_n_steps=1, alert_handlers=[handler], spike_warmup=2)
+    policy: Any = {"nan_raise": "raise", "nan_stop": "stop"}.get(mode, "skip")
+    guard = GradGuard(clip=clip, log_every_n_steps=1, alert_handlers=[handler], spike_warmup=2, on_nonfinite=policy)
     ref, after = Reference(keep=mode == "agc"), After(guard)
     callbacks: list[pl.Callback] = [ref, guard, after]
     steps = 10 if mode in ("save", "resume") else 6
@@ -266,10 +267,11 @@ def main() -> None:
         warnings.simplefilter("ignore", GradGuardWarning)
         try:
             t.fit(SeqModel(mode), ckpt_path=ckpt)
-        except MisconfigurationException as exc:  # agc_refused: refused before the first step, on every rank
-            (out / f"{mode}{t.global_rank}.json").write_text(json.dumps({"error": str(exc)}))
-            sys.stdout.flush()
-            os._exit(0)
+        except (MisconfigurationException, NonFiniteGradientError) as exc:  # agc_refused, nan_raise
+            # every rank gets here (a rank that did not would hang the others in the next collective)
+            record = {"error": str(exc), "step": t.global_step}
+            (out / f"{mode}{t.global_rank}.json").write_text(json.dumps(record))
+            leave_when_written(t.global_rank, [out / f"{mode}{r}.json" for r in range(1, t.world_size)])
     rank = t.global_rank
     layout = guard.core.layers.layout(t.optimizers[0])
     clip_state = guard.core.clip.state_dict() if guard.core.clip is not None else {}
@@ -284,6 +286,7 @@ def main() -> None:
         "clip_state": {k: v.tolist() if isinstance(v, Tensor) else v for k, v in clip_state.items()},
         "full_before": {str(k): v for k, v in ref.full.items()},
         "collectives": len(COLLECTIVES),
+        "global_step": t.global_step,
     }
     (out / f"{mode}{rank}.json").write_text(json.dumps(result))
     leave_when_written(rank, [out / f"{mode}{r}.json" for r in range(1, devices)])

@@ -65,6 +65,19 @@ def test_fault_on_one_rank_skips_on_both(tmp_path: Path) -> None:
     assert r0["weights"] == r1["weights"]
 
 
+def test_fused_optimizer_skips_on_the_device_on_both_ranks(tmp_path: Path) -> None:
+    # step 2 (a logging step) is skipped by the guard; step 4's NaN (rank 0 only) is skipped by
+    # AdamW(fused=True) through found_inf, summed across ranks on the device, and read at step 5
+    r0, r1 = run_ddp(tmp_path, "fused")
+    expected = [
+        ["nonfinite", 2, "loss", ["l0", "l1", "l2"], "skipped"],
+        ["nonfinite", 4, "l1", ["l0", "l1"], "skipped"],
+    ]
+    assert r0["events"] == r1["events"] == expected
+    assert r0["skipped"] == r1["skipped"] == 2
+    assert r0["finite"] and r1["finite"] and r0["weights"] == r1["weights"]
+
+
 def test_raise_on_one_rank_raises_on_both_without_hang(tmp_path: Path) -> None:
     # Each rank records its NonFiniteGradientError, then meets the other at a barrier before
     # re-raising: had one rank not raised, the barrier would hang and the timeout would fail the test.

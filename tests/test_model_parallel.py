@@ -96,6 +96,16 @@ def test_a_nan_on_one_rank_skips_the_step_on_both(out: Path) -> None:
     assert (out / "handler-nan.txt").read_text() == "nonfinite 3\n"  # rank zero tells it, once
 
 
+def test_raise_and_stop_on_one_rank_are_one_decision(out: Path) -> None:
+    raised = run(out, "nan_raise")  # a rank that did not raise would hang the other (the run's timeout)
+    assert [r["step"] for r in raised] == [3, 3]
+    assert all("origin 'head'" in r["error"] and "Raising." in r["error"] for r in raised)
+    stopped = run(out, "nan_stop")
+    for r in stopped:
+        assert r["events"] == [["nonfinite", 3, "head", ["embed", "rnn.l0", "head"], "stopped"]]
+        assert r["global_step"] == 4  # the skipped step 3 counts; training stopped after it, on both
+
+
 def test_resume_from_a_distributed_checkpoint_makes_identical_decisions(out: Path) -> None:
     full = run(out, "save")
     ckpt = out / "ckpt" / "epoch=5-step=6.ckpt"
