@@ -37,9 +37,7 @@ __all__ = [
     "TensorBoardSink",
     "custom_scalars_layout",
     "find_tensorboard_writer",
-    "log_flow_image",
     "log_histograms",
-    "log_timestep_images",
     "render_flow",
     "render_timestep_heatmap",
     "write_layout",
@@ -205,14 +203,6 @@ def timestep_images_job(writer: Any, core: Any, step: int) -> Callable[[], None]
     return draw
 
 
-def log_timestep_images(loggers: Iterable[Any], core: Any, step: int, renderer: Renderer | None = None) -> None:
-    """Write one heatmap image per tracked sequence to TensorBoard (rank zero, if present)."""
-    writer = find_tensorboard_writer(loggers) if is_rank_zero() else None
-    job = None if writer is None else timestep_images_job(writer, core, step)
-    if job is not None:
-        (renderer or Renderer(background=False)).submit(job)
-
-
 def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
     """The "GradGuard" Custom Scalars category (tags are regular expressions)."""
     return {
@@ -294,16 +284,6 @@ def flow_image_job(writer: Any, core: Any, report: Any, layer_order: Sequence[st
         writer.add_image("gradguard/flow", torch.from_numpy(image), global_step=step, dataformats="HWC")
 
     return draw
-
-
-def log_flow_image(
-    loggers: Iterable[Any], core: Any, report: Any, layer_order: Sequence[str], renderer: Renderer | None = None
-) -> None:
-    """Write ``gradguard/flow`` (rank zero, TensorBoardLogger only, logging steps)."""
-    writer = find_tensorboard_writer(loggers) if is_rank_zero() else None
-    job = None if writer is None else flow_image_job(writer, core, report, layer_order)
-    if job is not None:
-        (renderer or Renderer(background=False)).submit(job)
 
 
 def log_histograms(loggers: Iterable[Any], layers: dict[str, list[Tensor]], step: int) -> None:

@@ -395,10 +395,8 @@ def layer_norms_now(
     norms: Tensor, owners: Sequence[int], layout: OptimizerLayout, norm_type: float
 ) -> dict[str, float]:
     """Every present layer's norm on the host (one more host read: for rare steps, such as a spike)."""
-    index = torch.tensor([layout.param_layer[i] for i in owners], device=norms.device)
-    per_layer = group_norms(norms, index, len(layout.layer_names), norm_type).tolist()
-    present = set(index.tolist())
-    return {layout.layer_names[i]: per_layer[i] for i in present}
+    layer_ids, per_layer = layer_norms(norms, owners, layout, norm_type)
+    return {layout.layer_names[i]: v for i, v in zip(layer_ids, per_layer.tolist(), strict=True)}
 
 
 def _collect(
