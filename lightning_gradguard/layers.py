@@ -91,6 +91,7 @@ class OptimizerLayout:
     _subsets: dict[tuple[int, ...], tuple[list[Tensor], list[int], list[str]]] = field(default_factory=dict)
     _index_cache: dict[tuple[object, str], tuple[Tensor, list[int], Tensor]] = field(default_factory=dict)
     reduction_cache: dict[object, object] = field(default_factory=dict)  # sharded layouts: masks per group
+    shard_groups: dict[int, tuple[object, ...]] = field(default_factory=dict)  # DTensor params: their groups
 
     def index(self, owners: Sequence[int], device: torch.device) -> tuple[Tensor, list[int], Tensor]:
         """(layer id of each owner's gradient, the sorted layer ids present, those ids as a tensor),

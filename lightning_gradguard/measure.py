@@ -322,15 +322,18 @@ def measure_step(
         layout.single_group = len(group_by_device_and_dtype(grads)) == 1
     single = bool(layout.single_group)
     norms = grad_norms(grads, norm_type, single)
-    if shard_groups is None:
-        reductions: list[tuple[Tensor | None, Any]] = [(None, process_group)] if sharded else []
+    zero = device_constant(0.0, device)
+    if shard_groups is not None:
+        reductions, spans = _reductions(shard_groups, process_group, norms.device, layout.reduction_cache)
+    elif sharded:
+        reductions = [(None, process_group)]
+        spans = _spans_world(reductions)
     else:
-        reductions = _reductions(shard_groups, process_group, norms.device, layout.reduction_cache)
+        reductions, spans = [], False
     is_sharded = bool(reductions)
     shared: Tensor | None = None
-    if is_sharded and _spans_world(reductions):  # the step's flags ride in the norms' all-reduce
+    if is_sharded and spans:  # the step's flags ride in the norms' all-reduce
         one = device_constant(1.0, norms.device)
-        zero = device_constant(0.0, norms.device)
         loss_bad = zero if loss_finite is None else torch.where(loss_finite.to(norms.device), zero, one)
         amp_bad = zero if amp_found is None else amp_found.to(norms.device).float()
         both = reduce_shard_norms(norms, norm_type, reductions, torch.stack([loss_bad, amp_bad]))
@@ -346,7 +349,6 @@ def measure_step(
         amp_found = ~finite
     enabled = scaler is not None and scaler.is_enabled()
     loss_scale = scaler._scale if enabled and scaler._scale is not None else None  # type: ignore[union-attr]
-    zero = device_constant(0.0, device)
     return Measurement(
         grads, owners, norms, total, finite, inv_scale, amp_found, loss_scale, is_sharded, single, zero, reductions,
         shared, loss_finite,
@@ -433,10 +435,12 @@ def _collect(
             continue
         if _DTensor is not None and isinstance(g, _DTensor):
             special = True
-            mesh = g.device_mesh
-            # Every placement but Replicate splits the tensor (Shard, _StridedShard, Partial)
-            dims = [d for d, pl in enumerate(g.placements) if not pl.is_replicate()]
-            over = tuple(mesh.get_group(mesh_dim=d) for d in dims)
+            known = layout.shard_groups.get(i)
+            if known is None:  # placements do not change: looked up once per parameter
+                # Every placement but Replicate splits the tensor (Shard, _StridedShard, Partial)
+                dims = [d for d, pl in enumerate(g.placements) if not pl.is_replicate()]
+                known = layout.shard_groups[i] = tuple(g.device_mesh.get_group(mesh_dim=d) for d in dims)
+            over = known
             g = g.to_local()
         else:
             over = (None,) if sharded else ()
@@ -465,9 +469,10 @@ def _placeholder(p: Tensor, g: Tensor | None) -> Tensor:
 
 def _reductions(
     groups: Sequence[tuple[Any, ...]], default: Any, device: torch.device, cache: dict[Any, Any]
-) -> list[tuple[Tensor | None, Any]]:
+) -> tuple[list[tuple[Tensor | None, Any]], bool]:
     """(mask, group) per distinct group the gradients are sharded over (``None`` stands for
-    ``default``), cached: the masks cost a host-to-device copy only the first time."""
+    ``default``), and whether those groups span the world; cached: the masks cost a host-to-device
+    copy only the first time."""
     key = (tuple(tuple(id(g) for g in over) for over in groups), str(device))
     found = cache.get(key)
     if found is None:
@@ -475,15 +480,15 @@ def _reductions(
         for over in groups:
             for g in over:
                 distinct.setdefault(id(g), g)
-        found = []
+        reductions: list[tuple[Tensor | None, Any]] = []
         for gid, group in distinct.items():
             members = [any(id(g) == gid for g in over) for over in groups]
             mask = None if all(members) else torch.tensor(members, device=device)
-            found.append((mask, default if group is None else group))
+            reductions.append((mask, default if group is None else group))
         if len(cache) > 8:
             cache.clear()
-        cache[key] = found
-    return found
+        found = cache[key] = (reductions, bool(reductions) and _spans_world(reductions))
+    return found  # type: ignore[no-any-return]
 
 
 def _amp_state(
