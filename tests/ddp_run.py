@@ -55,9 +55,12 @@ class CoefRecorder(pl.Callback):
     def __init__(self, guard: GradGuard) -> None:
         self.guard = guard
         self.coefs: list[list[float]] = []
+        self.deferred: list[int] = []  # steps whose read waited (skipped on the device, or warn)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         report = self.guard.last_report
+        if report is not None and report.deferred:
+            self.deferred.append(report.step)
         if report is not None and report.metrics:
             m = report.metrics
             self.coefs.append([m.get("gradguard/clip_coef", 1.0), m.get("gradguard/clip_threshold", -1.0)])
@@ -97,6 +100,7 @@ def main() -> None:
         "weights": float(sum(p.double().sum() for p in model.parameters())),
         "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
         "coefs": coefs.coefs,
+        "deferred": coefs.deferred,
         "clip_state": {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in clip_state.items()},
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
