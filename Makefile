@@ -31,7 +31,7 @@ bench: venv
 
 # The slow soak test (not part of `make test`).
 soak: venv
-	$(PY) -m pytest -m slow -q tests/test_soak.py
+	$(PY) -m pytest -m slow -q tests/integrations/test_soak.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

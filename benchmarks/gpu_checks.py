@@ -8,7 +8,7 @@
    (``amp_overflow``, no skip, no NaN in the weights), and the guard's NormClip on unscaled
    gradients equals ``clip_grad_norm_``.
 3. The same in Lightning with ``precision="16-mixed"`` on the GPU.
-4. FSDP1 (Lightning's FSDPStrategy), which refuses CPU: tests/test_model_parallel.py -k fsdp1.
+4. FSDP1 (Lightning's FSDPStrategy), which refuses CPU: tests/integrations/test_model_parallel.py -k fsdp1.
 
     PYTHONPATH=. python benchmarks/gpu_checks.py > gpu_checks.txt
 """
@@ -154,9 +154,9 @@ def fsdp1() -> None:
     import sys
     from pathlib import Path
 
-    print("== FSDP1 (tests/test_model_parallel.py -k fsdp1) ==")
+    print("== FSDP1 (tests/integrations/test_model_parallel.py -k fsdp1) ==")
     root = Path(__file__).resolve().parents[1]
-    test = "tests/test_model_parallel.py"
+    test = "tests/integrations/test_model_parallel.py"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test, "-k", "fsdp1"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     print(proc.stdout[-3000:], proc.stderr[-2000:])

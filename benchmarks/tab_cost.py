@@ -30,7 +30,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import GradGuard, GradGuardWarning, NormClip, tabdata
+from lightning_gradguard import GradGuard, GradGuardWarning, NormClip
+from lightning_gradguard.tensorboard import format as tbformat
 
 
 class Classifier(pl.LightningModule):
@@ -55,21 +56,26 @@ class Classifier(pl.LightningModule):
         return DataLoader(data, batch_size=32)
 
 
+_WRITERS = ("write_profile", "write_config", "write_events", "write_layer_order")
+
+
 @contextmanager
 def as_in_0_2_0() -> Iterator[None]:
     """The tab's writers replaced by what 0.2.0 wrote: the profile as JSON text, nothing else."""
-    vector, js = tabdata.write_vector, tabdata.write_json
+    saved = {name: getattr(tbformat, name) for name in _WRITERS}
 
-    def text_profile(writer: Any, tag: str, values: Any, step: int) -> bool:
-        name = tag[len(tabdata.PROFILE_PREFIX) :]
+    def text_profile(writer: Any, name: str, values: Any, step: int) -> bool:
         writer.add_text(f"gradguard/timestep_profile/{name}", json.dumps([float(v) for v in values]), step)
         return True
 
-    tabdata.write_vector, tabdata.write_json = text_profile, lambda *a, **k: True  # type: ignore[assignment]
+    tbformat.write_profile = text_profile  # type: ignore[assignment]
+    for name in _WRITERS[1:]:
+        setattr(tbformat, name, lambda *a, **k: True)
     try:
         yield
     finally:
-        tabdata.write_vector, tabdata.write_json = vector, js  # type: ignore[assignment]
+        for name, fn in saved.items():
+            setattr(tbformat, name, fn)
 
 
 def fit(steps: int, images: bool, patch: Callable[[], Any] | None) -> list[float]:

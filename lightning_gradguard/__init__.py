@@ -10,18 +10,32 @@ step on every rank instead of letting NaN into the weights::
     trainer = Trainer(callbacks=[GradGuard(clip=NormClip(max_norm=1.0))])
 
 The framework-free core (:class:`GuardCore`, in :mod:`lightning_gradguard.core`, which imports
-torch only) does the same in a plain PyTorch loop.
+torch only) does the same in a plain PyTorch loop. ``import lightning_gradguard`` loads no
+Lightning: ``GradGuard`` (:mod:`lightning_gradguard.integrations.lightning`) loads it when first used.
 """
 
-from lightning_gradguard.adaptive import AutoClip, ZClip
-from lightning_gradguard.alerts import GradGuardWarning
-from lightning_gradguard.callback import GradGuard
-from lightning_gradguard.clip import AGC, ClipContext, ClipOutcome, Clipper, LayerNormClip, NormClip, ValueClip
+from typing import TYPE_CHECKING, Any
+
+from lightning_gradguard.clip import (
+    AGC,
+    AutoClip,
+    ClipContext,
+    ClipOutcome,
+    Clipper,
+    LayerNormClip,
+    NormClip,
+    ValueClip,
+    ZClip,
+)
 from lightning_gradguard.core import GuardCore, StepReport
+from lightning_gradguard.core.alerts import GradGuardWarning
+from lightning_gradguard.core.timesteps import track_timesteps
 from lightning_gradguard.dump import load_dump
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
-from lightning_gradguard.timesteps import track_timesteps
+
+if TYPE_CHECKING:
+    from lightning_gradguard.integrations.lightning import GradGuard
 
 __version__ = "0.2.0"
 
@@ -47,3 +61,12 @@ __all__ = [
     "track_timesteps",
 ]
 
+
+def __getattr__(name: str) -> Any:
+    # The Lightning adapter loads Lightning (about 2 s): only when it is asked for, so that a
+    # plain-PyTorch or Fabric user of GuardCore and the clippers never pays for it.
+    if name == "GradGuard":
+        from lightning_gradguard.integrations.lightning import GradGuard
+
+        return GradGuard
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``python -m lightning_gradguard report LOGDIR``: the same as the ``gradguard`` console script."""
 
-from lightning_gradguard.report import main
+from lightning_gradguard.cli import main
 
 raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Gradient events: what the guard noticed, at which step, where, and how bad.
 
 A :class:`GradEvent` is a plain, picklable record. The guard appends each one to ``guard.events``
-and hands it to the alerting layer (:mod:`lightning_gradguard.alerts`).
+and hands it to the alerting layer (:mod:`lightning_gradguard.core.alerts`).
 """
 
 from __future__ import annotations

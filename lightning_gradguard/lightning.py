@@ -12,6 +12,6 @@ Example::
     True
 """
 
-from lightning_gradguard.callback import GradGuard
+from lightning_gradguard.integrations.lightning import GradGuard
 
 __all__ = ["GradGuard"]

@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py as a script: Lightning's DDP launcher re-executes it once per rank.
+"""Run by tests/integrations/test_ddp.py as a script: Lightning's DDP launcher re-executes it once per rank.
 
 Usage: python tests/ddp_run.py OUTDIR [policy]
 Each rank writes OUTDIR/rank<r>.json with its guard's counters, events and a weight checksum.

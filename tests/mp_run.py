@@ -1,4 +1,4 @@
-"""Run by tests/test_model_parallel.py: Lightning's ModelParallelStrategy on 2 CPU processes (gloo).
+"""Run by tests/integrations/test_model_parallel.py: Lightning's ModelParallelStrategy on 2 CPU processes (gloo).
 
 Usage: python tests/mp_run.py OUTDIR MODE [CKPT]
 MODE: ``fsdp2`` (fully_shard), ``tp`` (a tensor-parallel plan), ``nan`` (FSDP2, a NaN gradient on

@@ -1,4 +1,4 @@
-"""Run by tests/test_sharded.py: 2 CPU processes (gloo), each holding a shard of every gradient.
+"""Run by tests/integrations/test_sharded.py: 2 CPU processes (gloo), each holding a shard of every gradient.
 
 The shards are laid out the way FSDP's flat parameters are: the gradients are flattened and
 concatenated, the flat vector is padded and cut into one contiguous chunk per rank, and each

@@ -1,4 +1,4 @@
-"""Run by tests/test_soak.py: a small RNN with every GradGuard feature on and seeded random faults.
+"""Run by tests/integrations/test_soak.py: a small RNN with every GradGuard feature on and seeded random faults.
 
 Usage: python tests/soak_run.py OUTDIR STEPS [--resume CKPT] [--every-epoch-ckpt]
 Writes OUTDIR/result.json with the guard's counters, the injected faults, clipper state and RSS.

@@ -7,22 +7,21 @@ module                      events                                              
 :mod:`.spike`               ``spike``                                             finite steps
 :mod:`.loss_scale`          ``loss_scale_collapse``                               every step
 :mod:`.in_time`             ``vanishing_in_time``, ``exploding_in_time``          logging steps
-:mod:`.layers`              ``vanishing``, ``dead``, ``unused``                   logging steps
+:mod:`.layer_health`        ``vanishing``, ``dead``, ``unused``                   logging steps
 ==========================  ====================================================  =============
 
-``nonfinite`` and ``amp_overflow`` are not detections but decisions: :mod:`lightning_gradguard.decide`
-makes them.
+``nonfinite`` and ``amp_overflow`` are not detections but decisions: :mod:`lightning_gradguard.core.decide`
+makes them; :mod:`.nonfinite` holds the rule that names where a non-finite step began.
 """
 
 from __future__ import annotations
 
-from lightning_gradguard.detect import LayerWatch, SpikeDetector
 from lightning_gradguard.detectors.base import Detector, Observation, state_of
 from lightning_gradguard.detectors.exploding import ExplodingDetector
 from lightning_gradguard.detectors.in_time import InTimeDetector
-from lightning_gradguard.detectors.layers import LayerHealthDetector
+from lightning_gradguard.detectors.layer_health import LayerHealthDetector
 from lightning_gradguard.detectors.loss_scale import LossScaleDetector
-from lightning_gradguard.detectors.spike import SpikeAlarm
+from lightning_gradguard.detectors.spike import SpikeDetector
 
 __all__ = [
     "Detector",
@@ -31,7 +30,7 @@ __all__ = [
     "LayerHealthDetector",
     "LossScaleDetector",
     "Observation",
-    "SpikeAlarm",
+    "SpikeDetector",
     "default_detectors",
     "state_of",
 ]
@@ -40,15 +39,21 @@ __all__ = [
 def default_detectors(
     *,
     explode_threshold: float | None,
-    spike: SpikeDetector | None,
     spike_zscore: float | None,
-    watch: LayerWatch,
+    spike_warmup: int,
+    vanish_threshold: float,
+    vanish_ratio: float | None,
+    vanish_patience: int,
     min_loss_scale: float,
     timestep_vanish_ratio: float,
 ) -> list[Detector]:
-    """The built-in detectors, in the order their events are recorded within a step."""
+    """The built-in detectors, in the order their events are recorded within a step. Each owns its state."""
     detectors: list[Detector] = [] if explode_threshold is None else [ExplodingDetector(explode_threshold)]
-    if spike is not None and spike_zscore is not None:
-        detectors.append(SpikeAlarm(spike_zscore, spike, watch))
-    detectors += [LossScaleDetector(min_loss_scale), InTimeDetector(timestep_vanish_ratio), LayerHealthDetector(watch)]
+    if spike_zscore is not None:
+        detectors.append(SpikeDetector(spike_zscore, spike_warmup))
+    detectors += [
+        LossScaleDetector(min_loss_scale),
+        InTimeDetector(timestep_vanish_ratio),
+        LayerHealthDetector(vanish_threshold, vanish_ratio, vanish_patience),
+    ]
     return detectors

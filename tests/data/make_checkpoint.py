@@ -1,4 +1,4 @@
-"""Writes the checkpoint-compatibility fixtures of ``tests/test_checkpoint_compat.py``.
+"""Writes the checkpoint-compatibility fixtures of ``tests/integrations/test_checkpoint_compat.py``.
 
 Run once with the version whose checkpoint format must keep loading (it was run with 0.2.0)::
 

@@ -1,4 +1,4 @@
-"""Writes the event-file fixtures of ``tests/test_eventfile_compat.py``.
+"""Writes the event-file fixtures of ``tests/tensorboard/test_eventfile_compat.py``.
 
 Run once with each version whose event files must keep reading (it was run with 0.2.0, and with the
 version just before the package was split into subpackages)::
@@ -116,7 +116,7 @@ def main() -> None:
         warnings.simplefilter("ignore")
         warnings.simplefilter("ignore", GradGuardWarning)
         trainer.fit(FixtureNet())
-    from lightning_gradguard.report import main as report_main
+    from lightning_gradguard.health.judge import main as report_main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

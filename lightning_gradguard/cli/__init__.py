@@ -1,0 +1,149 @@
+"""``gradguard report LOGDIR``: a run's gradient health in a terminal, from its TensorBoard event files.
+
+Reads every run under LOGDIR (each folder holding ``events.out.tfevents.*`` files) and prints per
+run what :func:`~lightning_gradguard.health.judge.judge_run` found (the same judgement as the tab):
+
+* per layer: the median, max and last gradient norm, with flags;
+* the total-norm trend (median of the last quarter of logs over the first quarter);
+* the clipped fraction (mean of ``gradguard/clipped_fraction``);
+* skipped and non-finite steps, each with its step and origin;
+* each tracked sequence's per-timestep ``horizon`` and ``first_last_ratio``;
+* a one-line verdict, and one line of advice per finding.
+
+Exit status: 0 for a healthy run, 1 when a run had non-finite steps or a finding whose kind
+``--fail-on`` names, 2 for usage errors (a missing directory, no event files, a corrupt or truncated
+event file, a run without the guard).
+
+    gradguard report runs/                       # or: python -m lightning_gradguard report runs/
+    gradguard report runs/ --json
+    gradguard report runs/ --png health.png --fail-on exploding spike
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_gradguard.health.judge import KINDS, VANISH, ReportError, RunHealth, judge_run
+
+__all__ = ["main", "render_text", "write_png"]
+
+
+def build_report(run: Path) -> RunHealth:
+    """Read one run's event files and judge its gradients."""
+    from lightning_gradguard.tensorboard.eventfile import read_run
+
+    return judge_run(os.fspath(run), read_run(run))
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3g}"
+
+
+def render_text(rep: RunHealth) -> str:
+    lines = [f"== {rep.run} ({rep.steps} steps)"]
+    if rep.layers:
+        width = max(12, *(len(n) for n in rep.layers))
+        lines.append(f"{'layer':<{width}}  {'median':>9}  {'max':>9}  {'last':>9}  flags")
+        ordered = [n for n in rep.layer_order if n in rep.layers]
+        for name in ordered + [n for n in rep.layers if n not in ordered]:
+            v = rep.layers[name]
+            lines.append(
+                f"{name:<{width}}  {_fmt(v['median']):>9}  {_fmt(v['max']):>9}  {_fmt(v['last']):>9}  "
+                f"{','.join(v['flags']) or '-'}"
+            )
+    t = rep.total_norm
+    if t:
+        lines.append(
+            f"total norm: median {_fmt(t['median'])}, max {_fmt(t['max'])}; trend x{_fmt(t['trend'])} "
+            f"(last quarter {_fmt(t['last_quarter'])} vs first {_fmt(t['first_quarter'])})"
+        )
+    if rep.clipped_fraction is not None:
+        lines.append(f"clipped: {rep.clipped_fraction:.1%} of steps")
+    lines.append(f"skipped steps: {rep.skipped_steps}; non-finite steps: {rep.nonfinite_steps}")
+    for n in rep.nonfinite[:20]:
+        lines.append(f"  step {n['step']}: origin {n['origin']} ({n['action']}), layers {n['layers']}")
+    if len(rep.nonfinite) > 20:
+        lines.append(f"  ... and {len(rep.nonfinite) - 20} more")
+    for name, s in rep.timesteps.items():
+        lines.append(
+            f"timesteps '{name}': horizon {_fmt(s.get('horizon'))}, first/last {_fmt(s.get('first_last_ratio'))}, "
+            f"decay/step {_fmt(s.get('decay_per_step'))}"
+        )
+    lines.append(f"verdict: {rep.verdict}")
+    for f in rep.findings:
+        lines.append(f"  advice ({f['kind']}): {f['advice']}")
+    return "\n".join(lines)
+
+
+def write_png(reports: Sequence[RunHealth], path: Path) -> None:
+    """The gradient-flow chart (median per layer) and the per-timestep profiles, one row per run."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportError("--png needs matplotlib: pip install lightning-gradguard[plot]") from None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(reports), 2, figsize=(12, 3.6 * len(reports)), squeeze=False, dpi=80)
+    for row, rep in zip(axes, reports, strict=True):
+        names = [n for n in rep.layer_order if n in rep.layers] or list(rep.layers)
+        med = [rep.layers[n]["median"] for n in names]
+        row[0].bar(range(len(names)), [m if m > 0 else 0 for m in med], color="#4c72b0")
+        row[0].set_yscale("log")
+        row[0].axhline(VANISH, color="#8172b2", linestyle="--", linewidth=1, label="vanishing 1e-8")
+        row[0].set_xticks(range(len(names)))
+        row[0].set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        row[0].set_title(f"{Path(rep.run).name}: median gradient norm per layer", fontsize=9)
+        row[0].legend(fontsize=7)
+        if rep.profiles:
+            for name, profile in rep.profiles.items():
+                row[1].semilogy([v if v > 0 else float("nan") for v in profile], label=name)
+            row[1].set_xlabel("timestep t")
+            row[1].set_title("per-timestep ‖∂L/∂x_t‖ (latest)", fontsize=9)
+            row[1].legend(fontsize=7)
+        else:
+            row[1].axis("off")
+            row[1].text(0.5, 0.5, "no tracked sequences", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``gradguard`` and ``python -m lightning_gradguard``."""
+    parser = argparse.ArgumentParser(prog="gradguard", description="GradGuard's command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rp = sub.add_parser("report", help="a run's gradient health from its TensorBoard event files")
+    rp.add_argument("logdir", type=Path, help="a run's log directory, or a folder of runs")
+    rp.add_argument("--json", action="store_true", help="print JSON instead of text")
+    rp.add_argument("--png", type=Path, help="write the gradient-flow chart and per-timestep profiles here")
+    rp.add_argument("--fail-on", nargs="*", default=[], choices=KINDS, metavar="KIND",
+                    help=f"exit 1 when a run has a finding of these kinds ({', '.join(KINDS)})")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) if exc.code in (0, None) else 2
+    try:
+        from lightning_gradguard.tensorboard.eventfile import find_runs
+
+        reports = [build_report(run) for run in find_runs(args.logdir)]
+        if args.png:
+            write_png(reports, args.png)
+    except ReportError as exc:
+        print(f"gradguard report: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2, default=str))
+    else:
+        print("\n\n".join(render_text(r) for r in reports))
+    failing = set(args.fail_on)
+    bad = any(r.nonfinite_steps or (r.kinds() & failing) for r in reports)
+    return 1 if bad else 0

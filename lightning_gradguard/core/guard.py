@@ -1,0 +1,674 @@
+"""The framework-free guard: one optimizer step as a short pipeline.
+
+:class:`GuardCore` imports torch only. The Lightning callback
+(:class:`lightning_gradguard.GradGuard`) is a thin adapter over it, and a plain PyTorch loop uses it
+directly::
+
+    guard = GuardCore(model, clip=NormClip(max_norm=1.0))
+    for batch in loader:
+        optimizer.zero_grad()
+        loss = model(batch)
+        guard.observe_loss(loss)          # optional: lets a NaN loss be named as the origin
+        loss.backward()
+        report = guard.step(optimizer)    # measure, clip, read, decide, detect, report
+        if not report.skipped:
+            optimizer.step()
+
+Under fp16 AMP call ``scaler.unscale_(optimizer)`` first, then ``guard.step(optimizer,
+scaler=scaler)``, then ``scaler.step(optimizer)``.
+
+One step, as data (``ARCHITECTURE.md`` has the diagram)::
+
+    measure (measure.py) -> clip (clipping.py) -> read (hostread.py) -> decide (decide.py)
+        -> detect (../detectors/) -> report (step_report.py)
+
+Every stage but the read works on the device; the read is the step's one host sync, and each stage
+gets its host values back by name. :class:`GuardCore` holds the configuration and the state, and
+:meth:`GuardCore.step` only passes data from one stage to the next.
+
+Cost: every step, one ``_foreach_norm`` per (device, dtype) group, a few device reductions, the
+clip, and exactly one host sync (reading the non-finite flags, which the skip decision needs).
+On logging steps the per-layer norms are one extra scatter on the device and ride along in that same
+sync. Only a faulty step pays more (to list its non-finite layers).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gradguard._validate import check_choice, check_handlers, check_int, check_number, check_ratio
+from lightning_gradguard.clip import Clipper
+from lightning_gradguard.core import alerts
+from lightning_gradguard.core.clipping import CLIP_LEVEL, ClipStage
+from lightning_gradguard.core.decide import (
+    FLAGS,
+    POLICIES,
+    DeviceSkip,
+    Fault,
+    OnNonFinite,
+    StepPolicy,
+    Verdict,
+    device_flags,
+)
+from lightning_gradguard.core.hostread import HostRead
+from lightning_gradguard.core.measure import Measurement, layer_norms, layer_norms_now, measure_step, weight_norms
+from lightning_gradguard.core.step_report import (
+    METRIC_PREFIX,
+    StepReport,
+    layer_metrics,
+    summarize_run,
+    timestep_metrics,
+)
+from lightning_gradguard.core.timesteps import TimestepHistory, combine_profiles, make_tracker
+from lightning_gradguard.detectors import Detector, Observation, default_detectors, state_of
+from lightning_gradguard.detectors.spike import LogNormStats, SpikeDetector
+from lightning_gradguard.events import GradEvent
+from lightning_gradguard.primitives.layout import LayerMap, OptimizerLayout
+
+__all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "StepReport"]
+
+GroupBy = Literal["layer", "parameter"]
+_WATCH = ("total", "loss_scale", CLIP_LEVEL)  # read with the flags on every step
+_PENDING_LIMIT = 256  # deferred steps kept before a read is forced (a run that never logs)
+
+
+@dataclass(slots=True)
+class _Step:
+    """One step between its device work and its settling: what its host read and its events need.
+
+    It holds no gradient, so that steps deferred under ``on_nonfinite="warn"`` keep no memory alive.
+    """
+
+    number: int
+    optimizer_idx: int
+    layout: OptimizerLayout
+    norms: Tensor
+    owners: list[int]
+    total: Tensor
+    logged: bool
+    read: HostRead
+    deferred: bool = False  # read later (warn, or skipped on the device): its gradients are gone by then
+    layer_ids: Sequence[int] = ()  # logging steps: the layers present
+    profiles: Sequence[str] = ()  # logging steps: the tracked sequences read
+
+
+class GuardCore:
+    """Guards the gradients of any optimizer, in any training loop.
+
+    Args:
+        model: the model whose parameters are named by layer. Without one, parameters are named
+            ``unregistered.g<group>.p<index>``. Can be set later with :meth:`watch`.
+        clip: a :class:`~lightning_gradguard.clip.Clipper` applied before the optimizer step, or None.
+        norm_type: the order of every reported norm, ``> 0``; ``float('inf')`` for the max-norm.
+        on_nonfinite: ``"skip"`` (drop the step: every gradient of the optimizer set to None),
+            ``"warn"`` (report only), ``"raise"`` (raise :class:`NonFiniteGradientError`) or ``"stop"``
+            (skip, and ask the loop to stop through ``report.should_stop``).
+        max_consecutive_skips: the skipped step that makes this many in a row raises
+            :class:`NonFiniteGradientError`, so that training never skips forever in silence.
+        group_by: ``"layer"`` or ``"parameter"``: the unit of the per-layer norms.
+        log_every_n_steps: steps ``s`` with ``(s + 1) % n == 0`` are logging steps; None: never
+            (unless :meth:`step` is told ``log=True``).
+        max_events: how many events :attr:`events` keeps (the newest).
+        emit: called with each event instead of the built-in :class:`~lightning_gradguard.core.alerts.AlertRouter`.
+        track_timesteps: per-timestep tracking of recurrent modules: True (all), False, or a list
+            of module names.
+        timestep_vanish_ratio: ``first_last_ratio`` below it is a ``vanishing_in_time`` event,
+            above its reciprocal ``exploding_in_time``; in (0, 1).
+        timestep_history: how many logging steps the timestep heatmap keeps.
+        sharded: every gradient is a shard of a larger tensor (FSDP's flat views): per-tensor norms
+            are all-reduced across ``process_group`` so that every norm, clip and decision is global
+            and identical on all ranks. ``DTensor`` gradients are recognised without it.
+        process_group: the group of ranks holding the shards (default: the world).
+        explode_threshold: an ``exploding`` event when the total norm before clipping exceeds it;
+            None (default) is off.
+        spike_zscore: a ``spike`` event when the one-sided z-score of log(total norm) against an EMA
+            of its recent values exceeds it (default 6.0); None is off.
+        spike_warmup: finite steps that only feed the spike statistics (default 50), an int >= 0.
+        vanish_threshold: a layer norm below it (default 1e-8) counts as vanishing, ``>= 0``.
+        vanish_ratio: a layer whose ‖g‖/‖w‖ is below it counts as vanishing; None (default) is off
+            (it costs one weight-norm pass on logging steps).
+        vanish_patience: consecutive logging steps below a vanishing threshold before a
+            ``vanishing`` event (default 3), an int >= 1.
+        min_loss_scale: a ``loss_scale_collapse`` event when the fp16 loss scale falls below it
+            (default 1.0).
+        alert_every: the same kind of event on the same layers is logged at most once per this many
+            optimizer steps (default 100), with a count of the suppressed ones.
+        alert_handlers: callables called as ``handler(event)`` with every event, on rank zero; one
+            that raises is logged once and never stops training.
+
+    Raises:
+        ValueError: an argument is out of range; the message names it.
+        TypeError: an argument has the wrong type.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_gradguard import NormClip
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> guard = GuardCore(model, clip=NormClip(max_norm=0.5), log_every_n_steps=1)
+        >>> loss = model(torch.randn(16, 4)).pow(2).mean()
+        >>> loss.backward()
+        >>> report = guard.step(opt)
+        >>> report.skipped, sorted(report.layer_norms)
+        (False, ['0', '2'])
+        >>> report.metrics["gradguard/total_norm_clipped"] <= 0.5 + 1e-6
+        True
+    """
+
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        clip: Clipper | None = None,
+        norm_type: float = 2.0,
+        on_nonfinite: OnNonFinite = "skip",
+        max_consecutive_skips: int = 25,
+        group_by: GroupBy = "layer",
+        log_every_n_steps: int | None = 50,
+        max_events: int = 1000,
+        emit: Callable[[GradEvent], None] | None = None,
+        track_timesteps: bool | Sequence[str] = True,
+        timestep_vanish_ratio: float = 1e-4,
+        timestep_history: int = 64,
+        sharded: bool = False,
+        process_group: Any = None,
+        explode_threshold: float | None = None,
+        spike_zscore: float | None = 6.0,
+        spike_warmup: int = 50,
+        vanish_threshold: float = 1e-8,
+        vanish_ratio: float | None = None,
+        vanish_patience: int = 3,
+        min_loss_scale: float = 1.0,
+        alert_every: int = 100,
+        alert_handlers: Sequence[Callable[[GradEvent], Any]] | None = (),
+    ) -> None:
+        if clip is not None and not isinstance(clip, Clipper):
+            raise TypeError(
+                f"Expected `clip` to be a Clipper such as NormClip(max_norm=1.0), or None, but got {clip!r}."
+            )
+        if not isinstance(sharded, bool):
+            raise TypeError(f"Expected `sharded` to be a bool, but got {sharded!r}.")
+        self.sharded = sharded
+        self.process_group = process_group
+        self.norm_type = float(check_number("norm_type", norm_type, minimum=0.0, allow_inf=True))  # type: ignore[arg-type]
+        self.on_nonfinite: OnNonFinite = check_choice("on_nonfinite", on_nonfinite, POLICIES)  # type: ignore[assignment]
+        self.max_consecutive_skips = int(check_int("max_consecutive_skips", max_consecutive_skips, minimum=1))  # type: ignore[arg-type]
+        self.group_by: GroupBy = check_choice("group_by", group_by, ("layer", "parameter"))  # type: ignore[assignment]
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
+        self.max_events = int(check_int("max_events", max_events, minimum=1))  # type: ignore[arg-type]
+        self.explode_threshold = check_number("explode_threshold", explode_threshold, minimum=0.0, allow_none=True)
+        self.spike_zscore = check_number("spike_zscore", spike_zscore, minimum=0.0, allow_none=True)
+        self.spike_warmup = int(check_int("spike_warmup", spike_warmup, minimum=0))  # type: ignore[arg-type]
+        self.vanish_threshold = float(check_number("vanish_threshold", vanish_threshold, minimum=0.0, strict=False))  # type: ignore[arg-type]
+        self.vanish_ratio = check_number("vanish_ratio", vanish_ratio, minimum=0.0, allow_none=True)
+        self.vanish_patience = int(check_int("vanish_patience", vanish_patience, minimum=1))  # type: ignore[arg-type]
+        self.min_loss_scale = float(check_number("min_loss_scale", min_loss_scale, minimum=0.0, strict=False))  # type: ignore[arg-type]
+        self.alert_every = int(check_int("alert_every", alert_every, minimum=1))  # type: ignore[arg-type]
+        self.alerts = alerts.AlertRouter(self.alert_every, check_handlers(alert_handlers))
+        self.emit = emit if emit is not None else self.alerts
+        self.timesteps = make_tracker(track_timesteps, self.norm_type)
+        self.timestep_vanish_ratio = check_ratio("timestep_vanish_ratio", timestep_vanish_ratio)
+        self.timestep_history = int(check_int("timestep_history", timestep_history, minimum=1))  # type: ignore[arg-type]
+        self.layers = LayerMap(self.group_by)
+        self.clipping = ClipStage(clip)
+        self.policy = StepPolicy(self.on_nonfinite, self.max_consecutive_skips, self.layers)
+        self.skipper = DeviceSkip()
+        self.detectors: list[Detector] = default_detectors(
+            explode_threshold=self.explode_threshold,
+            spike_zscore=self.spike_zscore,
+            spike_warmup=self.spike_warmup,
+            vanish_threshold=self.vanish_threshold,
+            vanish_ratio=self.vanish_ratio,
+            vanish_patience=self.vanish_patience,
+            min_loss_scale=self.min_loss_scale,
+            timestep_vanish_ratio=self.timestep_vanish_ratio,
+        )
+        self.history = TimestepHistory(self.timestep_history)
+        # Under data parallelism: gathers every rank's profiles of a logging step (set by the adapter),
+        # so that each profile is the whole batch's and identical on every rank.
+        self.gather_profiles: Callable[[dict[str, list[float]]], list[dict[str, list[float]]]] | None = None
+        self.kind_counts: dict[str, int] = {}
+        self._events: deque[GradEvent] = deque(maxlen=self.max_events)
+        self._pending: list[_Step] = []
+        self._loss_finite: Tensor | None = None
+        self._warned: set[str] = set()
+        self.steps = 0
+        if model is not None:
+            self.watch(model)
+
+    # ------------------------------------------------------------------ setup
+    def watch(self, model: nn.Module) -> None:
+        """Name ``model``'s parameters by layer, record its forward order on the next forward, and
+        attach the (dormant) per-timestep hooks to its recurrent modules."""
+        self.layers.watch(model)
+        if self.timesteps is not None:
+            tracked = self.timesteps.watch(model)
+            missing = sorted((self.timesteps.only or set()) - set(tracked))
+            if missing:
+                self._warn_once(
+                    "ts-missing",
+                    f"GradGuard: track_timesteps names {missing}, which match no recurrent module of the model.",
+                )
+
+    def prepare(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer] = (),
+        *,
+        gather_profiles: Callable[[dict[str, list[float]]], list[dict[str, list[float]]]] | None = None,
+    ) -> None:
+        """Everything before the first step, once the model's parameters are final: :meth:`watch`
+        ``model``, let the clipper check each optimizer's placements, and (under data parallelism)
+        set how a logging step's per-timestep profiles are gathered from every rank.
+
+        Raises:
+            ValueError: the clipper cannot work on how a parameter is placed (e.g. AGC on a unit split
+                across ranks).
+        """
+        self.watch(model)
+        self.gather_profiles = gather_profiles
+        for optimizer in optimizers:
+            self.clipping.check(self.layers.layout(optimizer))
+
+    def config(self) -> dict[str, Any]:
+        """The options the run is guarded with, as plain values: recorded with the run (TensorBoard),
+        so that a report judges it by the thresholds it used.
+
+        Example::
+
+            >>> GuardCore(vanish_threshold=1e-6).config()["vanish_threshold"]
+            1e-06
+        """
+        return {
+            "vanish_threshold": self.vanish_threshold,
+            "explode_threshold": self.explode_threshold,
+            "timestep_vanish_ratio": self.timestep_vanish_ratio,
+            "spike_zscore": self.spike_zscore,
+            "norm_type": self.norm_type,
+            "spike_warmup": self.spike_warmup,
+            "vanish_ratio": self.vanish_ratio,
+            "vanish_patience": self.vanish_patience,
+            "min_loss_scale": self.min_loss_scale,
+            "on_nonfinite": self.on_nonfinite,
+            "max_consecutive_skips": self.max_consecutive_skips,
+            "clip": repr(self.clip) if self.clip is not None else None,
+        }
+
+    def unwatch(self) -> None:
+        """Remove every hook the guard registered on the model."""
+        self.layers.unwatch()
+        self.skipper.remove()
+        if self.timesteps is not None:
+            self.timesteps.unwatch()
+
+    def begin_step(self, step: int | None = None, log: bool | None = None) -> None:
+        """Call before the forward pass(es) of an optimizer step, to arm per-timestep tracking.
+
+        Only on logging steps are the timestep hooks armed; on other steps this costs one branch.
+        Micro-batches of one optimizer step may call it each; their profiles combine.
+        """
+        if self.timesteps is None:
+            return
+        step = self.steps if step is None else step
+        if self.is_logging_step(step) if log is None else log:
+            if self.timesteps.armed:
+                self.timesteps.new_forward()
+            else:
+                self.timesteps.arm()
+        elif self.timesteps.armed:
+            self.timesteps.disarm()
+
+    def observe_loss(self, loss: Tensor) -> None:
+        """Note whether ``loss`` is finite (no host sync), so a non-finite loss is named the origin.
+
+        Call it before each backward; micro-batches of one optimizer step combine.
+        """
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+
+    def is_logging_step(self, step: int) -> bool:
+        """Whether ``step`` is a logging step under ``log_every_n_steps``."""
+        n = self.log_every_n_steps
+        return n is not None and (step + 1) % n == 0
+
+    # ------------------------------------------------------------------- step
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        step: int | None = None,
+        log: bool | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        optimizer_idx: int = 0,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> StepReport:
+        """Measure, clip, read, decide, detect and report one optimizer step.
+
+        Call it after backward and before ``optimizer.step()``.
+
+        Args:
+            optimizer: the optimizer about to step; its parameters are the ones guarded.
+            step: the step number for events and cadence (default: this guard's call count).
+            log: force (True) or suppress (False) the logging work; default follows
+                ``log_every_n_steps``.
+            scaler: the fp16 ``GradScaler``, if any. Call ``scaler.unscale_(optimizer)`` first; a
+                fused optimizer that unscales inside ``step()`` is measured by dividing by the scale.
+            optimizer_idx: recorded in events.
+            reduce: sums a small flag tensor across ranks (e.g. ``all_reduce``), so that every rank
+                takes the same decision. None on a single process.
+
+        Returns:
+            A :class:`StepReport`.
+
+        Raises:
+            NonFiniteGradientError: under ``on_nonfinite="raise"`` on a non-finite step, or when
+                ``max_consecutive_skips`` steps in a row were skipped.
+        """
+        number = self.steps if step is None else step
+        is_log = self.is_logging_step(number) if log is None else log
+        layout = self.layers.layout(optimizer)
+        m = measure_step(
+            layout, self.norm_type, sharded=self.sharded, process_group=self.process_group,
+            optimizer=optimizer, scaler=scaler, warn=self._warn_once, loss_finite=self._take_loss_flag(),
+        )  # fmt: skip
+        if m is None:
+            return self._nothing_to_measure(number)
+        s = _Step(number, optimizer_idx, layout, m.norms, m.owners, m.total, is_log, HostRead())
+        ctx = self.clipping.context(m, layout, self.norm_type, is_log)
+        level = self.clipping.clip_now(ctx, m, s.read)
+        flags = self._register_head(s, m, level, reduce)
+        on_device = self.policy.on_device(optimizer, is_log, self.clipping.needs_host, m.loss_scale is not None)
+        if on_device:  # a non-finite step is skipped by the optimizer itself: no read needed now
+            self.skipper.arm(optimizer, flags)
+        else:
+            self.skipper.disarm(optimizer)
+        self._register_logged(s, m.loss_scale)
+        if self.policy.defers(is_log, self.clipping.needs_host, on_device):
+            return self._defer(s)
+        pending, self._pending = self._pending, []
+        # The one deliberate host sync of the step: the skip decision needs the flags.
+        HostRead.read_all([s.read, *(p.read for p in pending)])
+        stop = [self._settle_deferred(p).should_stop for p in pending]
+        self._advance()
+        report = StepReport(number, m.total, logged=is_log)
+        verdict = self._decide(s, report)
+        report.should_stop = report.should_stop or any(stop)  # a step skipped on the device under "stop"
+        late = self.clipping.clip_late(ctx, verdict.finite)
+        if is_log:
+            self._fill_metrics(report, s, late)
+        self._detect(s, report, verdict)
+        return report
+
+    def flush(self) -> None:
+        """Read and report the flags of steps deferred under ``on_nonfinite="warn"`` (one host sync).
+
+        Called by the next logging step, :meth:`summary`, :meth:`state_dict` and the Lightning
+        adapter at the end of training; call it yourself before reading counters mid-run.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        HostRead.read_all(p.read for p in pending)
+        for p in pending:
+            self._settle_deferred(p)
+
+    # ----------------------------------------------------------------- stages
+    def _register_head(
+        self, s: _Step, m: Measurement, level: Tensor, reduce: Callable[[Tensor], Tensor] | None
+    ) -> Tensor:
+        """Register every step's values: the flags (summed across ranks by ``reduce``), the total norm,
+        the loss scale, the clip level. One stack on one process; under DDP the flags are a stack of
+        their own (one small collective). Returns the flags vector (:data:`FLAGS` order)."""
+        bad = device_flags(m, m.loss_finite)
+        scale = m.loss_scale.to(m.zero.device).reshape(()).float() if m.loss_scale is not None else m.zero
+        watch = [m.total.to(m.zero.device, torch.float32), scale, level]
+        if reduce is None or m.shared_flags is not None:  # flags the same on every rank already
+            head = torch.stack([*bad, *watch])
+            s.read.put_each(FLAGS + _WATCH, head)
+            return head
+        flags = reduce(torch.stack(bad))
+        s.read.put_each(FLAGS, flags)
+        s.read.put_each(_WATCH, torch.stack(watch))
+        return flags
+
+    def _register_logged(self, s: _Step, loss_scale: Tensor | None) -> None:
+        """On a logging step, add the per-layer norms (and weights, and per-timestep profiles) to the read."""
+        tracker = self.timesteps
+        if not s.logged:
+            if tracker is not None and tracker.armed:
+                tracker.disarm()
+            return
+        s.layer_ids, per_layer = layer_norms(s.norms, s.owners, s.layout, self.norm_type)
+        s.read.put("layers", per_layer)
+        if self.vanish_ratio is not None:
+            s.read.put("weights", weight_norms(s.norms, s.owners, s.layout, self.norm_type))
+        if tracker is not None and tracker.armed:
+            profiles = tracker.collect(loss_scale)
+            for name, profile in profiles.items():
+                s.read.put(f"timestep/{name}", profile)
+            s.profiles = list(profiles)
+
+    def _decide(self, s: _Step, report: StepReport) -> Verdict:
+        """Act on the step's flags (skip, warn, raise, stop); record its decision event."""
+        read = s.read
+        verdict, total = Verdict.of(read), read["total"]
+        self.clipping.observe(total, verdict.finite, read[CLIP_LEVEL])
+        def fault() -> Fault:
+            params = () if s.deferred else s.layout.params  # a deferred step's gradients belong to a later one
+            return Fault(s.number, report.total_norm, s.norms, s.owners, s.layout, params, s.optimizer_idx)
+
+        report.event, report.skipped = self.policy.decide(verdict, total, fault, self._record)
+        report.amp_overflow, report.nonfinite = verdict.amp_bad, verdict.nonfinite
+        report.should_stop = verdict.nonfinite and self.on_nonfinite == "stop"
+        return verdict
+
+    def _fill_metrics(self, report: StepReport, s: _Step, late: HostRead | None) -> None:
+        """Every metric of a logging step, from its host values."""
+        read, p = s.read, METRIC_PREFIX
+        total = read["total"]
+        metrics = {f"{p}total_norm": total}
+        metrics.update(self.clipping.metrics(late if late is not None else read, total, self.steps, p))
+        report.layer_norms, per_layer = layer_metrics(s.layout.layer_names, s.layer_ids, read.vector("layers"))
+        metrics.update(per_layer)
+        metrics[f"{p}skipped_steps"] = float(self.policy.skipped_steps)
+        metrics[f"{p}nonfinite_steps"] = float(self.policy.nonfinite_steps)
+        profiles = {name: read.vector(f"timestep/{name}") for name in s.profiles}
+        if self.gather_profiles is not None and self.timesteps is not None:  # every rank, every logging step
+            profiles = combine_profiles(self.gather_profiles(profiles), self.norm_type)
+            s.profiles = list(profiles)
+        for name, values in profiles.items():
+            self.history.add(report.step, name, values)
+            report.timesteps[name] = self.history.norms[name]
+        metrics.update(timestep_metrics({name: self.history.summaries[name] for name in s.profiles}))
+        report.metrics = metrics
+        report.layer_order = self.layers.forward_names(s.layout)
+        report.timestep_heat = self.history.heat
+        report.layout = s.layout
+
+    def _detect(self, s: _Step, report: StepReport, verdict: Verdict) -> None:
+        """Run every detector on the step's host values; record what they find."""
+        read, layout = s.read, s.layout
+        obs = Observation(
+            s.number, s.optimizer_idx, read["total"], verdict.finite, verdict.nonfinite, read["loss_scale"],
+            logged=s.logged, layer_norms=report.layer_norms,
+            layers_now=lambda: layer_norms_now(s.norms, s.owners, layout, self.norm_type),
+        )  # fmt: skip
+        if s.logged:
+            if "weights" in read:
+                names = (layout.layer_names[i] for i in s.layer_ids)
+                obs.weight_norms = dict(zip(names, read.vector("weights"), strict=True))
+            obs.unused = [] if verdict.nonfinite else layout.unused(s.layer_ids)
+            obs.timestep_summaries = {name: self.history.summaries[name] for name in s.profiles}
+        for detector in self.detectors:
+            for event in detector.detect(obs):
+                self._record(event)
+                if detector.headline:
+                    report.event = event
+
+    def _settle_deferred(self, s: _Step) -> StepReport:
+        report = StepReport(s.number, s.total.float())  # as read: the float32 total
+        self._detect(s, report, self._decide(s, report))
+        return report
+
+    def _defer(self, s: _Step) -> StepReport:
+        """Keep the step's read for later: nothing on the host depends on it now (no sync)."""
+        s.deferred = True
+        self._pending.append(s)
+        self._advance()
+        if len(self._pending) >= _PENDING_LIMIT:  # bound the memory of a run that never logs
+            self.flush()
+        return StepReport(s.number, s.total, deferred=True)
+
+    def _nothing_to_measure(self, number: int) -> StepReport:
+        self._warn_once(
+            "empty", "GradGuard: the optimizer has no parameter with a gradient this step; nothing to measure."
+        )
+        self._advance()
+        return StepReport(number, torch.zeros(()))
+
+    def _advance(self) -> None:
+        self.steps += 1
+        self.layers.freeze_order()
+
+    def _take_loss_flag(self) -> Tensor | None:
+        flag, self._loss_finite = self._loss_finite, None
+        return flag
+
+    def _record(self, event: GradEvent) -> GradEvent:
+        self._events.append(event)
+        self.kind_counts[event.kind] = self.kind_counts.get(event.kind, 0) + 1
+        self.emit(event)
+        return event
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            if alerts.is_rank_zero():
+                warnings.warn(message, alerts.GradGuardWarning, stacklevel=3)
+
+    # ------------------------------------------------------------- reporting
+    @property
+    def clip(self) -> Clipper | None:
+        """The clipper, or None."""
+        return self.clipping.clip
+
+    @property
+    def spike(self) -> LogNormStats | None:
+        """The spike detector's statistics of log(total norm), or None when ``spike_zscore`` is None."""
+        found = [d.stats for d in self.detectors if isinstance(d, SpikeDetector)]
+        return found[0] if found else None
+
+    @property
+    def events(self) -> list[GradEvent]:
+        """The recorded events, oldest first (at most ``max_events``)."""
+        return list(self._events)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far."""
+        return self.policy.skipped_steps
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps with a non-finite gradient or loss so far."""
+        return self.policy.nonfinite_steps
+
+    @property
+    def consecutive_skips(self) -> int:
+        """Skipped steps in a row, up to now."""
+        return self.policy.consecutive_skips
+
+    @property
+    def amp_overflow_steps(self) -> int:
+        """fp16 overflows the GradScaler handled so far."""
+        return self.policy.amp_overflow_steps
+
+    @property
+    def origins(self) -> dict[str, int]:
+        """How often each origin began a non-finite step."""
+        return self.policy.origins
+
+    @property
+    def timestep_norms(self) -> dict[str, Tensor]:
+        """Each tracked sequence's per-timestep norms at the last logging step (1-D CPU tensors)."""
+        return self.history.norms
+
+    @property
+    def timestep_summaries(self) -> dict[str, dict[str, float]]:
+        """Each tracked sequence's profile summary at the last logging step."""
+        return self.history.summaries
+
+    @property
+    def timestep_heat(self) -> dict[str, deque[tuple[int, Tensor]]]:
+        """Each tracked sequence's recent (step, profile) pairs."""
+        return self.history.heat
+
+    @property
+    def max_total_norm(self) -> float:
+        """The largest finite total norm (before clipping) seen so far."""
+        self.flush()
+        return self.policy.max_total_norm
+
+    @property
+    def clipped_steps(self) -> int:
+        """How many steps the clipper changed (a deferred clipper's count costs one host read)."""
+        self.flush()
+        return self.clipping.clipped_steps
+
+    def summary(self) -> str:
+        """A one-paragraph summary of the run so far.
+
+        Example::
+
+            >>> GuardCore().summary()
+            'GradGuard summary: 0 optimizer steps guarded; no clipping configured; 0 skipped; 0 non-finite steps.'
+        """
+        self.flush()
+        quiet = sum(self.alerts.suppressed.values())
+        return summarize_run(self.steps, self.clip, self.clipped_steps, self.policy, self.kind_counts, quiet)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, clipper and detector state, as plain values (the format of version 0.2.0)."""
+        self.flush()
+        detected: dict[str, Any] = {"rate": {}, "spike": {}, "layers": {}} | {
+            d.state_key: state_of(d) for d in self.detectors if d.state_key
+        }
+        # The format of 0.2.0 keeps the spike detector's per-layer EMA with the layers' state.
+        spike = detected["spike"] = dict(detected["spike"])
+        detected["layers"] = {**detected["layers"], "log_ema": spike.pop("log_ema", {})}
+        return {
+            "version": 1,
+            "steps": self.steps,
+            **self.policy.state_dict(),
+            "clipped_steps": self.clipped_steps,
+            "clip": self.clipping.state_dict(),
+            **detected,
+            "alerts": self.alerts.state_dict(),
+            "kinds": dict(self.kind_counts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; missing keys (older checkpoints) keep their defaults."""
+        self.steps = int(state.get("steps", self.steps))
+        self.policy.load_state_dict(state)
+        self.clipping.load_state_dict(state.get("clip", {}), int(state.get("clipped_steps", 0)), self.steps)
+        layers = state.get("layers", {})  # the spike detector's per-layer EMA is kept there (see state_dict)
+        state = {**state, "spike": {**state.get("spike", {}), "log_ema": layers.get("log_ema", {})}}
+        for detector in self.detectors:
+            load = getattr(detector, "load_state_dict", None)
+            if detector.state_key and callable(load):
+                load(state.get(detector.state_key, {}))
+        self.alerts.load_state_dict(state.get("alerts", {}))
+        self.kind_counts = {str(k): int(v) for k, v in dict(state.get("kinds", {})).items()}

@@ -1,0 +1,191 @@
+"""The GradGuard tab in TensorBoard: a dynamic plugin, drawn in the browser from the logged data.
+
+``pip install lightning-gradguard`` registers it through the ``tensorboard_plugins`` entry point,
+so ``tensorboard --logdir runs`` shows a **GradGuard** tab for every logdir that holds guard data.
+The frontend is one ES module of plain JavaScript (``static/tab.js``): no build step, no network.
+
+JSON routes, under ``/data/plugin/gradguard/`` (each ``?run=<name>`` but ``runs``):
+
+==================  ==========================================================================
+``runs``            the runs that hold guard data
+``layers``          layers in forward order x logging steps: log10 of each layer's norm (null
+                    where it is not positive and finite), the raw norms, the non-finite steps and
+                    the thresholds
+``timesteps``       each tracked sequence: logging steps x timesteps of log10 norms, with each
+                    step's horizon
+``events``          every event: kind, step, origin, layers, message, action
+``report``          the verdict, findings and advice of ``gradguard report``, from the same code
+``static/tab.js``   the frontend
+==================  ==========================================================================
+
+Everything is read through TensorBoard's data provider and decoded by
+:class:`~lightning_gradguard.tensorboard.format.RunDecoder`, the same decoder ``gradguard report``
+uses on event files; this module reads and serves, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from typing import Any
+
+from tensorboard.backend import http_util
+from tensorboard.data import provider
+from tensorboard.plugins import base_plugin
+from werkzeug import wrappers
+
+from lightning_gradguard.core.timesteps import summarize_profile
+from lightning_gradguard.health.judge import ReportError, RunData, judge_run
+from lightning_gradguard.tensorboard import format as tbformat
+
+__all__ = ["GradGuardLoader", "GradGuardPlugin"]
+
+_DOWNSAMPLE = 1_000_000  # read everything the data provider keeps
+_MODULE = "/static/tab.js"
+
+
+def _log10(v: float) -> float | None:
+    return math.log10(v) if math.isfinite(v) and v > 0 else None
+
+
+class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
+    """Serves the GradGuard tab's module and its JSON routes."""
+
+    plugin_name = tbformat.PLUGIN_NAME
+
+    def __init__(self, context: base_plugin.TBContext) -> None:
+        self._data = context.data_provider
+
+    def get_plugin_apps(self) -> dict[str, Any]:
+        return {
+            _MODULE: wrappers.Request.application(self._serve_module),
+            "/runs": self._json(lambda ctx, eid, run: self.runs(ctx, eid)),
+            "/layers": self._json(self.layers),
+            "/timesteps": self._json(self.timesteps),
+            "/events": self._json(lambda ctx, eid, run: self.read(ctx, eid, run).events),
+            "/report": self._json(self.report),
+        }
+
+    def is_active(self) -> bool:
+        # TensorBoard enables the tab when our tensor summaries exist (data_plugin_names()); it asks
+        # this only otherwise: event files older than the tab still have the guard's scalars.
+        from tensorboard.context import RequestContext
+
+        try:
+            return bool(self.runs(RequestContext(), ""))
+        except Exception:
+            return False
+
+    def frontend_metadata(self) -> base_plugin.FrontendMetadata:
+        return base_plugin.FrontendMetadata(es_module_path=_MODULE, tab_name="GradGuard", disable_reload=False)
+
+    # ------------------------------------------------------------- data
+    def runs(self, ctx: Any, eid: str) -> list[str]:
+        """The runs holding guard data (the tab's tensors or ``gradguard/`` scalars), sorted."""
+        ours = self._data.list_tensors(ctx, experiment_id=eid, plugin_name=tbformat.PLUGIN_NAME)
+        scalars = self._data.list_scalars(ctx, experiment_id=eid, plugin_name="scalars")
+        guarded = {run for run, tags in scalars.items() if any(t.startswith("gradguard/") for t in tags)}
+        return sorted(set(ours) | guarded)
+
+    def read(self, ctx: Any, eid: str, run: str) -> RunData:
+        """One run's guard data, through the data provider."""
+        only = provider.RunTagFilter(runs=[run])
+        decoder = tbformat.RunDecoder()
+        scalars = self._data.read_scalars(
+            ctx, experiment_id=eid, plugin_name="scalars", downsample=_DOWNSAMPLE, run_tag_filter=only
+        ).get(run, {})
+        for tag, points in scalars.items():
+            for p in points:
+                decoder.add_scalar(tag, p.step, float(p.value))
+        for plugin in ("text", tbformat.PLUGIN_NAME):
+            tensors = self._data.read_tensors(
+                ctx, experiment_id=eid, plugin_name=plugin, downsample=_DOWNSAMPLE, run_tag_filter=only
+            ).get(run, {})
+            for tag, points in tensors.items():
+                for p in points:
+                    decoder.add_tensor(tag, p.step, p.numpy)
+        return decoder.finish()
+
+    def layers(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
+        """Layers (forward order) x logging steps of log10 norms, the non-finite steps, the thresholds."""
+        data = self.read(ctx, eid, run)
+        prefix = tbformat.LAYER_PREFIX
+        series = {t[len(prefix) :]: s for t, s in data.scalars.items() if t.startswith(prefix)}
+        names = [n for n in data.layer_order if n in series]
+        names += sorted(set(series) - set(names))
+        steps = sorted({s for points in series.values() for s, _ in points})
+        column = {s: i for i, s in enumerate(steps)}
+        raw: list[list[float | None]] = []
+        for name in names:
+            row: list[float | None] = [None] * len(steps)
+            for s, v in series[name]:
+                row[column[s]] = v
+            raw.append(row)
+        bad = {row["step"] for row in data.nonfinite}
+        bad |= {s for row in raw for s, v in zip(steps, row, strict=True) if v is not None and not math.isfinite(v)}
+        return {
+            "run": run,
+            "layers": names,
+            "steps": steps,
+            "log10": [[None if v is None else _log10(v) for v in row] for row in raw],
+            "norms": tbformat.json_safe(raw),
+            "nonfinite_steps": sorted(bad),
+            "vanish_threshold": data.config.get("vanish_threshold"),
+            "explode_threshold": data.config.get("explode_threshold"),
+        }
+
+    def timesteps(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
+        """Each tracked sequence: logging steps x timesteps of log10 norms, and each step's horizon."""
+        data = self.read(ctx, eid, run)
+        out = {}
+        for name, series in sorted(data.profiles.items()):
+            out[name] = {
+                "steps": [s for s, _ in series],
+                "log10": [[_log10(v) for v in values] for _, values in series],
+                "horizon": [summarize_profile(values)["horizon"] for _, values in series],
+                "length": max((len(values) for _, values in series), default=0),
+            }
+        return {"run": run, "sequences": out, "vanish_ratio": data.config.get("timestep_vanish_ratio")}
+
+    def report(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
+        """What ``gradguard report`` says of the run."""
+        try:
+            rep = judge_run(run, self.read(ctx, eid, run))
+        except ReportError as exc:
+            return {"run": run, "verdict": f"no report: {exc}", "findings": [], "healthy": None}
+        return {"run": run, "verdict": rep.verdict, "findings": rep.findings, "healthy": not rep.findings}
+
+    # ------------------------------------------------------------ serving
+    def _json(self, fn: Any) -> Any:
+        @wrappers.Request.application  # type: ignore[misc]
+        def serve(request: Any) -> Any:
+            from tensorboard import plugin_util
+
+            ctx = plugin_util.context(request.environ)
+            eid = plugin_util.experiment_id(request.environ)
+            run = request.args.get("run", "")
+            body = tbformat.json_safe(fn(ctx, eid, run))
+            return http_util.Respond(request, body, "application/json")
+
+        return serve
+
+    def _serve_module(self, request: Any) -> Any:
+        source = resources.files("lightning_gradguard.tensorboard").joinpath("static/tab.js").read_bytes()
+        return http_util.Respond(request, source, "text/javascript")
+
+
+class GradGuardLoader(base_plugin.TBLoader):  # type: ignore[misc]
+    """Loads the tab, and keeps every sample of its tensor series.
+
+    TensorBoard keeps 10 samples of each tensor series of a plugin it does not know; the tab needs
+    all of them (every logging step's profile, every event). Unless the user passed
+    ``--samples_per_plugin gradguard=N``, this sets ``gradguard=0`` (all).
+    """
+
+    def fix_flags(self, flags: Any) -> None:
+        samples = getattr(flags, "samples_per_plugin", None)
+        if isinstance(samples, dict):
+            samples.setdefault(tbformat.PLUGIN_NAME, 0)
+
+    def load(self, context: base_plugin.TBContext) -> GradGuardPlugin:
+        return GradGuardPlugin(context)

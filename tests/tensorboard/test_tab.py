@@ -1,0 +1,227 @@
+"""The GradGuard tab in TensorBoard, its data, and the images of recurrent models."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import urllib.request
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+
+from lightning_gradguard import GradGuard, GradGuardWarning, NormClip
+from lightning_gradguard.cli import main as report_main
+from lightning_gradguard.health.judge import judge_run
+from lightning_gradguard.tensorboard.eventfile import read_run
+from tests.helpers import get_json, tensorboard_server, trainer
+from tests.tensorboard.test_dashboard import SeqNet
+
+
+def fit_seqnet(logdir: Path, name: str, steps: int, nan_step: int | None = None, **kw: Any) -> GradGuard:
+    guard = GradGuard(clip=NormClip(0.5), log_every_n_steps=1, **kw)
+    logger = TensorBoardLogger(logdir, name=name, version="")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradGuardWarning)
+        trainer([guard], steps=steps, logger=logger, log_every_n_steps=1).fit(SeqNet(nan_step))
+    return guard
+
+
+def image_steps(run: Path) -> dict[str, list[int]]:
+    acc = EventAccumulator(str(run), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
+
+
+def test_an_lstm_run_logging_every_step_has_both_images(tmp_path: Path) -> None:
+    guard = fit_seqnet(tmp_path, "lstm", steps=12)  # images drawn in the background, within the budget
+    steps = image_steps(tmp_path / "lstm")
+    assert set(steps) == {"gradguard/flow", "gradguard/timestep/rnn"}
+    # one render job per logging step: a step drawn has both images; the last step is always drawn
+    assert steps["gradguard/flow"] == steps["gradguard/timestep/rnn"]
+    assert steps["gradguard/flow"][-1] == 11 and steps["gradguard/flow"][0] == 0
+    assert guard.sink.renderer.rendered == len(steps["gradguard/flow"])
+
+
+def test_images_false_draws_no_image_but_logs_the_data(tmp_path: Path) -> None:
+    guard = fit_seqnet(tmp_path, "noimg", steps=4, images=False)
+    assert image_steps(tmp_path / "noimg") == {}
+    assert guard.sink.renderer.rendered == 0 and guard.last_report is not None and guard.last_report.metrics
+
+
+# --------------------------------------------------------------------------- the tab, served for real
+NAN_STEP = 5
+
+
+@pytest.fixture(scope="module")
+def tab_logs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GradGuard]:
+    root = tmp_path_factory.mktemp("tab")
+    guard = fit_seqnet(root, "faulty", steps=12, nan_step=NAN_STEP, images=False)
+    return root, guard
+
+
+@pytest.fixture(scope="module")
+def server(tab_logs: tuple[Path, GradGuard]) -> Iterator[str]:
+    root, _ = tab_logs
+
+    def ready(base: str) -> bool:  # the run and its events are loaded
+        api = f"{base}/data/plugin/gradguard"
+        return bool(_get(f"{api}/runs") == ["faulty"] and _get(f"{api}/events?run=faulty"))
+
+    with tensorboard_server(root, ready) as base:
+        yield base
+
+
+_get = get_json
+
+
+def test_the_tab_is_listed_enabled_and_its_module_is_served(server: str) -> None:
+    listing = _get(f"{server}/data/plugins_listing")["gradguard"]
+    assert listing["enabled"] is True and listing["tab_name"] == "GradGuard"
+    assert listing["loading_mechanism"] == {"type": "IFRAME", "module_path": "/data/plugin/gradguard/static/tab.js"}
+    with urllib.request.urlopen(f"{server}/data/plugin/gradguard/static/tab.js", timeout=10) as resp:
+        assert "javascript" in resp.headers["Content-Type"]
+        source = resp.read().decode()
+    assert "export async function render()" in source
+    assert "http" not in source.replace("http://www.w3.org/2000/svg", "")  # nothing fetched from outside
+
+
+def test_the_routes_return_what_the_run_logged(server: str, tab_logs: tuple[Path, GradGuard]) -> None:
+    root, guard = tab_logs
+    acc = EventAccumulator(str(root / "faulty"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    api = f"{server}/data/plugin/gradguard"
+    layers = _get(f"{api}/layers?run=faulty")
+    assert layers["layers"] == ["embed", "rnn.l0", "head"]  # forward order
+    assert layers["steps"] == list(range(12))
+    for name, row in zip(layers["layers"], layers["log10"], strict=True):
+        logged = {e.step: e.value for e in acc.Scalars(f"gradguard/layer/{name}")}
+        for step, value in zip(layers["steps"], row, strict=True):
+            if math.isfinite(logged[step]) and logged[step] > 0:
+                assert value == pytest.approx(math.log10(logged[step]), rel=1e-12, abs=1e-12)
+            else:
+                assert value is None
+    assert layers["nonfinite_steps"] == [NAN_STEP]
+    assert layers["vanish_threshold"] == pytest.approx(1e-8) and layers["explode_threshold"] is None
+
+    seq = _get(f"{api}/timesteps?run=faulty")["sequences"]["rnn"]
+    profiles = {e.step: tensor_util.make_ndarray(e.tensor_proto) for e in acc.Tensors("gradguard/profile/rnn")}
+    assert seq["steps"] == sorted(profiles) == list(range(12))  # > 10: every sample is kept
+    for step, row in zip(seq["steps"], seq["log10"], strict=True):
+        expected = [math.log10(v) if math.isfinite(v) and v > 0 else None for v in profiles[step].tolist()]
+        assert [v is None for v in row] == [v is None for v in expected]
+        assert [v for v in row if v is not None] == pytest.approx([v for v in expected if v is not None], rel=1e-12)
+    assert seq["horizon"][-1] == guard.core.timestep_summaries["rnn"]["horizon"]
+    torch.testing.assert_close(torch.tensor(profiles[11]), guard.timestep_norms["rnn"], rtol=0, atol=0)
+
+    events = _get(f"{api}/events?run=faulty")
+    assert [(e["kind"], e["step"], e["origin"], e["layers"], e["message"]) for e in events] == [
+        (e.kind, e.step, e.origin, list(e.layers), e.message) for e in guard.events
+    ]
+    report = _get(f"{api}/report?run=faulty")
+    code = report_main(["report", str(root / "faulty"), "--json"])
+    assert code == 1
+    assert report["healthy"] is False and "1 non-finite steps" in report["verdict"]
+
+
+def test_the_tab_gives_the_verdict_of_gradguard_report(
+    tab_logs: tuple[Path, GradGuard], capsys: Any, server: str
+) -> None:
+    root, _ = tab_logs
+    report_main(["report", str(root / "faulty"), "--json"])
+    (cli,) = json.loads(capsys.readouterr().out)
+    tab = _get(f"{server}/data/plugin/gradguard/report?run=faulty")
+    assert tab["verdict"] == cli["verdict"] and tab["findings"] == cli["findings"]
+
+
+def test_a_logdir_without_guard_data_has_no_enabled_tab(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="plain", version="")
+    logger.log_metrics({"loss": 1.0}, step=0)
+    logger.finalize("success")
+    plugin = _plugin_for(tmp_path)
+    assert plugin.is_active() is False
+    plugin_with = _plugin_for(tmp_path, guarded=True)
+    assert plugin_with.is_active() is True
+
+
+def _plugin_for(logdir: Path, guarded: bool = False) -> Any:
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+
+    from lightning_gradguard.tensorboard.plugin import GradGuardPlugin
+
+    if guarded:
+        fit_seqnet(logdir, "guarded", steps=2, images=False)
+    mux = plugin_event_multiplexer.EventMultiplexer(tensor_size_guidance={"gradguard": 0})
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(logdir))
+    return GradGuardPlugin(base_plugin.TBContext(data_provider=provider, logdir=str(logdir)))
+
+
+def test_report_still_reads_profiles_written_as_text_by_0_2_0(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "old"))
+    for step in (9, 19):
+        writer.add_scalar("gradguard/total_norm", 1.0, step)
+        writer.add_scalar("gradguard/layer/rnn.l0", 0.5, step)
+        writer.add_text("gradguard/timestep_profile/rnn", json.dumps([step / 1000, 0.5, 1.0]), step)
+    writer.close()
+    data = read_run(tmp_path / "old")
+    assert data.profiles["rnn"] == [(9, [0.009, 0.5, 1.0]), (19, [0.019, 0.5, 1.0])]
+    assert judge_run("old", data).profiles["rnn"] == [0.019, 0.5, 1.0]
+
+
+# ------------------------------------------------------------------------------ a real browser
+def chromium() -> str:
+    """The Chromium binary; installed from Debian's packages when missing. Skips (never in CI) if it cannot be."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    why = "not root"
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+            if proc.returncode:
+                why = f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}"
+                break
+        found = shutil.which("chromium")
+        if found:
+            return found
+    message = f"Chromium is not installed and could not be installed ({why}): the browser test of the tab needs it"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def test_the_tab_renders_in_headless_chromium(server: str, tmp_path: Path) -> None:
+    binary = chromium()
+    url = f"{server}/data/plugin_entry.html?name=gradguard&run=faulty"
+    proc = subprocess.run(
+        [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    dom = proc.stdout
+    assert 'data-gg-ready="1"' in dom, proc.stderr[-2000:]
+    rows = re.findall(r'<g class="gg-row" data-layer="([^"]+)"', dom)
+    assert rows == ["embed", "rnn.l0", "head"]  # one heatmap row per layer, in forward order
+    assert len(re.findall(r'class="gg-cell"', dom)) >= 3 * 12
+    events = re.findall(r'<tr class="gg-event" data-step="(\d+)" data-kind="(\w+)"', dom)
+    assert events == [(str(NAN_STEP), "nonfinite")]
+    assert 'class="gg-verdict unhealthy"' in dom
+    assert 'class="gg-timestep-map" data-sequence="rnn"' in dom and 'class="gg-horizon"' in dom
+    assert f'data-step="{NAN_STEP}"' in dom.split('id="gg-flow-map"', 1)[1]  # the NaN step marked on the map
