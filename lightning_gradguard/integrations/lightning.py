@@ -39,7 +39,6 @@ __all__ = ["GradGuard"]
 
 # Strategies that set the model up after the callbacks' `setup` (configure_model, wrapping): the guard
 # names layers and attaches its hooks at `on_fit_start`, once the parameters are the final ones.
-_SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
 _ENGINE_OWNED = ("DeepSpeedStrategy",)
 _ADAPTER_SETS = ("model", "sharded", "process_group")  # core options the adapter takes from the Trainer
 

@@ -60,6 +60,7 @@ __all__ = [
     "PROFILE_PREFIX",
     "TIMESTEP_IMAGE_PREFIX",
     "RunDecoder",
+    "custom_scalars_layout",
     "json_safe",
     "write_alert_text",
     "write_config",
@@ -254,3 +255,23 @@ def _parse_nonfinite(line: str) -> dict[str, Any] | None:
     if m is None:
         return None
     return {"step": int(m.group(1)), "origin": m.group(2), "action": m.group(3), "layers": m.group(4)}
+
+
+def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
+    """The "GradGuard" Custom Scalars category (tags are regular expressions)."""
+    return {
+        "GradGuard": {
+            "total norm (before / after clipping, threshold)": [
+                "Multiline",
+                [r"gradguard/total_norm$", r"gradguard/total_norm_clipped$", r"gradguard/clip_threshold$"],
+            ],
+            "per-layer norms": ["Multiline", [r"gradguard/layer/.*"]],
+            "per-timestep: log10 first/last ratio": ["Multiline", [r"gradguard/timestep/.*/log10_first_last"]],
+            "per-timestep: horizon": ["Multiline", [r"gradguard/timestep/.*/horizon"]],
+            "per-timestep: decay per step": ["Multiline", [r"gradguard/timestep/.*/decay_per_step"]],
+            "events": [
+                "Multiline",
+                [r"gradguard/skipped_steps$", r"gradguard/nonfinite_steps$", r"gradguard/clipped_fraction$"],
+            ],
+        }
+    }

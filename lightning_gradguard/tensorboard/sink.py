@@ -27,7 +27,7 @@ from lightning_gradguard.events import GradEvent
 from lightning_gradguard.tensorboard import format as tbformat
 from lightning_gradguard.tensorboard.render import Renderer, render_flow, render_timestep_heatmap
 
-__all__ = ["TensorBoardSink", "custom_scalars_layout", "find_tensorboard_writer", "log_histograms", "write_layout"]
+__all__ = ["TensorBoardSink", "find_tensorboard_writer", "log_histograms", "write_layout"]
 
 def find_tensorboard_writer(loggers: Iterable[Any]) -> Any | None:
     """The ``SummaryWriter`` of the first TensorBoardLogger in ``loggers``, or None."""
@@ -54,26 +54,6 @@ def timestep_images_job(
     return draw
 
 
-def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
-    """The "GradGuard" Custom Scalars category (tags are regular expressions)."""
-    return {
-        "GradGuard": {
-            "total norm (before / after clipping, threshold)": [
-                "Multiline",
-                [r"gradguard/total_norm$", r"gradguard/total_norm_clipped$", r"gradguard/clip_threshold$"],
-            ],
-            "per-layer norms": ["Multiline", [r"gradguard/layer/.*"]],
-            "per-timestep: log10 first/last ratio": ["Multiline", [r"gradguard/timestep/.*/log10_first_last"]],
-            "per-timestep: horizon": ["Multiline", [r"gradguard/timestep/.*/horizon"]],
-            "per-timestep: decay per step": ["Multiline", [r"gradguard/timestep/.*/decay_per_step"]],
-            "events": [
-                "Multiline",
-                [r"gradguard/skipped_steps$", r"gradguard/nonfinite_steps$", r"gradguard/clipped_fraction$"],
-            ],
-        }
-    }
-
-
 def write_layout(loggers: Iterable[Any]) -> bool:
     """Write the Custom Scalars layout once (rank zero, TensorBoardLogger only). True if written."""
     if not is_rank_zero():
@@ -81,7 +61,7 @@ def write_layout(loggers: Iterable[Any]) -> bool:
     writer = find_tensorboard_writer(loggers)
     if writer is None or not hasattr(writer, "add_custom_scalars"):
         return False
-    writer.add_custom_scalars(custom_scalars_layout())
+    writer.add_custom_scalars(tbformat.custom_scalars_layout())
     return True
 
 
