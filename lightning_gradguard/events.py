@@ -22,6 +22,7 @@ EventKind = Literal[
     "loss_scale_collapse",
     "vanishing_in_time",
     "exploding_in_time",
+    "stopped",
 ]
 
 
@@ -38,7 +39,10 @@ class GradEvent:
             gradients), ``"unused"`` (no gradient while requiring grad), ``"loss_scale_collapse"``
             (fp16 loss scale below ``min_loss_scale``; ``value`` holds it), or
             ``"vanishing_in_time"`` / ``"exploding_in_time"`` (the per-timestep gradient profile of
-            a recurrent module; ``value`` holds its first/last ratio).
+            a recurrent module; ``value`` holds its first/last ratio), or ``"stopped"`` (the guard
+            ended the run: ``max_consecutive_skips`` reached, or ``on_nonfinite`` ``"raise"`` or
+            ``"stop"``; ``extra["cause"]`` says which, ``origin`` and ``layers`` are those of the
+            fault that ended it).
         step: the optimizer step (``trainer.global_step`` as ``training_step`` saw it).
         layers: the layers concerned: for ``nonfinite`` every layer whose gradient is non-finite,
             in forward order; for ``spike`` the layers that grew most against their own recent

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_gradguard.health.judge import KINDS, VANISH, ReportError, RunHealth, judge_run
+from lightning_gradguard.health.judge import KINDS, ReportError, RunHealth, judge_run
 
 __all__ = ["main", "render_text", "write_png"]
 
@@ -78,6 +78,10 @@ def render_text(rep: RunHealth) -> str:
             f"decay/step {_fmt(s.get('decay_per_step'))}"
         )
     lines.append(f"verdict: {rep.verdict}")
+    if rep.events_from == "replayed":
+        lines.append("  (an older event file: its findings are the guard's detectors replayed on the logged steps)")
+    for note in rep.notes if rep.findings else ():
+        lines.append(f"  note: {note}")
     for f in rep.findings:
         lines.append(f"  advice ({f['kind']}): {f['advice']}")
     return "\n".join(lines)
@@ -98,7 +102,8 @@ def write_png(reports: Sequence[RunHealth], path: Path) -> None:
         med = [rep.layers[n]["median"] for n in names]
         row[0].bar(range(len(names)), [m if m > 0 else 0 for m in med], color="#4c72b0")
         row[0].set_yscale("log")
-        row[0].axhline(VANISH, color="#8172b2", linestyle="--", linewidth=1, label="vanishing 1e-8")
+        row[0].axhline(rep.vanish_threshold, color="#8172b2", linestyle="--", linewidth=1,
+                       label=f"vanish_threshold {rep.vanish_threshold:g}")
         row[0].set_xticks(range(len(names)))
         row[0].set_xticklabels(names, rotation=60, ha="right", fontsize=7)
         row[0].set_title(f"{Path(rep.run).name}: median gradient norm per layer", fontsize=9)

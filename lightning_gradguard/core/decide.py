@@ -192,6 +192,7 @@ class StepPolicy:
         self.skipped_steps = 0
         self.nonfinite_steps = 0
         self.consecutive_skips = 0
+        self.stopped = False  # the stop event of on_nonfinite="stop" is recorded once
         self.amp_overflow_steps = 0
         self.max_total_norm = 0.0  # the largest finite total norm (host: read with each step's flags)
         self.origins: dict[str, int] = {}
@@ -265,14 +266,21 @@ class StepPolicy:
         self.origins[key] = self.origins.get(key, 0) + 1
         record(event)
         if self.on_nonfinite == "raise":
+            record(_stop_event(event, "on_nonfinite='raise'", "raised"))
             raise NonFiniteGradientError(event.message, event)
         if self.consecutive_skips >= self.max_consecutive_skips:
+            limit = self.max_consecutive_skips
+            cause = f"{self.consecutive_skips} consecutive skipped steps (max_consecutive_skips={limit})"
+            record(_stop_event(event, cause, "raised"))
             raise NonFiniteGradientError(
                 f"GradGuard: {self.consecutive_skips} consecutive optimizer steps were skipped for non-finite "
                 f"gradients (max_consecutive_skips={self.max_consecutive_skips}); the run is not recovering. "
                 f"Last: {event.message}",
                 event,
             )
+        if self.on_nonfinite == "stop" and not self.stopped:
+            self.stopped = True
+            record(_stop_event(event, "on_nonfinite='stop'", "stopped"))
         return event, skip
 
     def _nonfinite_event(self, fault: Fault, loss_bad: bool, action: str) -> GradEvent:
@@ -321,3 +329,26 @@ class StepPolicy:
         self.amp_overflow_steps = int(state.get("amp_overflow_steps", 0))
         self.max_total_norm = float(state.get("max_total_norm", 0.0))
         self.origins = {str(k): int(v) for k, v in dict(state.get("origins", {})).items()}
+
+
+def _stop_event(fault: GradEvent, cause: str, action: str) -> GradEvent:
+    """The event of the guard ending the run, after the fault ``fault`` (its origin and layers)."""
+    where = f"origin '{fault.origin}'" if fault.origin else "origin unknown"
+    advice = (
+        "the forward pass or the loss broke: look at a dump (dump_dir=...) of the first bad step"
+        if fault.origin == "loss"
+        else f"the gradient broke first at {fault.origin}: look at a dump (dump_dir=...) of the first bad step"
+        if fault.origin
+        else "look at a dump (dump_dir=...) of the first bad step"
+    )
+    return GradEvent(
+        "stopped",
+        step=fault.step,
+        layers=fault.layers,
+        origin=fault.origin,
+        value=fault.value,
+        message=f"GradGuard stopped the run at step {fault.step}: {cause}; the last fault's {where}. Next: {advice}.",
+        optimizer_idx=fault.optimizer_idx,
+        action=action,
+        extra={"cause": cause},
+    )

@@ -3,18 +3,15 @@
 :func:`judge_run` takes a :class:`RunData` (decoded from event files or from TensorBoard's data
 provider by :mod:`lightning_gradguard.tensorboard.format`) and returns a :class:`RunHealth`:
 
-* per layer: the median, max and last gradient norm, with flags ``vanishing`` (median below the
-  run's ``vanish_threshold``, as recorded in its configuration; 1e-8, the guard's default, for event
-  files that predate the record), ``exploding`` (a non-finite value, or a logged norm above 1000x the
-  median of the 5 logs before it) and ``spiky`` (above 10x that median);
+* the events: those the live guard recorded with the run, or, for files older than that record,
+  the guard's own detectors replayed on the logged series with the run's thresholds
+  (:mod:`.replay`); there is one definition of a spike, a vanishing layer, an explosion;
+* findings from the events, each with a severity and advice that fits the run (:mod:`.findings`);
+  the guard's own stop comes first;
+* per layer: the median, max and last gradient norm, flagged by the events that name it;
 * the total-norm trend, the clipped fraction, the non-finite steps with their origins, each tracked
-  sequence's per-timestep ``horizon`` and ``first_last_ratio`` (judged against the run's
-  ``timestep_vanish_ratio``);
-* a one-line verdict, and one line of advice per finding.
-
-The suggested ``NormClip(max_norm=...)`` is the median of the run's finite pre-clip total norms:
-Pascanu, Mikolov and Bengio (2013) advise a threshold near the typical norm, so that ordinary steps
-pass untouched and only the outliers are rescaled.
+  sequence's per-timestep ``horizon`` and ``first_last_ratio``;
+* notes for a healthy run (a clipper at work, large early gradients), and a one-line verdict.
 """
 
 from __future__ import annotations
@@ -22,9 +19,11 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from lightning_gradguard.health.findings import SEVERITIES, Evidence, findings_of, severity_of
+from lightning_gradguard.health.replay import DEFAULTS, replay_caveat, replay_events, run_option
 
 __all__ = ["KINDS", "ReportError", "RunData", "RunHealth", "judge_run"]
 
@@ -39,9 +38,10 @@ KINDS = (  # the findings --fail-on can name
     "unused",
     "loss_scale_collapse",
     "nonfinite",
+    "stopped",
 )
-VANISH = 1e-8  # the defaults of the guard, for event files that predate the recorded configuration
-TIMESTEP_VANISH_RATIO = 1e-4
+VANISH = DEFAULTS["vanish_threshold"]
+_FLAG_OF = {"vanishing": "vanishing", "dead": "dead", "spike": "spiky", "unused": "unused"}
 
 
 class ReportError(Exception):
@@ -50,7 +50,14 @@ class ReportError(Exception):
 
 @dataclass
 class RunHealth:
-    """What :func:`judge_run` found in one run."""
+    """What :func:`judge_run` found in one run.
+
+    ``severity`` is ``healthy``, ``healthy with notes``, ``attention`` or ``unhealthy``
+    (:mod:`~lightning_gradguard.health.findings`); ``verdict`` is one line that starts with it (or,
+    when the guard stopped the run, with that); ``notes`` are what a healthy run may still want to
+    know (a clipper at work, large early gradients); ``events_from`` says whether the findings come
+    from the events the live guard recorded or from a replay of the logged series (older files).
+    """
 
     run: str
     steps: int
@@ -66,12 +73,24 @@ class RunHealth:
     alert_kinds: dict[str, int] = field(default_factory=dict)
     findings: list[dict[str, str]] = field(default_factory=list)
     verdict: str = ""
+    severity: str = "healthy"
+    notes: list[str] = field(default_factory=list)
+    events_from: str = "recorded"
+    event_count: int = 0
+    vanish_threshold: float = VANISH
 
     def kinds(self) -> set[str]:
-        found = {f["kind"] for f in self.findings} | set(self.alert_kinds)
+        """The kinds ``--fail-on`` matches: the findings' (``spiky`` also answers to ``spike``)."""
+        found = {f["kind"] for f in self.findings}
+        if "spiky" in found:
+            found.add("spike")
         if self.nonfinite_steps:
             found.add("nonfinite")
         return found
+
+    @property
+    def healthy(self) -> bool:
+        return self.severity in SEVERITIES[:2]
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -90,6 +109,8 @@ class RunData:
         layer_order: the layers in forward order (empty when the run did not record it).
         nonfinite: each non-finite step: ``{"step", "origin", "action", "layers"}`` (layers comma-joined).
         alert_kinds: how many alerts of each kind passed the rate limit.
+        recorded_events: ``events`` holds every event the live guard recorded (files of this version);
+            False for older files, whose events the report replays from the logged series.
     """
 
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -99,24 +120,7 @@ class RunData:
     layer_order: list[str] = field(default_factory=list)
     nonfinite: list[dict[str, Any]] = field(default_factory=list)
     alert_kinds: dict[str, int] = field(default_factory=dict)
-
-
-def _finite(values: Sequence[float]) -> list[float]:
-    return [v for v in values if math.isfinite(v)]
-
-
-def _largest_jump(values: Sequence[float], window: int = 5) -> float:
-    """The largest ratio of a logged norm to the median of the (up to) ``window`` logs before it.
-
-    Relative to the recent past, not to the whole run: a norm that is large early and decays as the
-    model learns is not a spike.
-    """
-    worst = 0.0
-    for i in range(3, len(values)):
-        ref = statistics.median(values[max(0, i - window) : i])
-        if ref > 0:
-            worst = max(worst, values[i] / ref)
-    return worst
+    recorded_events: bool = False
 
 
 def judge_run(run: str, data: RunData) -> RunHealth:
@@ -130,21 +134,9 @@ def judge_run(run: str, data: RunData) -> RunHealth:
         raise ReportError(f"{run} holds no gradguard/ metrics: was GradGuard among the Trainer's callbacks?")
     steps = max(s for series in ours.values() for s, _ in series) + 1
     rep = RunHealth(run=run, steps=steps)
-    vanish = _recorded(data.config, "vanish_threshold", VANISH)
-    rep.layers = _layer_stats(ours, vanish)
-    rep.layer_order = list(data.layer_order) or sorted(rep.layers)
-    totals = [v for _, v in ours.get("gradguard/total_norm", [])]
-    fin = _finite(totals)
-    if fin:
-        q = max(1, len(fin) // 4)
-        first, last = statistics.median(fin[:q]), statistics.median(fin[-q:])
-        rep.total_norm = {
-            "median": statistics.median(fin),
-            "max": max(fin),
-            "first_quarter": first,
-            "last_quarter": last,
-            "trend": last / first if first > 0 else math.nan,
-        }
+    rep.layer_order = list(data.layer_order)
+    rep.vanish_threshold = float(run_option(data.config, "vanish_threshold"))
+    rep.total_norm = _total_norm_stats([v for _, v in ours.get("gradguard/total_norm", [])])
     fractions = [v for _, v in ours.get("gradguard/clipped_fraction", [])]
     rep.clipped_fraction = statistics.fmean(fractions) if fractions else None
     rep.skipped_steps = int(max((v for _, v in ours.get("gradguard/skipped_steps", [])), default=0))
@@ -157,118 +149,98 @@ def judge_run(run: str, data: RunData) -> RunHealth:
             rep.timesteps.setdefault(m.group(1), {})[m.group(2)] = series[-1][1]
     rep.profiles = {name: series[-1][1] for name, series in data.profiles.items() if series}
     rep.alert_kinds = dict(data.alert_kinds)
-    _judge(rep, _recorded(data.config, "timestep_vanish_ratio", TIMESTEP_VANISH_RATIO))
+    if data.recorded_events:
+        events, caveat = data.events, ""
+    else:
+        events, caveat = replay_events(data), replay_caveat(data, steps)
+        rep.events_from = "replayed"
+    rep.event_count = len(events)
+    rep.skipped_steps = max(rep.skipped_steps, sum(1 for e in events if str(e.get("action", "")) == "skipped"))
+    rep.layers = _layer_stats(ours, events)
+    rep.layer_order = rep.layer_order or sorted(rep.layers)
+    evidence = Evidence(
+        ours.get("gradguard/total_norm", []), dict(ours.get("gradguard/total_norm_clipped", [])),
+        data.config["clip"] if "clip" in data.config else _clip_of(data), rep.clipped_fraction, steps, caveat,
+    )  # fmt: skip
+    rep.findings = findings_of(events, evidence)
+    if not data.recorded_events:
+        rep.findings += _unreplayed_alerts(rep, data.alert_kinds)
+    rep.notes = _notes(rep, evidence)
+    rep.severity = severity_of(rep.findings, rep.notes)
+    rep.verdict = _verdict(rep)
     return rep
 
 
-def _recorded(config: dict[str, Any], name: str, default: float) -> float:
-    """The run's recorded option ``name``, or the guard's default for files that predate the record."""
-    value = config.get(name)
-    return float(value) if isinstance(value, (int, float)) else default
+def _total_norm_stats(totals: list[float]) -> dict[str, float]:
+    fin = [v for v in totals if math.isfinite(v)]
+    if not fin:
+        return {}
+    q = max(1, len(fin) // 4)
+    first, last = statistics.median(fin[:q]), statistics.median(fin[-q:])
+    return {"median": statistics.median(fin), "max": max(fin), "first_quarter": first, "last_quarter": last,
+            "trend": last / first if first > 0 else math.nan}  # fmt: skip
 
 
-def _layer_stats(ours: dict[str, list[tuple[int, float]]], vanish: float) -> dict[str, dict[str, Any]]:
-    """Per layer: median, max, last and flags (vanishing below ``vanish``, exploding, spiky)."""
+def _clip_of(data: RunData) -> str | None:
+    """Files that did not record the clipper: one was in force if clipped norms were logged."""
+    return "a clipper" if "gradguard/total_norm_clipped" in data.scalars else None
+
+
+def _unreplayed_alerts(rep: RunHealth, alert_kinds: dict[str, int]) -> list[dict[str, str]]:
+    """Kinds an older run alerted on that the replay of its logged steps does not show."""
+    have = rep.kinds() | {"spike" if f["kind"] == "spiky" else f["kind"] for f in rep.findings}
+    out = []
+    for kind, count in sorted(alert_kinds.items()):
+        if kind not in have and kind not in ("nonfinite", "amp_overflow"):
+            severity = "unhealthy" if kind in ("vanishing", "spike", "exploding") else "attention"
+            out.append({"kind": "spiky" if kind == "spike" else kind, "severity": severity,
+                        "what": f"{count} {kind} alert{'s' if count > 1 else ''} (from the run's alert texts)",
+                        "advice": "see the alert texts in TensorBoard's Text tab"})  # fmt: skip
+    return out
+
+
+def _notes(rep: RunHealth, ev: Evidence) -> list[str]:
+    notes = []
+    if rep.clipped_fraction and ev.clip is not None:
+        notes.append(f"{ev.clip} clipped {rep.clipped_fraction:.0%} of the logged steps ({ev.distribution()})")
+    trend = rep.total_norm.get("trend", math.nan)
+    if trend == trend and trend < 0.1:
+        notes.append(
+            f"large gradients early in training: the total norm's median fell from "
+            f"{rep.total_norm['first_quarter']:.3g} (first quarter) to {rep.total_norm['last_quarter']:.3g} (last)"
+        )
+    return notes
+
+
+def _verdict(rep: RunHealth) -> str:
+    if rep.findings:
+        stop = [f for f in rep.findings if f["kind"] == "stopped"]
+        rest = "; ".join(f["what"] for f in rep.findings if f["kind"] != "stopped")
+        if stop:
+            return f"{stop[0]['what']}: {stop[0]['advice']}" + (f" | {rep.severity}: {rest}" if rest else "")
+        return f"{rep.severity}: {rest}"
+    line = f"{rep.severity}: {rep.steps} steps, no non-finite step, no spike, vanishing or dead layer"
+    return line + (f"; notes: {'; '.join(rep.notes)}" if rep.notes else "")
+
+
+def _layer_stats(ours: dict[str, list[tuple[int, float]]], events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per layer: median, max and last logged norm, and flags from the events that name it."""
+    flags: dict[str, list[str]] = {}
+    for e in events:
+        flag = _FLAG_OF.get(str(e.get("kind")))
+        if flag is None:
+            continue
+        named = (e.get("layers") or [])[:1] if flag == "spiky" else (e.get("layers") or [])
+        for name in named:
+            if flag not in flags.setdefault(name, []):
+                flags[name].append(flag)
     layers: dict[str, dict[str, Any]] = {}
     for tag, series in sorted(ours.items()):
         if not tag.startswith("gradguard/layer/"):
             continue
         values = [v for _, v in series]
-        fin = _finite(values)
-        median = statistics.median(fin) if fin else math.nan
-        peak = max(fin) if fin else math.nan
-        flags = []
-        if fin and median < vanish:
-            flags.append("vanishing")
-        jump = _largest_jump(fin)
-        if len(fin) < len(values) or jump > 1000:
-            flags.append("exploding")
-        elif jump > 10:
-            flags.append("spiky")
-        layers[tag[len("gradguard/layer/") :]] = {"median": median, "max": peak, "last": values[-1], "flags": flags}
+        fin = [v for v in values if math.isfinite(v)]
+        name = tag[len("gradguard/layer/") :]
+        layers[name] = {"median": statistics.median(fin) if fin else math.nan, "max": max(fin) if fin else math.nan,
+                        "last": values[-1], "flags": flags.get(name, [])}  # fmt: skip
     return layers
-
-
-def _judge(rep: RunHealth, in_time_ratio: float) -> None:
-    typical = rep.total_norm.get("median")
-    suggestion = f"NormClip(max_norm={typical:.2g})" if typical and math.isfinite(typical) else "NormClip(max_norm=...)"
-    if rep.nonfinite_steps:
-        origins = sorted({n["origin"] for n in rep.nonfinite})
-        rep.findings.append(
-            {
-                "kind": "nonfinite",
-                "what": f"{rep.nonfinite_steps} non-finite steps ({rep.skipped_steps} skipped); origins: "
-                f"{', '.join(origins) or 'unknown'}",
-                "advice": "replay the first one from a dump (GradGuard(dump_dir=...)) and look at its origin layer; "
-                f"if it follows an explosion, clip with {suggestion} or ZClip()",
-            }
-        )
-    exploding = [n for n, v in rep.layers.items() if "exploding" in v["flags"]]
-    spiky = [n for n, v in rep.layers.items() if "spiky" in v["flags"]]
-    vanishing = [n for n, v in rep.layers.items() if "vanishing" in v["flags"]]
-    if exploding:
-        rep.findings.append(
-            {
-                "kind": "exploding",
-                "what": f"exploding gradients in {', '.join(exploding)}",
-                "advice": f"clip the total norm near its typical value: {suggestion}, or ZClip() for rare spikes",
-            }
-        )
-    if spiky or "spike" in rep.alert_kinds:
-        rep.findings.append(
-            {
-                "kind": "spiky",
-                "what": f"gradient spikes{(' in ' + ', '.join(spiky)) if spiky else ''}",
-                "advice": f"ZClip() clips spikes against the run's own statistics; or {suggestion}",
-            }
-        )
-    if vanishing or "vanishing" in rep.alert_kinds:
-        rep.findings.append(
-            {
-                "kind": "vanishing",
-                "what": f"vanishing gradients{(' in ' + ', '.join(vanishing)) if vanishing else ''}",
-                "advice": "check initialisation and normalisation (a residual path, LayerNorm); for RNNs a gated cell",
-            }
-        )
-    for name, s in rep.timesteps.items():
-        ratio = s.get("first_last_ratio", math.nan)
-        if ratio == ratio and ratio < in_time_ratio:
-            rep.findings.append(
-                {
-                    "kind": "vanishing_in_time",
-                    "what": f"'{name}': the gradient through time vanishes (first/last {ratio:.2g}, horizon "
-                    f"{s.get('horizon', math.nan):.0f} steps)",
-                    "advice": "use a gated cell (LSTM or GRU; a forget-gate bias near 1-3) or a shorter truncation "
-                    "(truncated BPTT) so that the dependency fits in the horizon",
-                }
-            )
-        elif ratio == ratio and ratio > 1 / in_time_ratio:
-            rep.findings.append(
-                {
-                    "kind": "exploding_in_time",
-                    "what": f"'{name}': the gradient through time explodes (first/last {ratio:.2g})",
-                    "advice": f"clip ({suggestion}); an orthogonal recurrent init with gain <= 1",
-                }
-            )
-    dead = [n for n, v in rep.layers.items() if v["median"] == 0.0]
-    if dead or "dead" in rep.alert_kinds or "unused" in rep.alert_kinds:
-        rep.findings.append(
-            {
-                "kind": "dead" if dead or "dead" in rep.alert_kinds else "unused",
-                "what": "layers with zero or no gradient" + (f": {', '.join(dead)}" if dead else ""),
-                "advice": "check the wiring: a detached path, an unused branch, a zero multiplier or dead ReLUs",
-            }
-        )
-    if "loss_scale_collapse" in rep.alert_kinds:
-        rep.findings.append(
-            {
-                "kind": "loss_scale_collapse",
-                "what": "the fp16 loss scale collapsed",
-                "advice": "look for an fp16-unsafe op, lower the learning rate, or train in bf16",
-            }
-        )
-    if not rep.findings:
-        rep.verdict = f"healthy: {rep.steps} steps, no non-finite step, no exploding, spiky or vanishing layer"
-    else:
-        rep.verdict = "unhealthy: " + "; ".join(f["what"] for f in rep.findings)
-

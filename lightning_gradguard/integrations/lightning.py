@@ -19,6 +19,7 @@ Hook timing it relies on:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from typing_extensions import override
 from lightning_gradguard.clip import Clipper
 from lightning_gradguard.core.guard import GuardCore, StepReport
 from lightning_gradguard.dump import Dumper
-from lightning_gradguard.errors import NonFiniteGradientError
+from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.tensorboard.sink import TensorBoardSink
 
 __all__ = ["GradGuard"]
@@ -328,6 +329,14 @@ class GradGuard(GuardCore, _Base):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.flush()  # steps deferred under on_nonfinite="warn"
         self.sink.close()  # the images in flight reach the event file before the logger closes
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Before the loggers close: every event up to the one that ended the run (the guard's own
+        # stop included) reaches the event file.
+        with contextlib.suppress(GradGuardError):  # a deferred step raising again: its event is recorded
+            self.flush()
+        self.sink.close()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

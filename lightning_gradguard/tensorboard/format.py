@@ -228,6 +228,7 @@ class RunDecoder:
             (step, json.loads(text)) for step, text in texts.get(LAYER_ORDER_TAG, [])
         ]
         data.layer_order = list(orders[-1][1]) if orders else []
+        data.recorded_events = self._has_events
         if self._has_events:
             data.nonfinite = [_nonfinite_row(e) for e in data.events if e.get("kind") == "nonfinite"]
         else:  # 0.2.0: only the text lines

@@ -14,7 +14,8 @@ JSON routes, under ``/data/plugin/gradguard/`` (each ``?run=<name>`` but ``runs`
 ``timesteps``       each tracked sequence: logging steps x timesteps of log10 norms, with each
                     step's horizon
 ``events``          every event: kind, step, origin, layers, message, action
-``report``          the verdict, findings and advice of ``gradguard report``, from the same code
+``report``          the verdict, severity, findings, notes and counts of ``gradguard report``,
+                    from the same code
 ``static/tab.js``   the frontend
 ==================  ==========================================================================
 
@@ -148,12 +149,16 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
         return {"run": run, "sequences": out, "vanish_ratio": data.config.get("timestep_vanish_ratio")}
 
     def report(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
-        """What ``gradguard report`` says of the run."""
+        """What ``gradguard report`` says of the run, with the counts it judged (the same code)."""
         try:
             rep = judge_run(run, self.read(ctx, eid, run))
         except ReportError as exc:
-            return {"run": run, "verdict": f"no report: {exc}", "findings": [], "healthy": None}
-        return {"run": run, "verdict": rep.verdict, "findings": rep.findings, "healthy": not rep.findings}
+            return {"run": run, "verdict": f"no report: {exc}", "findings": [], "healthy": None, "severity": None}
+        return {
+            "run": run, "verdict": rep.verdict, "findings": rep.findings, "healthy": rep.healthy,
+            "severity": rep.severity, "notes": rep.notes, "nonfinite_steps": rep.nonfinite_steps,
+            "skipped_steps": rep.skipped_steps, "events": rep.event_count, "events_from": rep.events_from,
+        }  # fmt: skip
 
     # ------------------------------------------------------------ serving
     def _json(self, fn: Any) -> Any:

@@ -166,6 +166,8 @@ class TensorBoardSink:
         write_layout(loggers)
         if config is not None:
             tbformat.write_config(writer, config)
+            # An empty list at step 0 says "this run records its events" even if it never has one.
+            tbformat.write_events(writer, [], 0)
         return True
 
     def write(self, loggers: Sequence[Any], report: StepReport, is_global_zero: bool) -> None:

@@ -102,7 +102,10 @@ def test_raise_and_stop_on_one_rank_are_one_decision(out: Path) -> None:
     assert all("origin 'head'" in r["error"] and "Raising." in r["error"] for r in raised)
     stopped = run(out, "nan_stop")
     for r in stopped:
-        assert r["events"] == [["nonfinite", 3, "head", ["embed", "rnn.l0", "head"], "stopped"]]
+        assert r["events"] == [
+            ["nonfinite", 3, "head", ["embed", "rnn.l0", "head"], "stopped"],
+            ["stopped", 3, "head", ["embed", "rnn.l0", "head"], "stopped"],  # the guard's stop is an event
+        ]
         assert r["global_step"] == 4  # the skipped step 3 counts; training stopped after it, on both
 
 

@@ -32,6 +32,7 @@ const STYLE = `
   #gg h3 { font-size: 13px; font-weight: 500; margin: 12px 0 4px; }
   .gg-verdict { border-left: 6px solid #2ca02c; background: #f1f8e9; padding: 8px 12px; }
   .gg-verdict.unhealthy { border-color: ${NONFINITE}; background: #fdecea; }
+  .gg-verdict.attention { border-color: #ef6c00; background: #fff3e0; }
   .gg-verdict ul { margin: 4px 0 0; padding-left: 18px; }
   .gg-note { color: #616161; margin: 2px 0 6px; }
   .gg-legend { display: flex; flex-wrap: wrap; align-items: center; gap: 14px; margin: 4px 0; }
@@ -90,8 +91,10 @@ async function show(run, body, tip) {
 
 // ---------------------------------------------------------------- views
 function verdictView(report) {
-  const healthy = report && report.healthy;
-  const box = el('section', {class: `gg-verdict ${healthy ? 'healthy' : 'unhealthy'}`, id: 'gg-verdict'});
+  // healthy and "healthy with notes" are green, attention amber, unhealthy red
+  const severity = report && report.severity;
+  const tone = report && report.healthy ? 'healthy' : severity === 'attention' ? 'attention' : 'unhealthy';
+  const box = el('section', {class: `gg-verdict ${tone}`, id: 'gg-verdict', 'data-severity': severity || ''});
   box.appendChild(el('strong', {}, [report ? report.verdict : 'no report']));
   if (report && report.findings && report.findings.length) {
     const list = el('ul');

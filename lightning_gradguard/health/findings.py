@@ -1,0 +1,225 @@
+"""From a run's events to findings: what happened, how bad it was, and what to do.
+
+Each finding is a dict ``{"kind", "severity", "what", "advice"}``. The events are the live guard's
+(recorded with the run) or, for older files, the same detectors replayed on the logged series
+(:mod:`.replay`): there is one definition of each kind, the detectors'.
+
+Severity, from least to most:
+
+==================== =========================================================================
+``healthy``          nothing happened
+``healthy with       large gradients early in training, or a clipper doing its job (its
+notes``              clipped fraction is named); these are notes, not findings
+``attention``        a finding the run survived: a spike or an explosion a clipper handled,
+                     dead or unused layers, a vanishing or exploding gradient through time, a
+                     collapsing fp16 loss scale
+``unhealthy``        non-finite steps, the guard stopping the run, vanishing layers, a spike or
+                     an explosion that no clipper handled
+==================== =========================================================================
+
+A non-finite *loss* is a forward-pass or loss fault, never "exploding gradients": clipping cannot
+cure it, and the advice says so. ``exploding`` is kept for gradients that grew: a total norm above
+``explode_threshold``, or a non-finite gradient that began in a layer right after a spike.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["SEVERITIES", "Evidence", "findings_of", "severity_of"]
+
+SEVERITIES = ("healthy", "healthy with notes", "attention", "unhealthy")
+_GROWTH_WINDOW = 3  # a non-finite step this many steps (or fewer) after a spike followed growth
+
+
+class Evidence:
+    """What the findings need besides the events: the norms, the clipper, the steps.
+
+    Args:
+        totals: the logged total norms before clipping, ``[(step, value)]``.
+        clipped: the logged total norms after clipping, ``{step: value}`` (empty without a clipper).
+        clip: the clipper the run used (its repr), or None.
+        clipped_fraction: the mean logged clipped fraction, or None.
+        steps: the run's number of steps.
+        caveat: what a replay could not see ('' for recorded events).
+    """
+
+    def __init__(
+        self,
+        totals: Sequence[tuple[int, float]],
+        clipped: Mapping[int, float],
+        clip: str | None,
+        clipped_fraction: float | None,
+        steps: int,
+        caveat: str = "",
+    ) -> None:
+        self.totals = dict(totals)
+        self.finite = sorted(v for v in self.totals.values() if math.isfinite(v))
+        self.clipped = clipped
+        self.clip = clip
+        self.clipped_fraction = clipped_fraction
+        self.steps = steps
+        self.caveat = caveat
+
+    def handled(self, step: int) -> bool:
+        """Whether the clipper scaled the step's gradients down (or, unlogged, whether one was in force)."""
+        if self.clip is None:
+            return False
+        before, after = self.totals.get(step), self.clipped.get(step)
+        if before is None or after is None:
+            return True
+        return after < before
+
+    def distribution(self) -> str:
+        """The total norm's logged distribution, for advice that sets a threshold."""
+        if not self.finite:
+            return "no finite total norm was logged"
+        fin = self.finite
+        q = statistics.quantiles(fin, n=100, method="inclusive") if len(fin) > 1 else [fin[0]] * 99
+        return (
+            f"the total norm's median over {len(self.finite)} logged steps is {statistics.median(self.finite):.3g}, "
+            f"its 99th percentile {q[98]:.3g}, its max {self.finite[-1]:.3g}"
+        )
+
+    def suggestion(self) -> str:
+        typical = statistics.median(self.finite) if self.finite else math.nan
+        return f"NormClip(max_norm={typical:.2g})" if math.isfinite(typical) else "NormClip(max_norm=...)"
+
+
+def _steps(events: Sequence[Mapping[str, Any]], most: int = 5) -> str:
+    """``step 5`` or ``steps 5, 9`` (and how many more)."""
+    steps = sorted({int(e["step"]) for e in events})
+    shown = ", ".join(str(s) for s in steps[:most])
+    more = f" and {len(steps) - most} more" if len(steps) > most else ""
+    return f"step{'s' if len(steps) > 1 else ''} {shown}{more}"
+
+
+def _layers(events: Sequence[Mapping[str, Any]], first_only: bool = False) -> list[str]:
+    names: list[str] = []
+    for e in events:
+        for name in (e.get("layers") or [])[: 1 if first_only else None]:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _stopped(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, str]]:
+    stop = [e for e in events if e["kind"] == "stopped"]
+    if not stop:
+        return []
+    last = stop[-1]
+    cause = str(last.get("message") or f"GradGuard stopped the run at step {last['step']}")
+    return [{"kind": "stopped", "severity": "unhealthy", "what": f"stopped by GradGuard at step {last['step']}",
+             "advice": cause}]  # fmt: skip
+
+
+def _nonfinite(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, str]]:
+    bad = [e for e in events if e["kind"] == "nonfinite"]
+    if not bad:
+        return []
+    loss = [e for e in bad if e.get("origin") == "loss"]
+    grads = [e for e in bad if e.get("origin") != "loss"]
+    skipped = sum(1 for e in bad if str(e.get("action", "")).startswith("skipped"))
+    parts, advice = [], []
+    if loss:
+        parts.append(f"the loss was non-finite at {_steps(loss)} (a forward-pass or loss fault, not a "
+                     "gradient explosion)")  # fmt: skip
+        advice.append(
+            "look at the forward pass of the first bad step (GradGuard(dump_dir=...) keeps its batch): a carried "
+            "hidden state, an exp or log, an fp16 overflow; clipping gradients cannot cure it"
+        )
+    if grads:
+        origins = sorted({str(e.get("origin")) for e in grads})
+        parts.append(f"non-finite gradients at {_steps(grads)}, beginning in {', '.join(origins)}")
+        advice.append("replay the first one from a dump (GradGuard(dump_dir=...)) and look at its origin layer")
+    what = f"{len(bad)} non-finite steps ({skipped} skipped): " + "; ".join(parts)
+    return [{"kind": "nonfinite", "severity": "unhealthy", "what": what + ev.caveat, "advice": "; ".join(advice)}]
+
+
+def _grew(events: list[Mapping[str, Any]], spikes: list[int], ev: Evidence) -> list[dict[str, str]]:
+    """``exploding``: total norms above explode_threshold, or a non-finite gradient right after a spike."""
+    over = [e for e in events if e["kind"] == "exploding"]
+    after = [
+        e for e in events
+        if e["kind"] == "nonfinite" and e.get("origin") not in (None, "loss")
+        and any(0 < int(e["step"]) - s <= _GROWTH_WINDOW for s in spikes)
+    ]  # fmt: skip
+    if not over and not after:
+        return []
+    parts = []
+    if over:
+        parts.append(f"the total norm exceeded explode_threshold at {_steps(over)}")
+    if after:
+        parts.append(f"non-finite gradients in {', '.join(_layers(after, first_only=True))} right after a spike")
+    handled = bool(over) and not after and all(ev.handled(int(e["step"])) for e in over)
+    return [{"kind": "exploding", "severity": "attention" if handled else "unhealthy",
+             "what": "exploding gradients: " + "; ".join(parts) + (f" (clipped by {ev.clip})" if handled else ""),
+             "advice": _clip_advice(ev, handled)}]  # fmt: skip
+
+
+def _spiky(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, str]]:
+    spikes = [e for e in events if e["kind"] == "spike"]
+    if not spikes:
+        return []
+    worst = max(spikes, key=lambda e: float(e.get("value") or 0.0))
+    where = ", ".join(_layers(spikes, first_only=True)) or "the total norm"
+    handled = all(ev.handled(int(e["step"])) for e in spikes)
+    what = (f"gradient spikes at {_steps(spikes)} in {where} (worst: z = {float(worst.get('value') or 0):.1f} "
+            f"at step {worst['step']})") + (f", clipped by {ev.clip}" if handled else "") + ev.caveat  # fmt: skip
+    return [{"kind": "spiky", "severity": "attention" if handled else "unhealthy", "what": what,
+             "advice": _clip_advice(ev, handled)}]  # fmt: skip
+
+
+def _clip_advice(ev: Evidence, handled: bool) -> str:
+    if handled:
+        return f"{ev.clip} handled it; nothing to do unless it recurs ({ev.distribution()})"
+    return (f"clip the outliers: {ev.suggestion()} (near the typical norm) or ZClip() for rare spikes; "
+            f"{ev.distribution()}")  # fmt: skip
+
+
+_SIMPLE: dict[str, tuple[str, str, str]] = {  # kind -> (severity, what, advice)
+    "vanishing": ("unhealthy", "vanishing gradients in {layers}",
+                  "check initialisation and normalisation (a residual path, LayerNorm); for RNNs a gated cell"),
+    "dead": ("attention", "layers with exactly zero gradients: {layers}",
+             "check the wiring: a detached path, a zero multiplier or dead ReLUs"),
+    "unused": ("attention", "layers requiring grad that got no gradient: {layers}",
+               "freeze them (requires_grad=False) or check the forward pass"),
+    "vanishing_in_time": ("attention", "the gradient through time vanishes in {layers}",
+                          "a gated cell (LSTM or GRU; a forget-gate bias near 1-3) or a shorter truncation "
+                          "(truncated BPTT), so that the dependency fits in the horizon"),
+    "exploding_in_time": ("attention", "the gradient through time explodes in {layers}",
+                          "an orthogonal recurrent init with gain <= 1, and NormClip"),
+    "loss_scale_collapse": ("attention", "the fp16 loss scale collapsed ({steps})",
+                            "look for an fp16-unsafe op, lower the learning rate, or train in bf16"),
+}  # fmt: skip
+
+
+def _simple(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, str]]:
+    out = []
+    for kind, (severity, what, advice) in _SIMPLE.items():
+        found = [e for e in events if e["kind"] == kind]
+        if found:
+            layers = ", ".join(_layers(found)) or "unknown layers"
+            text = what.format(layers=layers, steps=_steps(found)) + ev.caveat
+            out.append({"kind": kind, "severity": severity, "what": text, "advice": advice})
+    return out
+
+
+def findings_of(events: Sequence[Mapping[str, Any]], ev: Evidence) -> list[dict[str, str]]:
+    """The findings of a run's events, the guard's own stop first."""
+    rows = list(events)
+    spikes = [int(e["step"]) for e in rows if e["kind"] == "spike"]
+    return [
+        *_stopped(rows, ev), *_nonfinite(rows, ev), *_grew(rows, spikes, ev), *_spiky(rows, ev),
+        *_simple(rows, ev),
+    ]  # fmt: skip
+
+
+def severity_of(findings: Sequence[Mapping[str, str]], notes: Sequence[str]) -> str:
+    """The run's severity: the worst finding's, else ``healthy with notes`` or ``healthy``."""
+    if findings:
+        return max((f["severity"] for f in findings), key=SEVERITIES.index)
+    return "healthy with notes" if notes else "healthy"
