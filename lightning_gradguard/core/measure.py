@@ -1,17 +1,9 @@
-"""Measuring gradients: per-tensor, total and per-layer norms, without host syncs.
+"""Measuring gradients: the first stage of a step, without host syncs.
 
-This is the first stage of a step (:func:`measure_step`): it collects the optimizer's gradients,
-takes their norms, makes them global across shards and unscales them under fp16 AMP, all on the
-device. Everything after it (clipping, the decision, the detectors) works from its
-:class:`Measurement`.
-
-The hot path mirrors what :func:`torch.nn.utils.clip_grad_norm_` does inside: one
-``torch._foreach_norm`` call per (device, dtype) group gives every tensor's norm, and the total and
-per-layer norms are reductions of that vector on the device. Nothing here calls ``.item()``.
-
-The norms are accumulated in float32 (float64 for float64 gradients), so fp16 and bf16 gradients
-do not overflow while being measured. A gradient whose norm overflows float32 reads as ``inf``,
-exactly as it would for ``clip_grad_norm_``.
+:func:`measure_step` collects the optimizer's gradients, takes their norms (the math is
+:mod:`lightning_gradguard.primitives.norms`: one ``_foreach_norm`` per (device, dtype) group),
+makes them global across shards and unscales them under fp16 AMP, all on the device. Everything
+after it (clipping, the decision, the detectors) works from its :class:`Measurement`.
 """
 
 from __future__ import annotations
