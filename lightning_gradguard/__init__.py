@@ -33,6 +33,7 @@ from lightning_gradguard.core.timesteps import track_timesteps
 from lightning_gradguard.dump import load_dump
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
+from lightning_gradguard.notify import WandbAlert, WebhookAlert
 
 if TYPE_CHECKING:
     from lightning_gradguard.integrations.lightning import GradGuard
@@ -55,6 +56,8 @@ __all__ = [
     "NormClip",
     "StepReport",
     "ValueClip",
+    "WandbAlert",
+    "WebhookAlert",
     "ZClip",
     "__version__",
     "load_dump",

@@ -86,14 +86,17 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
 
 
 def check_handlers(handlers: Any) -> list[Any]:
-    """A list of callables (``alert_handlers``); None is an empty list."""
+    """A list of callables or notifiers (objects with ``on_alert``) (``alert_handlers``); None is an empty list."""
     if handlers is None:
         return []
     if isinstance(handlers, (str, bytes)) or not isinstance(handlers, Sequence):
         raise TypeError(f"Expected `alert_handlers` to be a list of callables or None, but got {handlers!r}.")
     for h in handlers:
-        if not callable(h):
-            raise ValueError(f"Expected every entry of `alert_handlers` to be callable, but got {h!r}.")
+        if not callable(h) and not callable(getattr(h, "on_alert", None)):
+            raise ValueError(
+                "Expected every entry of `alert_handlers` to be callable or a notifier (with `on_alert`), "
+                f"but got {h!r}."
+            )
     return list(handlers)
 
 

@@ -11,7 +11,11 @@
 * alarms also raise a :class:`GradGuardWarning` through :mod:`warnings` (same rate limit), so they
   show in a console and in ``pytest.warns``;
 * sinks (the Lightning adapter adds a TensorBoard text summary ``gradguard/alerts``) get the same
-  rate-limited messages.
+  rate-limited messages;
+* notifiers (entries of ``alert_handlers`` with an ``on_alert(event, message, run)`` method, such as
+  :class:`~lightning_gradguard.notify.webhook.WebhookAlert`) get the same rate-limited *alarms*
+  (routine events are not sent to a person), with the run's name (:attr:`AlertRouter.run_name`);
+  :meth:`AlertRouter.close` lets them finish sending.
 
 The library's logger has a :class:`logging.NullHandler`, so its records show only where the
 application configures logging; the console sees each alarm once, as a warning.
@@ -81,9 +85,11 @@ class AlertRouter:
         (250, 3, 247)
     """
 
-    def __init__(self, alert_every: int = 100, handlers: Sequence[Handler] = ()) -> None:
+    def __init__(self, alert_every: int = 100, handlers: Sequence[Any] = ()) -> None:
         self.alert_every = alert_every
-        self.handlers = list(handlers)
+        self.handlers: list[Handler] = [h for h in handlers if not callable(getattr(h, "on_alert", None))]
+        self.notifiers: list[Any] = [h for h in handlers if callable(getattr(h, "on_alert", None))]
+        self.run_name = ""  # the adapter sets it (the logger's name and version)
         self.sinks: list[Callable[[GradEvent, str], None]] = []
         self.taps: list[Callable[[GradEvent], None]] = []  # every event, unthrottled
         self._connected: dict[int, tuple[Sink | None, Tap | None]] = {}
@@ -158,6 +164,25 @@ class AlertRouter:
                 if id(sink) not in self._failed:
                     self._failed.add(id(sink))
                     log.exception("GradGuard: alert sink %r raised; errors are not repeated.", sink)
+        if event.kind in _ROUTINE:
+            return
+        for notifier in self.notifiers:
+            try:
+                notifier.on_alert(event, message, self.run_name)
+            except Exception:
+                if id(notifier) not in self._failed:
+                    self._failed.add(id(notifier))
+                    log.exception("GradGuard: alert notifier %r raised; errors are not repeated.", notifier)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Let every notifier finish sending (each waits at most its own ``close_timeout``, or ``timeout``)."""
+        for notifier in self.notifiers:
+            close = getattr(notifier, "close", None)
+            if callable(close):
+                try:
+                    close(timeout)
+                except Exception:
+                    log.exception("GradGuard: closing the alert notifier %r failed.", notifier)
 
     def state_dict(self) -> dict[str, Any]:
         return {

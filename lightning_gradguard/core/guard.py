@@ -141,7 +141,9 @@ class GuardCore:
         alert_every: the same kind of event on the same layers is logged at most once per this many
             optimizer steps (default 100), with a count of the suppressed ones.
         alert_handlers: callables called as ``handler(event)`` with every event, on rank zero; one
-            that raises is logged once and never stops training.
+            that raises is logged once and never stops training. Notifiers (objects with
+            ``on_alert(event, message, run)``, such as :class:`~lightning_gradguard.WebhookAlert`) get
+            the rate-limited alarms instead; :meth:`close` lets them finish sending.
 
     Raises:
         ValueError: an argument is out of range; the message names it.
@@ -422,6 +424,14 @@ class GuardCore:
         HostRead.read_all(p.read for p in pending)
         for p in pending:
             self._settle_deferred(p)
+
+    def close(self, timeout: float | None = None) -> None:
+        """The end of a run: :meth:`flush` deferred steps, then let the alert notifiers (a webhook) send
+        what is queued, waiting at most their ``close_timeout`` (or ``timeout``) seconds."""
+        try:
+            self.flush()
+        finally:
+            self.alerts.close(timeout)
 
     # ----------------------------------------------------------------- stages
     def _register_head(

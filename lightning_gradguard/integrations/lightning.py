@@ -20,6 +20,7 @@ Hook timing it relies on:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ from lightning_gradguard.clip import Clipper
 from lightning_gradguard.core.guard import GuardCore, StepReport
 from lightning_gradguard.dump import Dumper
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
+from lightning_gradguard.notify.wandb import WandbAlert
 from lightning_gradguard.tensorboard.sink import TensorBoardSink
 
 __all__ = ["GradGuard"]
@@ -65,6 +67,15 @@ if TYPE_CHECKING:
     _Base = Callback
 else:
     _Base = type("_GradGuardBase", _callback_bases(), {"__module__": __name__})
+
+
+def _run_name(trainer: pl.Trainer) -> str:
+    """The run's name in alerts: the first logger's name and version, else the root directory's name."""
+    for logger in trainer.loggers:
+        name, version = getattr(logger, "name", None), getattr(logger, "version", None)
+        if name:
+            return f"{name}/{version}" if version not in (None, "") else str(name)
+    return os.path.basename(os.path.abspath(trainer.default_root_dir))
 
 
 def _profile_gatherer(trainer: pl.Trainer) -> Callable[[dict[str, list[float]]], list[dict[str, list[float]]]]:
@@ -188,6 +199,7 @@ class GradGuard(GuardCore, _Base):
             log_histograms=log_histograms, images_in_background=images_in_background, images=images
         )
         self._last_report: StepReport | None = None
+        self._wandb: WandbAlert | None = None
 
     @property
     def core(self) -> GuardCore:
@@ -241,6 +253,19 @@ class GradGuard(GuardCore, _Base):
                 "measure, clip or guard."
             )
         self.sink.attach(trainer.loggers, self.alerts, trainer.is_global_zero, self.config())
+        self.alerts.run_name = _run_name(trainer)
+        self._connect_wandb(trainer)
+
+    def _connect_wandb(self, trainer: pl.Trainer) -> None:
+        """With a ``WandbLogger``, alarms also go to ``wandb.alert`` (rate-limited like the others)."""
+        notifiers = self.alerts.notifiers
+        if self._wandb in notifiers:
+            notifiers.remove(self._wandb)
+        self._wandb = None
+        found = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+        if found and trainer.is_global_zero:
+            self._wandb = WandbAlert(getattr(found[0], "experiment", None))
+            notifiers.append(self._wandb)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -327,7 +352,7 @@ class GradGuard(GuardCore, _Base):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.flush()  # steps deferred under on_nonfinite="warn"
+        self.close()  # steps deferred under on_nonfinite="warn"; queued webhook messages
         self.sink.close()  # the images in flight reach the event file before the logger closes
 
     @override
@@ -335,7 +360,7 @@ class GradGuard(GuardCore, _Base):
         # Before the loggers close: every event up to the one that ended the run (the guard's own
         # stop included) reaches the event file.
         with contextlib.suppress(GradGuardError):  # a deferred step raising again: its event is recorded
-            self.flush()
+            self.close()
         self.sink.close()
 
     @override
