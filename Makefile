@@ -25,9 +25,11 @@ test: lint
 demo: venv
 	$(PY) examples/vanishing_gradients.py
 
-# Overhead benchmark (not part of `make test`): writes benchmarks/RESULTS.md.
+# Benchmarks (not part of `make test`): the step overhead (benchmarks/RESULTS.md), then the report
+# and the tab at depth (benchmarks/RESULTS-depth.md).
 bench: venv
 	$(PY) benchmarks/bench.py
+	cd benchmarks && ../$(PY) depth_bench.py
 
 # The slow soak test (not part of `make test`).
 soak: venv

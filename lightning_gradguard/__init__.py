@@ -14,29 +14,29 @@ torch only) does the same in a plain PyTorch loop. ``import lightning_gradguard`
 Lightning: ``GradGuard`` (:mod:`lightning_gradguard.integrations.lightning`) loads it when first used.
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from lightning_gradguard.clip import (
-    AGC,
-    AutoClip,
-    ClipContext,
-    ClipOutcome,
-    Clipper,
-    LayerNormClip,
-    NormClip,
-    ValueClip,
-    ZClip,
-)
-from lightning_gradguard.core import GuardCore, StepReport
-from lightning_gradguard.core.alerts import GradGuardWarning
-from lightning_gradguard.core.timesteps import track_timesteps
-from lightning_gradguard.dump import load_dump
-from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
-from lightning_gradguard.events import GradEvent
-from lightning_gradguard.notify import WandbAlert, WebhookAlert
-
 if TYPE_CHECKING:
+    from lightning_gradguard.clip import (
+        AGC,
+        AutoClip,
+        ClipContext,
+        ClipOutcome,
+        Clipper,
+        LayerNormClip,
+        NormClip,
+        ValueClip,
+        ZClip,
+    )
+    from lightning_gradguard.core import GuardCore, StepReport
+    from lightning_gradguard.core.alerts import GradGuardWarning
+    from lightning_gradguard.core.timesteps import track_timesteps
+    from lightning_gradguard.dump import load_dump
+    from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
+    from lightning_gradguard.events import GradEvent
     from lightning_gradguard.integrations.lightning import GradGuard
+    from lightning_gradguard.notify import WandbAlert, WebhookAlert
 
 __version__ = "0.2.0"
 
@@ -65,11 +65,36 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # The Lightning adapter loads Lightning (about 2 s): only when it is asked for, so that a
-    # plain-PyTorch or Fabric user of GuardCore and the clippers never pays for it.
-    if name == "GradGuard":
-        from lightning_gradguard.integrations.lightning import GradGuard
+# Where each public name lives. Everything loads on first use (PEP 562): `import lightning_gradguard`
+# costs nothing, `GuardCore` and the clippers load torch only, `GradGuard` loads Lightning, and
+# `gradguard report` (lightning_gradguard.cli) loads neither.
+_HOMES = {
+    **dict.fromkeys(
+        ("AGC", "AutoClip", "ClipContext", "ClipOutcome", "Clipper", "LayerNormClip", "NormClip", "ValueClip", "ZClip"),
+        "lightning_gradguard.clip",
+    ),
+    "GuardCore": "lightning_gradguard.core",
+    "StepReport": "lightning_gradguard.core",
+    "GradGuardWarning": "lightning_gradguard.core.alerts",
+    "track_timesteps": "lightning_gradguard.core.timesteps",
+    "load_dump": "lightning_gradguard.dump",
+    "GradGuardError": "lightning_gradguard.errors",
+    "NonFiniteGradientError": "lightning_gradguard.errors",
+    "GradEvent": "lightning_gradguard.events",
+    "GradGuard": "lightning_gradguard.integrations.lightning",
+    "WandbAlert": "lightning_gradguard.notify",
+    "WebhookAlert": "lightning_gradguard.notify",
+}
 
-        return GradGuard
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # found once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

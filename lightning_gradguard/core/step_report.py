@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from lightning_gradguard.events import GradEvent
+from lightning_gradguard.primitives.keys import METRIC_PREFIX
 
 if TYPE_CHECKING:
     from lightning_gradguard.primitives.layout import OptimizerLayout
 
 __all__ = ["METRIC_PREFIX", "StepReport", "layer_metrics", "summarize_run", "timestep_metrics"]
 
-METRIC_PREFIX = "gradguard/"
 
 
 @dataclass

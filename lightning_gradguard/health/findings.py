@@ -25,11 +25,12 @@ cure it, and the advice says so. ``exploding`` is kept for gradients that grew: 
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["SEVERITIES", "Evidence", "findings_of", "severity_of"]
+__all__ = ["SEVERITIES", "Evidence", "findings_of", "natural_key", "severity_of", "summarise_layers"]
 
 SEVERITIES = ("healthy", "healthy with notes", "attention", "unhealthy")
 _GROWTH_WINDOW = 3  # a non-finite step this many steps (or fewer) after a spike followed growth
@@ -45,6 +46,8 @@ class Evidence:
         clipped_fraction: the mean logged clipped fraction, or None.
         steps: the run's number of steps.
         caveat: what a replay could not see ('' for recorded events).
+        order: every layer, in forward order (for summaries of many layers).
+        medians: each layer's median logged norm (to name the worst few).
     """
 
     def __init__(
@@ -55,6 +58,8 @@ class Evidence:
         clipped_fraction: float | None,
         steps: int,
         caveat: str = "",
+        order: Sequence[str] = (),
+        medians: Mapping[str, float] | None = None,
     ) -> None:
         self.totals = dict(totals)
         self.finite = sorted(v for v in self.totals.values() if math.isfinite(v))
@@ -63,6 +68,8 @@ class Evidence:
         self.clipped_fraction = clipped_fraction
         self.steps = steps
         self.caveat = caveat
+        self.order = list(order)
+        self.medians = dict(medians or {})
 
     def handled(self, step: int) -> bool:
         """Whether the clipper scaled the step's gradients down (or, unlogged, whether one was in force)."""
@@ -106,7 +113,82 @@ def _layers(events: Sequence[Mapping[str, Any]], first_only: bool = False) -> li
     return names
 
 
-def _stopped(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, str]]:
+def natural_key(name: str) -> list[Any]:
+    """Sort ``layers.2`` before ``layers.10``: digit runs compare as numbers.
+
+    Example::
+
+        >>> sorted(["layers.10", "layers.2", "head"], key=natural_key)
+        ['head', 'layers.2', 'layers.10']
+    """
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+
+
+def _block(name: str) -> str:
+    """The model's own unit a layer belongs to: its name up to its first index (``blocks.3.attn`` → ``blocks.3``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name
+
+
+def _spans(names: Sequence[str], index: Mapping[str, int]) -> list[tuple[str, str]]:
+    """Runs of names that are consecutive in forward order, as (first, last)."""
+    runs: list[list[str]] = []
+    for name in names:
+        if runs and index.get(name, -2) == index.get(runs[-1][-1], -5) + 1:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return [(run[0], run[-1]) for run in runs]
+
+
+def summarise_layers(names: Sequence[str], order: Sequence[str], medians: Mapping[str, float] | None = None,
+                     most: int = 4) -> str:  # fmt: skip
+    """A few layers by name; many as a count and ranges in forward order, grouped by the model's own
+    blocks when ranges do not summarise them, with the worst few (the smallest median norm).
+
+    Example::
+
+        >>> order = [f"layers.{i}" for i in range(300)]
+        >>> summarise_layers(order[:275], order)
+        '275 of 300 layers: layers.0 … layers.274 (the first 275 in forward order)'
+        >>> blocks = [f"blocks.{b}.{p}" for b in range(12) for p in ("attn", "mlp")]
+        >>> summarise_layers([n for n in blocks if n.endswith("attn")], blocks)
+        '12 of 24 layers, in 12 blocks: blocks.0 … blocks.11 (attn in each)'
+    """
+    index = {name: i for i, name in enumerate(order)}
+    ranked = sorted(set(names), key=lambda n: (index.get(n, len(index)), natural_key(n)))
+    if len(ranked) <= most:
+        return ", ".join(ranked)
+    total = len(order) or len(ranked)
+    spans = _spans(ranked, index)
+    if len(spans) <= 3:
+        where = ", ".join(a if a == b else f"{a} … {b}" for a, b in spans)
+        if len(spans) == 1 and index.get(ranked[0]) == 0:
+            where += f" (the first {len(ranked)} in forward order)"
+        elif len(spans) == 1 and index.get(ranked[-1]) == total - 1:
+            where += f" (the last {len(ranked)} in forward order)"
+        text = f"{len(ranked)} of {total} layers: {where}"
+    else:
+        blocks = list(dict.fromkeys(_block(n) for n in ranked))
+        if any(_block(n) != n for n in ranked):  # names under the model's own blocks: name the blocks
+            tails = {n[len(_block(n)) + 1 :] for n in ranked}
+            same = f" ({tails.pop()} in each)" if len(tails) == 1 and "" not in tails else ""
+            block_index = {b: i for i, b in enumerate(dict.fromkeys(_block(n) for n in order))}
+            where = ", ".join(a if a == b else f"{a} … {b}" for a, b in _spans(blocks, block_index)[:3])
+            text = f"{len(ranked)} of {total} layers, in {len(blocks)} blocks: {where}{same}"
+        else:
+            text = f"{len(ranked)} of {total} layers from {ranked[0]} to {ranked[-1]}, in {len(spans)} runs"
+    finite = {n: v for n, v in (medians or {}).items() if n in set(ranked) and math.isfinite(v) and v > 0}
+    if finite and len(finite) > most:
+        worst = sorted(finite, key=finite.__getitem__)[:3]
+        text += "; worst: " + ", ".join(f"{n} ({finite[n]:.2g})" for n in worst)
+    return text
+
+
+def _stopped(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
     stop = [e for e in events if e["kind"] == "stopped"]
     if not stop:
         return []
@@ -116,7 +198,7 @@ def _stopped(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, st
              "advice": cause}]  # fmt: skip
 
 
-def _nonfinite(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, str]]:
+def _nonfinite(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
     bad = [e for e in events if e["kind"] == "nonfinite"]
     if not bad:
         return []
@@ -139,7 +221,7 @@ def _nonfinite(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, 
     return [{"kind": "nonfinite", "severity": "unhealthy", "what": what + ev.caveat, "advice": "; ".join(advice)}]
 
 
-def _grew(events: list[Mapping[str, Any]], spikes: list[int], ev: Evidence) -> list[dict[str, str]]:
+def _grew(events: list[Mapping[str, Any]], spikes: list[int], ev: Evidence) -> list[dict[str, Any]]:
     """``exploding``: total norms above explode_threshold, or a non-finite gradient right after a spike."""
     over = [e for e in events if e["kind"] == "exploding"]
     after = [
@@ -160,12 +242,12 @@ def _grew(events: list[Mapping[str, Any]], spikes: list[int], ev: Evidence) -> l
              "advice": _clip_advice(ev, handled)}]  # fmt: skip
 
 
-def _spiky(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, str]]:
+def _spiky(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
     spikes = [e for e in events if e["kind"] == "spike"]
     if not spikes:
         return []
     worst = max(spikes, key=lambda e: float(e.get("value") or 0.0))
-    where = ", ".join(_layers(spikes, first_only=True)) or "the total norm"
+    where = summarise_layers(_layers(spikes, first_only=True), ev.order) or "the total norm"
     handled = all(ev.handled(int(e["step"])) for e in spikes)
     what = (f"gradient spikes at {_steps(spikes)} in {where} (worst: z = {float(worst.get('value') or 0):.1f} "
             f"at step {worst['step']})") + (f", clipped by {ev.clip}" if handled else "") + ev.caveat  # fmt: skip
@@ -197,18 +279,20 @@ _SIMPLE: dict[str, tuple[str, str, str]] = {  # kind -> (severity, what, advice)
 }  # fmt: skip
 
 
-def _simple(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, str]]:
+def _simple(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
     out = []
     for kind, (severity, what, advice) in _SIMPLE.items():
         found = [e for e in events if e["kind"] == kind]
         if found:
-            layers = ", ".join(_layers(found)) or "unknown layers"
+            index = {name: i for i, name in enumerate(ev.order)}
+            named = sorted(_layers(found), key=lambda n: (index.get(n, len(index)), natural_key(n)))
+            layers = summarise_layers(named, ev.order, ev.medians) if named else "unknown layers"
             text = what.format(layers=layers, steps=_steps(found)) + ev.caveat
-            out.append({"kind": kind, "severity": severity, "what": text, "advice": advice})
+            out.append({"kind": kind, "severity": severity, "what": text, "advice": advice, "layers": named})
     return out
 
 
-def findings_of(events: Sequence[Mapping[str, Any]], ev: Evidence) -> list[dict[str, str]]:
+def findings_of(events: Sequence[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
     """The findings of a run's events, the guard's own stop first."""
     rows = list(events)
     spikes = [int(e["step"]) for e in rows if e["kind"] == "spike"]
@@ -218,8 +302,8 @@ def findings_of(events: Sequence[Mapping[str, Any]], ev: Evidence) -> list[dict[
     ]  # fmt: skip
 
 
-def severity_of(findings: Sequence[Mapping[str, str]], notes: Sequence[str]) -> str:
+def severity_of(findings: Sequence[Mapping[str, Any]], notes: Sequence[str]) -> str:
     """The run's severity: the worst finding's, else ``healthy with notes`` or ``healthy``."""
     if findings:
-        return max((f["severity"] for f in findings), key=SEVERITIES.index)
+        return max((str(f["severity"]) for f in findings), key=SEVERITIES.index)
     return "healthy with notes" if notes else "healthy"

@@ -22,7 +22,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_gradguard.health.findings import SEVERITIES, Evidence, findings_of, severity_of
+from lightning_gradguard.health.findings import SEVERITIES, Evidence, findings_of, natural_key, severity_of
 from lightning_gradguard.health.replay import DEFAULTS, replay_caveat, replay_events, run_option
 
 __all__ = ["KINDS", "ReportError", "RunData", "RunHealth", "judge_run"]
@@ -71,7 +71,7 @@ class RunHealth:
     timesteps: dict[str, dict[str, float]] = field(default_factory=dict)
     profiles: dict[str, list[float]] = field(default_factory=dict)
     alert_kinds: dict[str, int] = field(default_factory=dict)
-    findings: list[dict[str, str]] = field(default_factory=list)
+    findings: list[dict[str, Any]] = field(default_factory=list)
     verdict: str = ""
     severity: str = "healthy"
     notes: list[str] = field(default_factory=list)
@@ -157,10 +157,11 @@ def judge_run(run: str, data: RunData) -> RunHealth:
     rep.event_count = len(events)
     rep.skipped_steps = max(rep.skipped_steps, sum(1 for e in events if str(e.get("action", "")) == "skipped"))
     rep.layers = _layer_stats(ours, events)
-    rep.layer_order = rep.layer_order or sorted(rep.layers)
+    rep.layer_order = rep.layer_order or sorted(rep.layers, key=natural_key)
     evidence = Evidence(
         ours.get("gradguard/total_norm", []), dict(ours.get("gradguard/total_norm_clipped", [])),
         data.config["clip"] if "clip" in data.config else _clip_of(data), rep.clipped_fraction, steps, caveat,
+        rep.layer_order, {name: row["median"] for name, row in rep.layers.items()},
     )  # fmt: skip
     rep.findings = findings_of(events, evidence)
     if not data.recorded_events:
@@ -186,7 +187,7 @@ def _clip_of(data: RunData) -> str | None:
     return "a clipper" if "gradguard/total_norm_clipped" in data.scalars else None
 
 
-def _unreplayed_alerts(rep: RunHealth, alert_kinds: dict[str, int]) -> list[dict[str, str]]:
+def _unreplayed_alerts(rep: RunHealth, alert_kinds: dict[str, int]) -> list[dict[str, Any]]:
     """Kinds an older run alerted on that the replay of its logged steps does not show."""
     have = rep.kinds() | {"spike" if f["kind"] == "spiky" else f["kind"] for f in rep.findings}
     out = []

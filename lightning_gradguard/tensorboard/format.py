@@ -21,7 +21,7 @@ tag                                    value                                    
 =====================================  ====================================================  =========
 
 The metrics are scalars (``gradguard/total_norm``, ``gradguard/layer/<name>``, ...: the keys of
-:mod:`lightning_gradguard.core.step_report`). For people reading TensorBoard's Text tab the sink
+:mod:`lightning_gradguard.primitives.keys`). For people reading TensorBoard's Text tab the sink
 also writes ``gradguard/alerts`` (the rate-limited alerts) and ``gradguard/nonfinite`` (one line per
 non-finite step); these are never parsed, except in event files older than the structured data:
 
@@ -43,9 +43,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from lightning_gradguard.core.step_report import METRIC_PREFIX
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.health.judge import RunData
+from lightning_gradguard.primitives.keys import LAYER_KEY_PREFIX, METRIC_PREFIX
 
 __all__ = [
     "ALERTS_TAG",
@@ -80,7 +80,7 @@ NONFINITE_TAG = "gradguard/nonfinite"  # text, for people
 FLOW_TAG = "gradguard/flow"  # image
 TIMESTEP_IMAGE_PREFIX = "gradguard/timestep/"  # image per tracked sequence
 HIST_PREFIX = "gradguard/hist/"  # histogram per layer
-LAYER_PREFIX = f"{METRIC_PREFIX}layer/"  # scalar per layer
+LAYER_PREFIX = LAYER_KEY_PREFIX  # scalar per layer
 _TEXT_SUFFIX = "/text_summary"  # what TensorBoard's text plugin appends to a text tag
 _LEGACY_PROFILE_PREFIX = "gradguard/timestep_profile/"  # 0.2.0: JSON text
 
@@ -196,6 +196,11 @@ class RunDecoder:
         if tag.startswith(METRIC_PREFIX):
             self.data.scalars.setdefault(tag, []).append((step, float(value)))
 
+    def add_scalars(self, tag: str, points: list[tuple[int, float]]) -> None:
+        """Take a whole series of one scalar tag at once, ``[(step, value)]``."""
+        if tag.startswith(METRIC_PREFIX):
+            self.data.scalars.setdefault(tag, []).extend(points)
+
     def add_tensor(self, tag: str, step: int, value: Any) -> None:
         """Take one tensor datum of the tab's plugin (``gradguard``) or of the text plugin."""
         if tag.endswith(_TEXT_SUFFIX) and tag.startswith(METRIC_PREFIX):
@@ -219,9 +224,10 @@ class RunDecoder:
         for tag, series in texts.items():  # 0.2.0: profiles as JSON text
             if tag.startswith(_LEGACY_PROFILE_PREFIX) and tag[len(_LEGACY_PROFILE_PREFIX) :] not in data.profiles:
                 data.profiles[tag[len(_LEGACY_PROFILE_PREFIX) :]] = [(step, json.loads(text)) for step, text in series]
-        for table in (data.scalars, data.profiles):
-            for points in table.values():
-                points.sort(key=lambda item: item[0])
+        for tag, points in data.scalars.items():  # a step written twice (a resumed run): the last one read
+            data.scalars[tag] = sorted({step: value for step, value in points}.items())
+        for profile in data.profiles.values():
+            profile.sort(key=lambda item: item[0])
         self._events.sort(key=lambda e: e.get("step", 0))
         data.events = self._events
         orders = sorted(self._orders, key=lambda item: item[0]) or [

@@ -19,15 +19,21 @@ JSON routes, under ``/data/plugin/gradguard/`` (each ``?run=<name>`` but ``runs`
 ``static/tab.js``   the frontend
 ==================  ==========================================================================
 
-Everything is read through TensorBoard's data provider and decoded by
-:class:`~lightning_gradguard.tensorboard.format.RunDecoder`, the same decoder ``gradguard report``
-uses on event files; this module reads and serves, and writes nothing.
+A local logdir is read from its event files by :class:`~.eventfile.RunReader` (every point, not
+TensorBoard's sample of them; incrementally, so a growing run is never read twice; every run once
+at start, in the background); any other logdir through TensorBoard's data provider. Both decode
+with :class:`~lightning_gradguard.tensorboard.format.RunDecoder`, as ``gradguard report`` does;
+this module reads and serves, and writes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+import time
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from tensorboard.backend import http_util
@@ -36,13 +42,17 @@ from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
 from lightning_gradguard.core.timesteps import summarize_profile
+from lightning_gradguard.health.findings import natural_key
 from lightning_gradguard.health.judge import ReportError, RunData, judge_run
 from lightning_gradguard.tensorboard import format as tbformat
+from lightning_gradguard.tensorboard import heatmap
+from lightning_gradguard.tensorboard.eventfile import RunReader
 
 __all__ = ["GradGuardLoader", "GradGuardPlugin"]
 
 _DOWNSAMPLE = 1_000_000  # read everything the data provider keeps
 _MODULE = "/static/tab.js"
+_CACHE_SECONDS = 3.0
 
 
 def _log10(v: float) -> float | None:
@@ -56,6 +66,17 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
 
     def __init__(self, context: base_plugin.TBContext) -> None:
         self._data = context.data_provider
+        self._cache: dict[tuple[str, str], tuple[float, RunData]] = {}
+        self._derived: dict[tuple[str, str], tuple[RunData, dict[str, Any]]] = {}  # (route, run): its answer
+        # A local logdir is read from its event files (all the points, incrementally, fast); any other
+        # (a remote filesystem) through the data provider. The local runs are read, and their heatmap and
+        # verdict computed, once at start in the background, while TensorBoard loads the same files at
+        # its own (slower) pace.
+        logdir = getattr(context, "logdir", None)
+        self._logdir = Path(logdir) if logdir and Path(logdir).is_dir() else None
+        self._readers: dict[str, RunReader] = {}
+        if self._logdir is not None:
+            threading.Thread(target=self._warm_up, name="gradguard-tab-warm-up", daemon=True).start()
 
     def get_plugin_apps(self) -> dict[str, Any]:
         return {
@@ -89,7 +110,46 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
         return sorted(set(ours) | guarded)
 
     def read(self, ctx: Any, eid: str, run: str) -> RunData:
-        """One run's guard data, through the data provider."""
+        """One run's guard data, through the data provider; kept for a few seconds, so that the tab's
+        four routes, asked together, read it once (TensorBoard reloads its logs every 5 s)."""
+        key = (eid, run)
+        hit = self._cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < _CACHE_SECONDS:
+            return hit[1]
+        data = self._read(ctx, eid, run)
+        self._cache[key] = (time.monotonic(), data)
+        return data
+
+    def _read(self, ctx: Any, eid: str, run: str) -> RunData:
+        local = self._reader(run)
+        if local is not None:
+            try:
+                return local.read()
+            except ReportError:  # a corrupt file: what TensorBoard itself could read
+                pass
+        return self._read_provider(ctx, eid, run)
+
+    def _reader(self, run: str) -> RunReader | None:
+        if self._logdir is None:
+            return None
+        reader = self._readers.get(run)
+        if reader is None:
+            folder = (self._logdir / run).resolve()
+            if not folder.is_dir() or not folder.is_relative_to(self._logdir.resolve()):
+                return None
+            reader = self._readers.setdefault(run, RunReader(folder, strict=False, check=False))
+        return reader
+
+    def _warm_up(self) -> None:
+        assert self._logdir is not None
+        for folder in sorted({p.parent for p in self._logdir.rglob("events.out.tfevents.*")}):
+            run = folder.relative_to(self._logdir).as_posix()
+            if self._reader(run) is not None:
+                with contextlib.suppress(Exception):  # the routes will say what is wrong, if anything
+                    self.layers(None, "", run)  # reads the run, and answers the two costly routes ahead
+                    self.report(None, "", run)
+
+    def _read_provider(self, ctx: Any, eid: str, run: str) -> RunData:
         only = provider.RunTagFilter(runs=[run])
         decoder = tbformat.RunDecoder()
         scalars = self._data.read_scalars(
@@ -108,38 +168,57 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
         return decoder.finish()
 
     def layers(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
-        """Layers (forward order) x logging steps of log10 norms, the non-finite steps, the thresholds."""
+        """Layers (forward order) x logging steps of norms and their log10, fitted to one screen
+        (:mod:`.heatmap`: steps binned, layers grouped), the non-finite steps, the thresholds."""
+        import numpy as np
+
         data = self.read(ctx, eid, run)
+        known = self._derived.get(("layers", run))
+        if known is not None and known[0] is data:
+            return known[1]
         prefix = tbformat.LAYER_PREFIX
         series = {t[len(prefix) :]: s for t, s in data.scalars.items() if t.startswith(prefix)}
         names = [n for n in data.layer_order if n in series]
-        names += sorted(set(series) - set(names))
-        steps = sorted({s for points in series.values() for s, _ in points})
-        column = {s: i for i, s in enumerate(steps)}
-        raw: list[list[float | None]] = []
-        for name in names:
-            row: list[float | None] = [None] * len(steps)
-            for s, v in series[name]:
-                row[column[s]] = v
-            raw.append(row)
+        names += sorted(set(series) - set(names), key=natural_key)
+        every = [np.asarray([s for s, _ in series[n]], np.int64) for n in names]
+        steps = np.unique(np.concatenate(every)) if every else np.zeros(0, np.int64)
+        values = np.full((len(names), len(steps)), np.nan)
+        missing = np.ones((len(names), len(steps)), dtype=bool)
+        for i, name in enumerate(names):
+            at = np.searchsorted(steps, [s for s, _ in series[name]])
+            values[i, at] = [v for _, v in series[name]]
+            missing[i, at] = False
         bad = {row["step"] for row in data.nonfinite}
-        bad |= {s for row in raw for s, v in zip(steps, row, strict=True) if v is not None and not math.isfinite(v)}
-        return {
+        bad |= set(steps[(~np.isfinite(values) & ~missing).any(0)].tolist())
+        explode = data.config.get("explode_threshold")
+        cols = heatmap.bin_matrix(steps, values, missing, explode)
+        if len(cols["steps"]) < len(steps):  # a binned column is non-finite when any of its steps is
+            bad = {first for first, last in cols["bins"] if any(first <= s <= last for s in bad)}
+        groups = heatmap.group_rows(names)
+        for g in groups:
+            cells = zip(*(cols["norms"][i] for i in g["members"]), strict=True)
+            g["norms"] = [heatmap.worst(list(c), explode) for c in cells]
+            g["log10"] = [None if v is None else _log10(v) for v in g["norms"]]
+        out = {
             "run": run,
             "layers": names,
-            "steps": steps,
-            "log10": [[None if v is None else _log10(v) for v in row] for row in raw],
-            "norms": tbformat.json_safe(raw),
+            **cols,
+            "log10": [[None if v is None else _log10(v) for v in row] for row in cols["norms"]],
+            "groups": groups,
             "nonfinite_steps": sorted(bad),
             "vanish_threshold": data.config.get("vanish_threshold"),
-            "explode_threshold": data.config.get("explode_threshold"),
+            "explode_threshold": explode,
         }
+        self._derived[("layers", run)] = (data, out)  # answered at once while the run does not grow
+        return out
 
     def timesteps(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
-        """Each tracked sequence: logging steps x timesteps of log10 norms, and each step's horizon."""
+        """Each tracked sequence: logging steps (at most 300, evenly spaced, the last kept) x timesteps of
+        log10 norms, and each step's horizon."""
         data = self.read(ctx, eid, run)
         out = {}
-        for name, series in sorted(data.profiles.items()):
+        for name, every in sorted(data.profiles.items()):
+            series = [every[i] for i in heatmap.evenly(len(every))]
             out[name] = {
                 "steps": [s for s, _ in series],
                 "log10": [[_log10(v) for v in values] for _, values in series],
@@ -150,15 +229,21 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
 
     def report(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
         """What ``gradguard report`` says of the run, with the counts it judged (the same code)."""
+        data = self.read(ctx, eid, run)
+        known = self._derived.get(("report", run))
+        if known is not None and known[0] is data:
+            return known[1]
         try:
-            rep = judge_run(run, self.read(ctx, eid, run))
+            rep = judge_run(run, data)
         except ReportError as exc:
             return {"run": run, "verdict": f"no report: {exc}", "findings": [], "healthy": None, "severity": None}
-        return {
+        out = {
             "run": run, "verdict": rep.verdict, "findings": rep.findings, "healthy": rep.healthy,
             "severity": rep.severity, "notes": rep.notes, "nonfinite_steps": rep.nonfinite_steps,
             "skipped_steps": rep.skipped_steps, "events": rep.event_count, "events_from": rep.events_from,
         }  # fmt: skip
+        self._derived[("report", run)] = (data, out)
+        return out
 
     # ------------------------------------------------------------ serving
     def _json(self, fn: Any) -> Any:

@@ -225,3 +225,28 @@ def test_the_tab_renders_in_headless_chromium(server: str, tmp_path: Path) -> No
     assert 'class="gg-verdict unhealthy"' in dom
     assert 'class="gg-timestep-map" data-sequence="rnn"' in dom and 'class="gg-horizon"' in dom
     assert f'data-step="{NAN_STEP}"' in dom.split('id="gg-flow-map"', 1)[1]  # the NaN step marked on the map
+
+
+def test_a_local_logdir_and_the_data_provider_give_the_tab_the_same_data(tab_logs: tuple[Path, GradGuard]) -> None:
+    """A local logdir is read from its files; a remote one (no local folder) through the data provider."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+
+    from lightning_gradguard.tensorboard.plugin import GradGuardPlugin
+
+    root, _ = tab_logs
+    mux = plugin_event_multiplexer.EventMultiplexer(tensor_size_guidance={"gradguard": 0, "text": 0})
+    mux.AddRunsFromDirectory(str(root))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(root))
+    local = GradGuardPlugin(base_plugin.TBContext(data_provider=provider, logdir=str(root)))
+    remote = GradGuardPlugin(base_plugin.TBContext(data_provider=provider, logdir="gs://bucket/runs"))
+    assert local._logdir is not None and remote._logdir is None
+    ctx = context.RequestContext()
+    from lightning_gradguard.tensorboard.format import json_safe
+
+    for route in ("layers", "timesteps", "report"):  # as served: NaN as null
+        served = [json.dumps(json_safe(getattr(p, route)(ctx, "", "faulty"))) for p in (local, remote)]
+        assert served[0] == served[1], route
+    assert local.read(ctx, "", "faulty").events == remote.read(ctx, "", "faulty").events

@@ -2,7 +2,7 @@
 //
 // One ES module of plain JavaScript, loaded by TensorBoard into the tab's iframe (no build step,
 // nothing fetched from outside: it works offline). TensorBoard calls render(); the data comes from
-// the plugin's JSON routes (lightning_gradguard/tbplugin.py), relative to the iframe's base URL.
+// the plugin's JSON routes (lightning_gradguard/tensorboard/plugin.py), relative to the iframe's base URL.
 //
 // Views: the report's verdict; the gradient-flow heatmap (layers x logging steps, log10 norm,
 // non-finite steps marked, the thresholds in the legend) with the events on the same time axis;
@@ -17,6 +17,8 @@ const VIRIDIS = [
 const NONFINITE = '#d62728';
 const VANISHING = '#1a1a1a';
 const EXPLODING = '#ff7f0e';
+const ZERO = '#8c564b';  // an exactly-zero gradient (a dead layer's colour): a value, never "missing"
+const MISSING = '#f5f5f5';  // the layer logged nothing at that step
 const KIND_COLOURS = {
   nonfinite: NONFINITE, amp_overflow: '#9467bd', exploding: EXPLODING, spike: '#e377c2',
   vanishing: '#7f7f7f', dead: '#8c564b', unused: '#bcbd22', loss_scale_collapse: '#17becf',
@@ -112,16 +114,61 @@ function flowView(data, events, tip) {
     section.appendChild(el('p', {class: 'gg-note'}, ['No per-layer norms were logged.']));
     return {node: section, jumpTo: () => {}};
   }
+  const groups = data.groups || [];
+  if (groups.length || data.lo) {
+    section.appendChild(el('p', {class: 'gg-note'}, [
+      (groups.length ? `${layers.length} layers in ${groups.length} groups (each shows its worst value; click a ` +
+                       'group to expand it). ' : '') +
+      (data.lo ? `${steps.length} columns of binned steps: each shows its bin's worst value; hover for min, ` +
+                 'median and max.' : '')]));
+  }
+  // ?expand=<group>[,<group>] opens groups at load (a link to one block); a click toggles one.
+  const wanted = (new URLSearchParams(location.search).get('expand') || '').split(',');
+  const expanded = new Set(groups.map((g, k) => (wanted.includes(g.name) ? k : -1)).filter((k) => k >= 0));
+  const holder = el('div', {id: 'gg-flow-holder'});
+  section.appendChild(holder);
+  let jumpTo = () => {};
+  const draw = () => {
+    holder.textContent = '';
+    const drawn = drawFlow(data, events, tip, groups, expanded, (k) => {
+      if (expanded.has(k)) expanded.delete(k); else expanded.add(k);
+      draw();
+    });
+    holder.appendChild(drawn.svg);
+    jumpTo = drawn.jumpTo;
+  };
+  draw();
+  const scale = colourScale(data.log10);
+  const vanish = data.vanish_threshold ? Math.log10(data.vanish_threshold) : null;
+  const explode = data.explode_threshold ? Math.log10(data.explode_threshold) : null;
+  section.appendChild(legend(scale, vanish, explode, data));
+  return {node: section, jumpTo: (step) => jumpTo(step)};
+}
+
+// The rows to draw: every layer, or (past a few dozen) the groups, each followed by its layers when expanded.
+function flowRows(data, groups, expanded) {
+  if (!groups.length) return data.layers.map((name, i) => ({kind: 'layer', name, i}));
+  const rows = [];
+  groups.forEach((g, k) => {
+    rows.push({kind: 'group', name: g.name, k, size: g.members.length});
+    if (expanded.has(k)) for (const i of g.members) rows.push({kind: 'layer', name: data.layers[i], i, member: true});
+  });
+  return rows;
+}
+
+function drawFlow(data, events, tip, groups, expanded, toggle) {
+  const {steps} = data;
+  const rows = flowRows(data, groups, expanded);
   const vanish = data.vanish_threshold ? Math.log10(data.vanish_threshold) : null;
   const explode = data.explode_threshold ? Math.log10(data.explode_threshold) : null;
   const scale = colourScale(data.log10);
-  const labelW = Math.min(220, 12 + 7 * Math.max(...layers.map((n) => n.length)));
+  const labelW = Math.min(240, 12 + 7 * Math.max(...rows.map((r) => r.name.length + (r.kind === 'group' ? 6 : 0))));
   const cellW = Math.max(2, Math.min(24, Math.floor(900 / Math.max(1, steps.length))));
   const cellH = 16;
   const top = 14;
   const stripH = 22;
   const width = labelW + cellW * steps.length + 10;
-  const height = top + cellH * layers.length + stripH + 28;
+  const height = top + cellH * rows.length + stripH + 28;
   const svg = svgEl('svg', {width, height, id: 'gg-flow-map'});
   const bad = new Set(data.nonfinite_steps);
   steps.forEach((s, j) => {
@@ -131,26 +178,44 @@ function flowView(data, events, tip) {
         class: 'gg-nonfinite-mark', 'data-step': s}));
     }
   });
-  layers.forEach((name, i) => {
-    const y = top + i * cellH;
-    const row = svgEl('g', {class: 'gg-row', 'data-layer': name});
-    row.appendChild(svgText(labelW - 6, y + cellH - 4, name, 'end'));
-    data.log10[i].forEach((v, j) => {
-      const raw = data.norms[i][j];
-      let fill = v === null ? '#f5f5f5' : scale(v);
-      if (raw === null && v === null && bad.has(steps[j])) fill = NONFINITE;
+  const span = (j) => (data.bins && data.bins[j] && data.bins[j][0] !== data.bins[j][1]
+    ? `steps ${data.bins[j][0]}–${data.bins[j][1]}` : `step ${steps[j]}`);
+  rows.forEach((r, n) => {
+    const y = top + n * cellH;
+    const group = r.kind === 'group';
+    const row = svgEl('g', group
+      ? {class: 'gg-group', 'data-group': r.name, 'data-size': r.size, 'data-expanded': expanded.has(r.k) ? '1' : '0'}
+      : {class: 'gg-row', 'data-layer': r.name});
+    const label = group ? `${expanded.has(r.k) ? '▾' : '▸'} ${r.name} (${r.size})` : r.name;
+    const text = svgText(labelW - 6, y + cellH - 4, label, 'end');
+    if (group) {
+      row.setAttribute('style', 'cursor: pointer');
+      text.setAttribute('style', 'font-weight: 500');
+      row.addEventListener('click', () => toggle(r.k));
+    }
+    row.appendChild(text);
+    const src = group ? groups[r.k] : {norms: data.norms[r.i], log10: data.log10[r.i]};
+    src.log10.forEach((v, j) => {
+      const raw = src.norms[j];
+      let fill = v === null ? MISSING : scale(v);
+      let cls = 'gg-cell';
+      if (raw === 0) { fill = ZERO; cls = 'gg-cell gg-zero'; }
+      else if (raw === null && v === null && bad.has(steps[j])) fill = NONFINITE;
       else if (v !== null && vanish !== null && v < vanish) fill = VANISHING;
       else if (v !== null && explode !== null && v > explode) fill = EXPLODING;
-      const value = raw === null ? (bad.has(steps[j]) ? 'non-finite' : 'no value') : fmt(raw);
+      let value = raw === null ? (bad.has(steps[j]) ? 'non-finite' : 'no value') : fmt(raw);
+      if (!group && data.lo && data.lo[r.i][j] !== null) {
+        value += ` (min ${fmt(data.lo[r.i][j])}, median ${fmt(data.mid[r.i][j])}, max ${fmt(data.hi[r.i][j])})`;
+      }
       row.appendChild(svgEl('rect', {
-        x: labelW + j * cellW, y, width: cellW, height: cellH - 1, fill, class: 'gg-cell',
-        'data-tip': `${name} · step ${steps[j]} · ‖g‖ = ${value}`}));
+        x: labelW + j * cellW, y, width: cellW, height: cellH - 1, fill, class: cls,
+        'data-tip': `${r.name} · ${span(j)} · ‖g‖ = ${value}${group ? ' (the worst in the group)' : ''}`}));
     });
     svg.appendChild(row);
   });
   // The events on the same time axis, under the heatmap.
   const x = stepAxis(steps, labelW, cellW);
-  const stripY = top + cellH * layers.length + 6;
+  const stripY = top + cellH * rows.length + 6;
   svg.appendChild(svgText(labelW - 6, stripY + 12, 'events', 'end'));
   for (const e of events) {
     svg.appendChild(svgEl('circle', {
@@ -159,20 +224,18 @@ function flowView(data, events, tip) {
   }
   const axisY = stripY + stripH + 10;
   for (const j of ticks(steps.length)) svg.appendChild(svgText(labelW + j * cellW + cellW / 2, axisY, steps[j], 'middle'));
-  const marker = svgEl('rect', {x: 0, y: top - 2, width: cellW, height: cellH * layers.length + 4, fill: 'none',
+  const marker = svgEl('rect', {x: 0, y: top - 2, width: cellW, height: cellH * rows.length + 4, fill: 'none',
                                 stroke: '#000', 'stroke-width': 2, visibility: 'hidden', id: 'gg-step-marker'});
   svg.appendChild(marker);
   hover(svg, tip);
-  section.appendChild(svg);
-  section.appendChild(legend(scale, vanish, explode, data));
   const jumpTo = (step) => {
     const j = nearest(steps, step);
     marker.setAttribute('x', labelW + j * cellW);
     marker.setAttribute('visibility', 'visible');
     document.body.dataset.ggSelectedStep = String(step);
-    section.scrollIntoView({behavior: 'smooth', block: 'start'});
+    svg.scrollIntoView({behavior: 'smooth', block: 'start'});
   };
-  return {node: section, jumpTo};
+  return {svg, jumpTo};
 }
 
 function timestepView(data, tip) {
@@ -264,6 +327,8 @@ function legend(scale, vanish, explode, data) {
   box.append(el('span', {}, ['log10 norm ']), bar);
   if (data) {
     box.appendChild(swatch(NONFINITE, 'non-finite'));
+    box.appendChild(swatch(ZERO, 'zero gradient (dead)'));
+    box.appendChild(swatch(MISSING, 'not logged'));
     if (vanish !== null) box.appendChild(swatch(VANISHING, `vanishing: below vanish_threshold = ${fmt(data.vanish_threshold)}`));
     if (explode !== null) box.appendChild(swatch(EXPLODING, `exploding: above explode_threshold = ${fmt(data.explode_threshold)}`));
   }

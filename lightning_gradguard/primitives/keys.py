@@ -1,0 +1,8 @@
+"""The metric keys' scheme, below every stage: every key starts with :data:`METRIC_PREFIX`
+(``gradguard/``), per-layer norms are ``gradguard/layer/<name>``. Imports nothing, so that reading
+event files (``gradguard report``) needs no torch."""
+
+__all__ = ["LAYER_KEY_PREFIX", "METRIC_PREFIX"]
+
+METRIC_PREFIX = "gradguard/"
+LAYER_KEY_PREFIX = f"{METRIC_PREFIX}layer/"
