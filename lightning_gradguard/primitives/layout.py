@@ -92,6 +92,7 @@ class OptimizerLayout:
     _index_cache: dict[tuple[object, str], tuple[Tensor, list[int], Tensor]] = field(default_factory=dict)
     reduction_cache: dict[object, object] = field(default_factory=dict)  # sharded layouts: masks per group
     shard_groups: dict[int, tuple[object, ...]] = field(default_factory=dict)  # DTensor params: their groups
+    forward_names: list[str] | None = None  # every layer in forward order, once the order is final
 
     def index(self, owners: Sequence[int], device: torch.device) -> tuple[Tensor, list[int], Tensor]:
         """(layer id of each owner's gradient, the sorted layer ids present, those ids as a tensor),
@@ -283,8 +284,13 @@ class LayerMap:
         return sorted(set(layer_ids), key=lambda i: layout.forward_rank[i])
 
     def forward_names(self, layout: OptimizerLayout) -> list[str]:
-        """All layer names of ``layout`` in forward order."""
-        return [layout.layer_names[i] for i in self.ordered(layout, range(len(layout.layer_names)))]
+        """All layer names of ``layout`` in forward order (sorted once the order is final)."""
+        if layout.forward_names is not None:
+            return layout.forward_names
+        names = [layout.layer_names[i] for i in self.ordered(layout, range(len(layout.layer_names)))]
+        if not self.recording:
+            layout.forward_names = names
+        return names
 
     def __getstate__(self) -> dict[str, object]:
         # Hook handles and cached layouts refer to live tensors and modules: not part of a pickle.
