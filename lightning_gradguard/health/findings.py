@@ -30,7 +30,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["SEVERITIES", "Evidence", "findings_of", "natural_key", "severity_of", "summarise_layers"]
+__all__ = ["SEVERITIES", "Evidence", "block_of", "findings_of", "natural_key", "severity_of", "summarise_layers"]
 
 SEVERITIES = ("healthy", "healthy with notes", "attention", "unhealthy")
 _GROWTH_WINDOW = 3  # a non-finite step this many steps (or fewer) after a spike followed growth
@@ -124,7 +124,7 @@ def natural_key(name: str) -> list[Any]:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
 
-def _block(name: str) -> str:
+def block_of(name: str) -> str:
     """The model's own unit a layer belongs to: its name up to its first index (``blocks.3.attn`` → ``blocks.3``)."""
     parts = name.split(".")
     for i, part in enumerate(parts):
@@ -172,11 +172,11 @@ def summarise_layers(names: Sequence[str], order: Sequence[str], medians: Mappin
             where += f" (the last {len(ranked)} in forward order)"
         text = f"{len(ranked)} of {total} layers: {where}"
     else:
-        blocks = list(dict.fromkeys(_block(n) for n in ranked))
-        if any(_block(n) != n for n in ranked):  # names under the model's own blocks: name the blocks
-            tails = {n[len(_block(n)) + 1 :] for n in ranked}
+        blocks = list(dict.fromkeys(block_of(n) for n in ranked))
+        if any(block_of(n) != n for n in ranked):  # names under the model's own blocks: name the blocks
+            tails = {n[len(block_of(n)) + 1 :] for n in ranked}
             same = f" ({tails.pop()} in each)" if len(tails) == 1 and "" not in tails else ""
-            block_index = {b: i for i, b in enumerate(dict.fromkeys(_block(n) for n in order))}
+            block_index = {b: i for i, b in enumerate(dict.fromkeys(block_of(n) for n in order))}
             where = ", ".join(a if a == b else f"{a} … {b}" for a, b in _spans(blocks, block_index)[:3])
             text = f"{len(ranked)} of {total} layers, in {len(blocks)} blocks: {where}{same}"
         else:

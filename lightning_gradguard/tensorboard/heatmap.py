@@ -28,6 +28,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_gradguard.health.findings import block_of
+
 __all__ = ["MAX_COLUMNS", "MAX_ROWS", "bin_columns", "bin_matrix", "evenly", "group_rows", "worst"]
 
 MAX_COLUMNS = 300
@@ -105,14 +107,6 @@ def _listed(arr: Any, none: Any) -> list[list[float | None]]:
     return rows  # type: ignore[no-any-return]
 
 
-def _block(name: str) -> str:
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return name
-
-
 def group_rows(names: Sequence[str], max_rows: int = MAX_ROWS) -> list[dict[str, Any]]:
     """Groups of consecutive layers (forward order) when there are more than ``max_rows``; [] otherwise.
     Each group: ``name`` and ``members`` (the layers' indices)."""
@@ -120,7 +114,7 @@ def group_rows(names: Sequence[str], max_rows: int = MAX_ROWS) -> list[dict[str,
         return []
     blocks: dict[str, list[int]] = {}
     for i, name in enumerate(names):
-        blocks.setdefault(_block(name), []).append(i)
+        blocks.setdefault(block_of(name), []).append(i)
     if 2 <= len(blocks) <= max_rows:
         return [{"name": block, "members": members} for block, members in blocks.items()]
     size = math.ceil(len(names) / _BINNED_ROWS)
