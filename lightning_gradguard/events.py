@@ -23,6 +23,8 @@ EventKind = Literal[
     "vanishing_in_time",
     "exploding_in_time",
     "stopped",
+    "rollback",
+    "spike_skipped",
 ]
 
 
@@ -42,7 +44,10 @@ class GradEvent:
             a recurrent module; ``value`` holds its first/last ratio), or ``"stopped"`` (the guard
             ended the run: ``max_consecutive_skips`` reached, or ``on_nonfinite`` ``"raise"`` or
             ``"stop"``; ``extra["cause"]`` says which, ``origin`` and ``layers`` are those of the
-            fault that ended it).
+            fault that ended it), or ``"rollback"`` (the guard restored a snapshot: ``value`` is the
+            snapshot's step; ``extra`` holds ``cause``, ``from_step``, ``snapshot_step``,
+            ``batches_skipped``, ``rollbacks``), or ``"spike_skipped"`` (a finite step skipped for a
+            total norm or loss far above its rolling statistics, ``skip_spikes``; ``extra["zscore"]``).
         step: the optimizer step (``trainer.global_step`` as ``training_step`` saw it).
         layers: the layers concerned: for ``nonfinite`` every layer whose gradient is non-finite,
             in forward order; for ``spike`` the layers that grew most against their own recent
@@ -54,8 +59,8 @@ class GradEvent:
         message: a one-line, human-readable description.
         optimizer_idx: index of the optimizer in ``trainer.optimizers`` (0 for a single optimizer).
         action: what the guard did: ``"skipped"``, ``"warned"``, ``"raised"``, ``"stopped"``,
-            ``"skipped by the GradScaler"`` (a non-finite loss under fp16: the scaler skips the step) or
-            ``"none"``.
+            ``"skipped by the GradScaler"`` (a non-finite loss under fp16: the scaler skips the step),
+            ``"rolled back"`` or ``"none"``.
 
     Example::
 

@@ -44,18 +44,21 @@ __all__ = ["FLAGS", "DeviceSkip", "OnNonFinite", "StepPolicy", "Verdict", "can_s
 
 OnNonFinite = Literal["skip", "warn", "raise", "stop"]
 POLICIES = ("skip", "warn", "raise", "stop")
-FLAGS = ("grad_bad", "loss_bad", "amp_bad")  # names in the step's HostRead, and the device_flags order
-_GRAD_BAD, _LOSS_BAD = FLAGS.index("grad_bad"), FLAGS.index("loss_bad")
+# Names in the step's HostRead, and the device_flags order. The two spike flags are set by the guard
+# when a device spike check is on (skip_spikes, or a rollback on confirmed spikes); zero otherwise.
+FLAGS = ("grad_bad", "loss_bad", "amp_bad", "spike_skip", "spike_high")
+_GRAD_BAD, _LOSS_BAD, _SPIKE_SKIP = FLAGS.index("grad_bad"), FLAGS.index("loss_bad"), FLAGS.index("spike_skip")
 _ACTIONS = {"skip": "skipped", "stop": "stopped", "raise": "raised", "warn": "warned"}
 SCALER_SKIPPED = "skipped by the GradScaler"  # the action of a non-finite loss under fp16
 
 
 def device_flags(m: Measurement, loss_finite: Tensor | None) -> list[Tensor]:
-    """[gradient non-finite, loss non-finite, fp16 overflow], in :data:`FLAGS` order, as 0-d float32
-    tensors on the device (no host sync). The step stacks them with its other values; under DDP the
-    stack is summed across ranks, so that every rank reads the same flags."""
+    """[gradient non-finite, loss non-finite, fp16 overflow, spike skip, spike high], in :data:`FLAGS`
+    order, as 0-d float32 tensors on the device (no host sync); the spike flags are zero here (the
+    guard sets them). The step stacks them with its other values; under DDP the stack is summed across
+    ranks, so that every rank reads the same flags."""
     one = device_constant(1.0, m.zero.device)
-    bad = [torch.where(m.finite, m.zero, one), m.zero, m.zero]
+    bad = [torch.where(m.finite, m.zero, one), m.zero, m.zero, m.zero, m.zero]
     if m.shared_flags is not None:  # already summed over every rank with the sharded norms
         bad[1], bad[2] = m.shared_flags[0], m.shared_flags[1]
         if m.inv_scale is not None and m.amp_found is not None:
@@ -103,7 +106,7 @@ class DeviceSkip:
 
     def arm(self, optimizer: torch.optim.Optimizer, flags: Tensor) -> None:
         """Set ``found_inf`` from the stacked (and reduced) :func:`device_flags` (no host sync)."""
-        found = (flags[_GRAD_BAD] + flags[_LOSS_BAD]).clamp(max=1.0).to(torch.float32)
+        found = (flags[_GRAD_BAD] + flags[_LOSS_BAD] + flags[_SPIKE_SKIP]).clamp(max=1.0).to(torch.float32)
         key = id(optimizer)
         if key not in self._hooks:
             self._hooks[key] = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.disarm(opt))
@@ -135,10 +138,16 @@ class Verdict:
     grad_bad: bool
     loss_bad: bool
     amp_bad: bool
+    spike_skip: bool = False  # a finite step above its rolling statistics by skip_spikes: skipped
+    spike_high: bool = False  # above them by the rollback's spike_zscore: counts towards a confirmed spike
+    spike_z: float = 0.0
 
     @classmethod
     def of(cls, read: HostRead) -> Verdict:
-        return cls(read["grad_bad"] > 0, read["loss_bad"] > 0, read["amp_bad"] > 0)
+        return cls(
+            read["grad_bad"] > 0, read["loss_bad"] > 0, read["amp_bad"] > 0,
+            read["spike_skip"] > 0, read["spike_high"] > 0, read.get("spike_z", 0.0),
+        )  # fmt: skip
 
     @property
     def finite(self) -> bool:
@@ -196,6 +205,10 @@ class StepPolicy:
         self.amp_overflow_steps = 0
         self.max_total_norm = 0.0  # the largest finite total norm (host: read with each step's flags)
         self.origins: dict[str, int] = {}
+        self.spike_skipped_steps = 0
+        # Called with the cause when max_consecutive_skips is reached: True when a rollback takes
+        # over (then nothing is raised here).
+        self.recover: Callable[[str], bool] | None = None
 
     def on_device(self, optimizer: torch.optim.Optimizer, is_log: bool, needs_host: bool, scaler_on: bool) -> bool:
         """Whether this step is skipped on the device (:class:`DeviceSkip`) and its read deferred:
@@ -231,6 +244,8 @@ class StepPolicy:
             return record(self._overflow_event(where.step, total, where.optimizer_idx)), False
         if verdict.nonfinite:
             return self._nonfinite(fault(), verdict.loss_bad, record, by_scaler=verdict.amp_bad)
+        if verdict.spike_skip and verdict.finite:
+            return self._spike_skip(fault(), total, verdict.spike_z, record), True
         self.consecutive_skips = 0
         if math.isfinite(total):
             self.max_total_norm = max(self.max_total_norm, total)
@@ -258,30 +273,55 @@ class StepPolicy:
         event = self._nonfinite_event(fault, loss_bad, action)
         skip = self.on_nonfinite in ("skip", "stop") and not by_scaler
         if skip:
-            for p in fault.params:
-                p.grad = None
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
+            self._skip(fault)
         key = event.origin or "unknown"
         self.origins[key] = self.origins.get(key, 0) + 1
         record(event)
         if self.on_nonfinite == "raise":
             record(_stop_event(event, "on_nonfinite='raise'", "raised"))
             raise NonFiniteGradientError(event.message, event)
-        if self.consecutive_skips >= self.max_consecutive_skips:
-            limit = self.max_consecutive_skips
-            cause = f"{self.consecutive_skips} consecutive skipped steps (max_consecutive_skips={limit})"
-            record(_stop_event(event, cause, "raised"))
-            raise NonFiniteGradientError(
-                f"GradGuard: {self.consecutive_skips} consecutive optimizer steps were skipped for non-finite "
-                f"gradients (max_consecutive_skips={self.max_consecutive_skips}); the run is not recovering. "
-                f"Last: {event.message}",
-                event,
-            )
+        self._check_limit(event, record)
         if self.on_nonfinite == "stop" and not self.stopped:
             self.stopped = True
             record(_stop_event(event, "on_nonfinite='stop'", "stopped"))
         return event, skip
+
+    def _skip(self, fault: Fault) -> None:
+        for p in fault.params:
+            p.grad = None
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+
+    def _check_limit(self, event: GradEvent, record: Callable[[GradEvent], GradEvent]) -> None:
+        """``max_consecutive_skips`` skipped steps in a row: a rollback takes over, or the run ends."""
+        if self.consecutive_skips < self.max_consecutive_skips:
+            return
+        limit = self.max_consecutive_skips
+        cause = f"{self.consecutive_skips} consecutive skipped steps (max_consecutive_skips={limit})"
+        if self.recover is not None and self.recover(cause):
+            return
+        record(_stop_event(event, cause, "raised"))
+        raise NonFiniteGradientError(
+            f"GradGuard: {self.consecutive_skips} consecutive optimizer steps were skipped "
+            f"(max_consecutive_skips={self.max_consecutive_skips}); the run is not recovering. "
+            f"Last: {event.message}",
+            event,
+        )
+
+    def _spike_skip(
+        self, fault: Fault, total: float, z: float, record: Callable[[GradEvent], GradEvent]
+    ) -> GradEvent:
+        """A finite spike skipped (on the device already, or here: every gradient to None)."""
+        self._skip(fault)
+        self.spike_skipped_steps += 1
+        event = record(GradEvent(
+            "spike_skipped", step=fault.step, value=total, optimizer_idx=fault.optimizer_idx, action="skipped",
+            message=f"GradGuard: skipped step {fault.step}: its total norm {total:.4g} (or its loss) is {z:.1f} "
+            "standard deviations above its rolling statistics (skip_spikes).",
+            extra={"zscore": z},
+        ))  # fmt: skip
+        self._check_limit(event, record)
+        return event
 
     def _nonfinite_event(self, fault: Fault, loss_bad: bool, action: str) -> GradEvent:
         """The ``nonfinite`` event: its layers in forward order and its origin (one more host read)."""
@@ -320,6 +360,7 @@ class StepPolicy:
             "amp_overflow_steps": self.amp_overflow_steps,
             "max_total_norm": self.max_total_norm,
             "origins": dict(self.origins),
+            "spike_skipped_steps": self.spike_skipped_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -329,6 +370,7 @@ class StepPolicy:
         self.amp_overflow_steps = int(state.get("amp_overflow_steps", 0))
         self.max_total_norm = float(state.get("max_total_norm", 0.0))
         self.origins = {str(k): int(v) for k, v in dict(state.get("origins", {})).items()}
+        self.spike_skipped_steps = int(state.get("spike_skipped_steps", 0))
 
 
 def _stop_event(fault: GradEvent, cause: str, action: str) -> GradEvent:

@@ -59,6 +59,9 @@ from lightning_gradguard.core.decide import (
 )
 from lightning_gradguard.core.hostread import HostRead
 from lightning_gradguard.core.measure import Measurement, layer_norms, layer_norms_now, measure_step, weight_norms
+from lightning_gradguard.core.recovery import Recovery, Rollback
+from lightning_gradguard.core.snapshot import RestoreError
+from lightning_gradguard.core.spike_skip import DeviceSpikeStats
 from lightning_gradguard.core.step_report import (
     METRIC_PREFIX,
     StepReport,
@@ -72,10 +75,10 @@ from lightning_gradguard.detectors.spike import LogNormStats, SpikeDetector
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.primitives.layout import LayerMap, OptimizerLayout
 
-__all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "StepReport"]
+__all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "RestoreError", "Rollback", "StepReport"]
 
 GroupBy = Literal["layer", "parameter"]
-_WATCH = ("total", "loss_scale", CLIP_LEVEL)  # read with the flags on every step
+_WATCH = ("total", "loss_scale", CLIP_LEVEL, "spike_z")  # read with the flags on every step
 _PENDING_LIMIT = 256  # deferred steps kept before a read is forced (a run that never logs)
 
 
@@ -144,6 +147,15 @@ class GuardCore:
             that raises is logged once and never stops training. Notifiers (objects with
             ``on_alert(event, message, run)``, such as :class:`~lightning_gradguard.WebhookAlert`) get
             the rate-limited alarms instead; :meth:`close` lets them finish sending.
+        skip_spikes: skip a finite step whose total norm (or observed loss) is above its rolling
+            statistics by this z-score, exactly like a non-finite step (on the device, with
+            ``found_inf``, for fused optimizers: no extra host read); a ``spike_skipped`` event. The
+            statistics (an EMA of log(total norm) and of the loss, warmed up for ``spike_warmup``
+            steps) leave out skipped steps. None (default): off.
+        rollback: a :class:`~lightning_gradguard.Rollback`: keep recent snapshots and roll back to
+            one when a fault persists (see its options). None (default): off.
+        on_rollback: called as ``on_rollback(event)`` after each rollback, on every rank: reset the
+            state the guard cannot see (a carried hidden state, an EMA of the weights).
 
     Raises:
         ValueError: an argument is out of range; the message names it.
@@ -194,6 +206,9 @@ class GuardCore:
         min_loss_scale: float = 1.0,
         alert_every: int = 100,
         alert_handlers: Sequence[Callable[[GradEvent], Any]] | None = (),
+        skip_spikes: float | None = None,
+        rollback: Rollback | None = None,
+        on_rollback: Callable[[GradEvent], Any] | None = None,
     ) -> None:
         if clip is not None and not isinstance(clip, Clipper):
             raise TypeError(
@@ -237,6 +252,23 @@ class GuardCore:
             timestep_vanish_ratio=self.timestep_vanish_ratio,
         )
         self.history = TimestepHistory(self.timestep_history)
+        self.skip_spikes = check_number("skip_spikes", skip_spikes, minimum=0.0, allow_none=True)
+        if rollback is not None and not isinstance(rollback, Rollback):
+            raise TypeError(f"Expected `rollback` to be a Rollback such as Rollback(every=100), or None, but got {rollback!r}.")
+        if on_rollback is not None and not callable(on_rollback):
+            raise TypeError(f"Expected `on_rollback` to be a callable taking the rollback event, or None, but got {on_rollback!r}.")
+        self.rollback_options = rollback
+        self.recovery = Recovery(rollback, self._record) if rollback is not None else None
+        if self.recovery is not None:
+            self.recovery.on_rollback = on_rollback
+            self.recovery.targets.guard_state = self._run_state
+            self.recovery.targets.load_guard_state = self._load_run_state
+            self.policy.recover = self.recovery.on_skip_limit
+        confirm = rollback.spike_zscore if rollback is not None else None
+        self.spikes = DeviceSpikeStats(self.spike_warmup) if (self.skip_spikes is not None or confirm is not None) else None
+        self._loss_sum: Tensor | None = None
+        self._loss_count = 0
+        self._last_number = -1
         # Under data parallelism: gathers every rank's profiles of a logging step (set by the adapter),
         # so that each profile is the whole batch's and identical on every rank.
         self.gather_profiles: Callable[[dict[str, list[float]]], list[dict[str, list[float]]]] | None = None
@@ -254,6 +286,8 @@ class GuardCore:
         """Name ``model``'s parameters by layer, record its forward order on the next forward, and
         attach the (dormant) per-timestep hooks to its recurrent modules."""
         self.layers.watch(model)
+        if self.recovery is not None:
+            self.recovery.targets.model = model
         if self.timesteps is not None:
             tracked = self.timesteps.watch(model)
             missing = sorted((self.timesteps.only or set()) - set(tracked))
@@ -268,11 +302,15 @@ class GuardCore:
         model: nn.Module,
         optimizers: Sequence[torch.optim.Optimizer] = (),
         *,
+        schedulers: Sequence[Any] = (),
+        scaler: Any = None,
         gather_profiles: Callable[[dict[str, list[float]]], list[dict[str, list[float]]]] | None = None,
     ) -> None:
         """Everything before the first step, once the model's parameters are final: :meth:`watch`
         ``model``, let the clipper check each optimizer's placements, and (under data parallelism)
-        set how a logging step's per-timestep profiles are gathered from every rank.
+        set how a logging step's per-timestep profiles are gathered from every rank. With
+        ``rollback``, the optimizers, ``schedulers`` and the fp16 ``scaler`` are what a snapshot holds
+        besides the model (an optimizer first seen by :meth:`step` is added then).
 
         Raises:
             ValueError: the clipper cannot work on how a parameter is placed (e.g. AGC on a unit split
@@ -282,6 +320,10 @@ class GuardCore:
         self.gather_profiles = gather_profiles
         for optimizer in optimizers:
             self.clipping.check(self.layers.layout(optimizer))
+        if self.recovery is not None:
+            targets = self.recovery.targets
+            targets.optimizers, targets.schedulers, targets.scaler = list(optimizers), list(schedulers), scaler
+            self.recovery.rank = self.recovery.ring.rank = _rank()
 
     def config(self) -> dict[str, Any]:
         """The options the run is guarded with, as plain values: recorded with the run (TensorBoard),
@@ -305,6 +347,8 @@ class GuardCore:
             "on_nonfinite": self.on_nonfinite,
             "max_consecutive_skips": self.max_consecutive_skips,
             "clip": repr(self.clip) if self.clip is not None else None,
+            "skip_spikes": self.skip_spikes,
+            "rollback": repr(self.rollback_options) if self.rollback_options is not None else None,
         }
 
     def unwatch(self) -> None:
@@ -338,6 +382,34 @@ class GuardCore:
         """
         finite = torch.isfinite(loss.detach()).all()
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        if self.spikes is not None:  # the loss's own spike statistics (the mean over micro-batches)
+            value = loss.detach().float().mean()
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+            self._loss_count += 1
+
+    def note_batch(self, epoch: int, batch_idx: int) -> None:
+        """Name the batch being trained (call before its forward; micro-batches each): the skip list
+        records skipped and rolled-back batches by it, and a resumed run skips them again."""
+        if self.recovery is not None:
+            self.recovery.note_batch(epoch, batch_idx)
+
+    def rollback(self, cause: str = "requested by hand") -> GradEvent:
+        """Roll back now to the newest snapshot, in place (call it between optimizer steps).
+
+        Returns:
+            The ``rollback`` event.
+
+        Raises:
+            RuntimeError: the guard has no ``rollback`` option.
+            RestoreError: no snapshot exists yet, or it cannot be restored.
+            NonFiniteGradientError: ``max_rollbacks`` rollbacks were already made.
+        """
+        if self.recovery is None:
+            raise RuntimeError("GuardCore.rollback() needs the `rollback` option, e.g. GuardCore(rollback=Rollback(every=100)).")
+        self.flush()
+        event = self.recovery.rollback(max(self._last_number, 0), cause, manual=True)
+        self.policy.consecutive_skips = 0
+        return event
 
     def is_logging_step(self, step: int) -> bool:
         """Whether ``step`` is a logging step under ``log_every_n_steps``."""
@@ -378,7 +450,12 @@ class GuardCore:
                 ``max_consecutive_skips`` steps in a row were skipped.
         """
         number = self.steps if step is None else step
+        self._last_number = number
         is_log = self.is_logging_step(number) if log is None else log
+        if self.recovery is not None:
+            why = self._recovery_begin(optimizer, number)
+            if why is not None:
+                return self._forced_skip(optimizer, number)
         layout = self.layers.layout(optimizer)
         m = measure_step(
             layout, self.norm_type, sharded=self.sharded, process_group=self.process_group,
@@ -406,6 +483,8 @@ class GuardCore:
         report = StepReport(number, m.total, logged=is_log)
         verdict = self._decide(s, report)
         report.should_stop = report.should_stop or any(stop)  # a step skipped on the device under "stop"
+        if self.recovery is not None:
+            self._recovery_end(optimizer, s, report, verdict)
         late = self.clipping.clip_late(ctx, verdict.finite)
         if is_log:
             self._fill_metrics(report, s, late)
@@ -433,6 +512,69 @@ class GuardCore:
         finally:
             self.alerts.close(timeout)
 
+    # --------------------------------------------------------------- recovery
+    def _recovery_begin(self, optimizer: torch.optim.Optimizer, number: int) -> str | None:
+        """Before the step's measurement: the first snapshot, and a batch to skip without a look."""
+        rec = self.recovery
+        assert rec is not None
+        targets = rec.targets
+        if targets.model is None:
+            raise RuntimeError(
+                "GuardCore(rollback=...) needs the model: pass it to GuardCore(model, ...) or to prepare()."
+            )
+        if optimizer not in targets.optimizers:  # a new optimizer: every snapshot must hold it
+            targets.optimizers = [*targets.optimizers, optimizer]
+            rec.ring.clear()
+        why = rec.begin(number)
+        rec.first(number)
+        return why
+
+    def _forced_skip(self, optimizer: torch.optim.Optimizer, number: int) -> StepReport:
+        """Skip a step without measuring it (a batch after a rollback, or on the resumed skip list)."""
+        self.skipper.disarm(optimizer)
+        _drop_grads([optimizer])
+        self.policy.skipped_steps += 1
+        self._take_loss_flag()
+        self._take_loss_value()
+        self._advance()
+        return StepReport(number, torch.zeros(()), skipped=True)
+
+    def _recovery_end(self, optimizer: torch.optim.Optimizer, s: _Step, report: StepReport, verdict: Verdict) -> None:
+        """After the step's decision: roll back if a trigger fired, else maybe take a snapshot."""
+        rec = self.recovery
+        assert rec is not None
+        if rec.cause is not None:
+            self.skipper.disarm(optimizer)
+            _drop_grads([optimizer, *rec.targets.optimizers])
+            if not report.skipped:
+                self.policy.skipped_steps += 1
+            report.event = rec.rollback(s.number, rec.cause)
+            report.skipped, report.rolled_back = True, True
+            self.policy.consecutive_skips = 0
+            return
+        healthy = verdict.finite and not verdict.spike_high and not report.skipped and self.policy.consecutive_skips == 0
+        if healthy and not rec.suspicious and rec.due(s.number):
+            rec.capture(s.number)
+
+    def _run_state(self) -> dict[str, Any]:
+        """The guard's state a snapshot keeps: the clipper's and the detectors' statistics (its counters
+        and events go on counting through a rollback)."""
+        return {
+            "clip": self.clipping.state_dict(),
+            "detectors": {d.state_key: state_of(d) for d in self.detectors if d.state_key},
+            "spikes": self.spikes.copy_state() if self.spikes is not None else None,
+        }
+
+    def _load_run_state(self, state: dict[str, Any]) -> None:
+        self.clipping.load_state_dict(state.get("clip", {}), self.clipping.clipped_steps, self.steps)
+        saved = state.get("detectors", {})
+        for detector in self.detectors:
+            load = getattr(detector, "load_state_dict", None)
+            if detector.state_key in saved and callable(load):
+                load(saved[detector.state_key])
+        if self.spikes is not None:
+            self.spikes.set_state(state.get("spikes"))
+
     # ----------------------------------------------------------------- stages
     def _register_head(
         self, s: _Step, m: Measurement, level: Tensor, reduce: Callable[[Tensor], Tensor] | None
@@ -442,15 +584,36 @@ class GuardCore:
         their own (one small collective). Returns the flags vector (:data:`FLAGS` order)."""
         bad = device_flags(m, m.loss_finite)
         scale = m.loss_scale.to(m.zero.device).reshape(()).float() if m.loss_scale is not None else m.zero
-        watch = [m.total.to(m.zero.device, torch.float32), scale, level]
+        loss = self._take_loss_value()
+        z = self._spike_flags(bad, m, loss)
+        watch = [m.total.to(m.zero.device, torch.float32), scale, level, z]
         if reduce is None or m.shared_flags is not None:  # flags the same on every rank already
+            if reduce is not None and self.spikes is not None:  # but each rank scored its own loss
+                bad[3:5] = list(reduce(torch.stack(bad[3:5])).unbind())
             head = torch.stack([*bad, *watch])
             s.read.put_each(FLAGS + _WATCH, head)
-            return head
-        flags = reduce(torch.stack(bad))
-        s.read.put_each(FLAGS, flags)
-        s.read.put_each(_WATCH, torch.stack(watch))
+            flags = head[: len(FLAGS)]
+        else:
+            flags = reduce(torch.stack(bad))
+            s.read.put_each(FLAGS, flags)
+            s.read.put_each(_WATCH, torch.stack(watch))
+        if self.spikes is not None:  # only steps with no flag at all (on any rank) feed the statistics
+            self.spikes.update(m.total, loss, keep=flags.sum() == 0)
         return flags
+
+    def _spike_flags(self, bad: list[Tensor], m: Measurement, loss: Tensor | None) -> Tensor:
+        """Set the spike flags of ``bad`` from the device statistics (no host sync); the step's
+        z-score (the larger of the norm's and the loss's), or zero without a spike check."""
+        if self.spikes is None:
+            return m.zero
+        z = self.spikes.zscores(m.total, loss).max().to(m.zero.device)
+        one = torch.ones_like(m.zero)
+        if self.skip_spikes is not None:
+            bad[3] = torch.where(z > self.skip_spikes, one, m.zero)
+        confirm = self.rollback_options.spike_zscore if self.rollback_options is not None else None
+        if confirm is not None:
+            bad[4] = torch.where(z > confirm, one, m.zero)
+        return z
 
     def _register_logged(self, s: _Step, loss_scale: Tensor | None) -> None:
         """On a logging step, add the per-layer norms (and weights, and per-timestep profiles) to the read."""
@@ -481,6 +644,9 @@ class GuardCore:
         report.event, report.skipped = self.policy.decide(verdict, total, fault, self._record)
         report.amp_overflow, report.nonfinite = verdict.amp_bad, verdict.nonfinite
         report.should_stop = verdict.nonfinite and self.on_nonfinite == "stop"
+        if self.recovery is not None:
+            why = None if not report.skipped else "spike" if verdict.spike_skip and verdict.finite else "nonfinite"
+            self.recovery.observe(s.number, verdict.loss_bad, verdict.spike_high, why)
         return verdict
 
     def _fill_metrics(self, report: StepReport, s: _Step, late: HostRead | None) -> None:
@@ -509,8 +675,9 @@ class GuardCore:
     def _detect(self, s: _Step, report: StepReport, verdict: Verdict) -> None:
         """Run every detector on the step's host values; record what they find."""
         read, layout = s.read, s.layout
+        finite = verdict.finite and not verdict.spike_skip  # a skipped spike feeds no statistics
         obs = Observation(
-            s.number, s.optimizer_idx, read["total"], verdict.finite, verdict.nonfinite, read["loss_scale"],
+            s.number, s.optimizer_idx, read["total"], finite, verdict.nonfinite, read["loss_scale"],
             logged=s.logged, layer_norms=report.layer_norms,
             layers_now=lambda: layer_norms_now(s.norms, s.owners, layout, self.norm_type),
         )  # fmt: skip
@@ -555,6 +722,11 @@ class GuardCore:
         flag, self._loss_finite = self._loss_finite, None
         return flag
 
+    def _take_loss_value(self) -> Tensor | None:
+        total, count = self._loss_sum, self._loss_count
+        self._loss_sum, self._loss_count = None, 0
+        return None if total is None else total / count
+
     def _record(self, event: GradEvent) -> GradEvent:
         self._events.append(event)
         self.kind_counts[event.kind] = self.kind_counts.get(event.kind, 0) + 1
@@ -578,6 +750,21 @@ class GuardCore:
         """The spike detector's statistics of log(total norm), or None when ``spike_zscore`` is None."""
         found = [d.stats for d in self.detectors if isinstance(d, SpikeDetector)]
         return found[0] if found else None
+
+    @property
+    def rollbacks(self) -> int:
+        """Rollbacks made so far (0 without the ``rollback`` option)."""
+        return self.recovery.rollbacks if self.recovery is not None else 0
+
+    @property
+    def skip_list(self) -> list[dict[str, Any]]:
+        """The skipped and rolled-back batches: ``{"epoch", "batch_idx", "step", "reason"}`` each."""
+        return list(self.recovery.skips) if self.recovery is not None else []
+
+    @property
+    def spike_skipped_steps(self) -> int:
+        """Finite steps skipped as spikes (``skip_spikes``)."""
+        return self.policy.spike_skipped_steps
 
     @property
     def events(self) -> list[GradEvent]:
@@ -658,6 +845,11 @@ class GuardCore:
         # The format of 0.2.0 keeps the spike detector's per-layer EMA with the layers' state.
         spike = detected["spike"] = dict(detected["spike"])
         detected["layers"] = {**detected["layers"], "log_ema": spike.pop("log_ema", {})}
+        extra: dict[str, Any] = {}
+        if self.recovery is not None:
+            extra["recovery"] = self.recovery.state_dict()
+        if self.spikes is not None:
+            extra["spike_device"] = self.spikes.state_dict()
         return {
             "version": 1,
             "steps": self.steps,
@@ -667,6 +859,7 @@ class GuardCore:
             **detected,
             "alerts": self.alerts.state_dict(),
             "kinds": dict(self.kind_counts),
+            **extra,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -682,3 +875,21 @@ class GuardCore:
                 load(state.get(detector.state_key, {}))
         self.alerts.load_state_dict(state.get("alerts", {}))
         self.kind_counts = {str(k): int(v) for k, v in dict(state.get("kinds", {})).items()}
+        if self.recovery is not None:  # a resumed run: its skip list is skipped again
+            self.recovery.load_state_dict(state.get("recovery", {}))
+        if self.spikes is not None and "spike_device" in state:
+            self.spikes.load_state_dict(state["spike_device"])
+
+
+def _drop_grads(optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Skip the step for these optimizers: every gradient to None (torch optimizers then do nothing)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

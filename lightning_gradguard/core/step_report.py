@@ -38,6 +38,8 @@ class StepReport:
             GradScaler handles).
         amp_overflow: a GradScaler found Inf/NaN and will skip this step itself.
         should_stop: the policy asks the training loop to stop.
+        rolled_back: the guard rolled the run back to a snapshot at this step (``rollback``); the
+            step itself is skipped, and ``event`` is the ``rollback`` event.
         event: the event recorded for this step, if any.
         logged: whether this was a logging step.
         metrics: on logging steps, every metric as ``{key: float}``; empty otherwise.
@@ -67,6 +69,7 @@ class StepReport:
     nonfinite: bool = False
     amp_overflow: bool = False
     should_stop: bool = False
+    rolled_back: bool = False
     event: GradEvent | None = None
     logged: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
