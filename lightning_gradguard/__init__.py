@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     )
     from lightning_gradguard.core import GuardCore, StepReport
     from lightning_gradguard.core.alerts import GradGuardWarning
+    from lightning_gradguard.core.recovery import Rollback
+    from lightning_gradguard.core.snapshot import RestoreError
     from lightning_gradguard.core.timesteps import track_timesteps
     from lightning_gradguard.dump import load_dump
     from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
@@ -54,6 +56,8 @@ __all__ = [
     "LayerNormClip",
     "NonFiniteGradientError",
     "NormClip",
+    "RestoreError",
+    "Rollback",
     "StepReport",
     "ValueClip",
     "WandbAlert",
@@ -75,6 +79,8 @@ _HOMES = {
     ),
     "GuardCore": "lightning_gradguard.core",
     "StepReport": "lightning_gradguard.core",
+    "Rollback": "lightning_gradguard.core.recovery",
+    "RestoreError": "lightning_gradguard.core.snapshot",
     "GradGuardWarning": "lightning_gradguard.core.alerts",
     "track_timesteps": "lightning_gradguard.core.timesteps",
     "load_dump": "lightning_gradguard.dump",

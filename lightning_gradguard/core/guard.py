@@ -254,9 +254,13 @@ class GuardCore:
         self.history = TimestepHistory(self.timestep_history)
         self.skip_spikes = check_number("skip_spikes", skip_spikes, minimum=0.0, allow_none=True)
         if rollback is not None and not isinstance(rollback, Rollback):
-            raise TypeError(f"Expected `rollback` to be a Rollback such as Rollback(every=100), or None, but got {rollback!r}.")
+            raise TypeError(
+                f"Expected `rollback` to be a Rollback such as Rollback(every=100), or None, but got {rollback!r}."
+            )
         if on_rollback is not None and not callable(on_rollback):
-            raise TypeError(f"Expected `on_rollback` to be a callable taking the rollback event, or None, but got {on_rollback!r}.")
+            raise TypeError(
+                f"Expected `on_rollback` to be a callable taking the rollback event, or None, but got {on_rollback!r}."
+            )
         self.rollback_options = rollback
         self.recovery = Recovery(rollback, self._record) if rollback is not None else None
         if self.recovery is not None:
@@ -265,7 +269,8 @@ class GuardCore:
             self.recovery.targets.load_guard_state = self._load_run_state
             self.policy.recover = self.recovery.on_skip_limit
         confirm = rollback.spike_zscore if rollback is not None else None
-        self.spikes = DeviceSpikeStats(self.spike_warmup) if (self.skip_spikes is not None or confirm is not None) else None
+        spikes_on = self.skip_spikes is not None or confirm is not None
+        self.spikes = DeviceSpikeStats(self.spike_warmup) if spikes_on else None
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
         self._last_number = -1
@@ -405,7 +410,9 @@ class GuardCore:
             NonFiniteGradientError: ``max_rollbacks`` rollbacks were already made.
         """
         if self.recovery is None:
-            raise RuntimeError("GuardCore.rollback() needs the `rollback` option, e.g. GuardCore(rollback=Rollback(every=100)).")
+            raise RuntimeError(
+                "GuardCore.rollback() needs the `rollback` option, e.g. GuardCore(rollback=Rollback(every=100))."
+            )
         self.flush()
         event = self.recovery.rollback(max(self._last_number, 0), cause, manual=True)
         self.policy.consecutive_skips = 0
@@ -552,7 +559,8 @@ class GuardCore:
             report.skipped, report.rolled_back = True, True
             self.policy.consecutive_skips = 0
             return
-        healthy = verdict.finite and not verdict.spike_high and not report.skipped and self.policy.consecutive_skips == 0
+        healthy = verdict.finite and not verdict.spike_high and not report.skipped
+        healthy = healthy and self.policy.consecutive_skips == 0
         if healthy and not rec.suspicious and rec.due(s.number):
             rec.capture(s.number)
 

@@ -183,7 +183,7 @@ class Recovery:
 
     def _add_skips(self, step: int, reason: str, steps: Sequence[int] | None = None) -> None:
         for s in steps if steps is not None else (step,):
-            for epoch, batch_idx in self._positions.get(s, [(-1, -1)]):
+            for epoch, batch_idx in self._positions.get(s, [(None, None)]):  # type: ignore[list-item]
                 self.skips.append({"epoch": epoch, "batch_idx": batch_idx, "step": s, "reason": reason})
         self._write_skip_file()
 
@@ -266,7 +266,7 @@ class Recovery:
         if recurring and self._last_used is not None:
             used = [i for i, s in enumerate(snaps) if s.step == self._last_used]
             index = max(used[0] - 1, 0) if used else index
-        snap = snaps[index]
+        snap, depth = snaps[index], len(snaps) - 1 - index
         snap.restore(self.targets)
         self.ring.drop_after(index)
         if self.config.lr_backoff is not None:
@@ -274,24 +274,25 @@ class Recovery:
         if self.lr_scale != snap.lr_scale:
             scale_lrs(self.targets.optimizers, self.targets.schedulers, self.lr_scale / snap.lr_scale)
         self.rollbacks += 1
-        undone = sorted(s for s in self._positions if snap.step <= s <= step) or [step]
+        undone = list(range(snap.step, step + 1))  # the steps whose updates are gone
         self._add_skips(step, "rolled back", undone)
         self.skip_next = self.config.skip_batches
         self._last_rollback, self._last_capture, self._last_used = step, step, snap.step
         self._loss_streak = self._spike_streak = 0
-        batches = [(e["epoch"], e["batch_idx"]) for e in self.skips if e["reason"] == "rolled back" and e["step"] in set(undone)]
+        batches = [[e["epoch"], e["batch_idx"]] for e in self.skips
+                   if e["reason"] == "rolled back" and e["step"] in set(undone) and e["epoch"] is not None]  # fmt: skip
         event = self.record(GradEvent(
             "rollback", step=step, value=float(snap.step),
             message=(
                 f"GradGuard rolled back at step {step} to the snapshot of step {snap.step} ({cause}); "
-                f"{len(undone)} steps undone, the data goes on forward"
+                f"the updates of steps {snap.step}-{step} undone, the data goes on forward"
                 + (f", the next {self.config.skip_batches} batches skipped" if self.config.skip_batches else "")
                 + (f", learning rates x{self.lr_scale:g}" if self.lr_scale != 1.0 else "")
                 + f". Rollback {self.rollbacks} of at most {self.config.max_rollbacks}."
             ),
             action="rolled back",
             extra={"cause": cause, "from_step": step, "snapshot_step": snap.step, "batches_skipped": batches,
-                   "skip_next": self.config.skip_batches, "rollbacks": self.rollbacks, "depth": len(snaps) - 1 - index,
+                   "skip_next": self.config.skip_batches, "rollbacks": self.rollbacks, "depth": depth,
                    "lr_scale": self.lr_scale, "manual": manual},
         ))  # fmt: skip
         if self.on_rollback is not None:
@@ -312,14 +313,14 @@ class Recovery:
         self.rollbacks = int(newer.get("rollbacks", 0))
         self.lr_scale = float(newer.get("lr_scale", 1.0))
         self.skip_next = int(saved.get("skip_next", 0))
-        seen: set[tuple[int, int, int, str]] = set()
+        seen: set[tuple[Any, ...]] = set()
         self.skips = []
         for entry in [*saved.get("skips", []), *from_file.get("skips", [])]:
-            key = (int(entry["epoch"]), int(entry["batch_idx"]), int(entry["step"]), str(entry["reason"]))
+            key = (entry.get("epoch"), entry.get("batch_idx"), int(entry["step"]), str(entry["reason"]))
             if key not in seen:
                 seen.add(key)
                 self.skips.append({"epoch": key[0], "batch_idx": key[1], "step": key[2], "reason": key[3]})
-        self.replay = {(e["epoch"], e["batch_idx"]) for e in self.skips if e["epoch"] >= 0}
+        self.replay = {(int(e["epoch"]), int(e["batch_idx"])) for e in self.skips if e["epoch"] is not None}
 
     def _read_skip_file(self) -> dict[str, Any]:
         if self.skip_path is None or not Path(self.skip_path).is_file():

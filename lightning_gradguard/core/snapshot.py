@@ -118,7 +118,9 @@ class Snapshot:
         """The bytes of tensors the snapshot holds (parameters, buffers, optimizer state)."""
         total = sum(t.numel() * t.element_size() for t in self.tensors.values())
         for opt in self.optim:
-            total += sum(v.numel() * v.element_size() for s in opt["state"] for v in s.values() if isinstance(v, Tensor))
+            total += sum(
+                v.numel() * v.element_size() for s in opt["state"] for v in s.values() if isinstance(v, Tensor)
+            )
         return total
 
     def to_disk(self, directory: str | os.PathLike[str], rank: int) -> None:
@@ -147,8 +149,10 @@ class Snapshot:
         if self.path is not None:
             try:
                 saved = torch.load(self.path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - any failure to read it means no restore
-                raise RestoreError(f"GradGuard could not read the snapshot of step {self.step} at {self.path}: {exc}") from exc
+            except Exception as exc:
+                raise RestoreError(
+                    f"GradGuard could not read the snapshot of step {self.step} at {self.path}: {exc}"
+                ) from exc
             tensors, optim = saved["tensors"], saved["optim"]
         live = dict(targets.model_tensors())
         if set(live) != set(tensors):
@@ -252,7 +256,9 @@ def _optimizer_copy(opt: torch.optim.Optimizer, reuse: list[dict[str, Any]]) -> 
             entry = {}
             for key, value in opt.state.get(p, {}).items():
                 if isinstance(value, Tensor):
-                    entry[key] = _host_copy(local_tensor(value), old.get(key) if isinstance(old.get(key), Tensor) else None)
+                    entry[key] = _host_copy(
+                        local_tensor(value), old.get(key) if isinstance(old.get(key), Tensor) else None
+                    )
                 else:
                     entry[key] = copy.deepcopy(value)
             state.append(entry)
@@ -308,7 +314,7 @@ def _scaler_on(scaler: Any) -> bool:
 def rng_state() -> dict[str, Any]:
     """The RNG states: torch (CPU and every initialised CUDA device), ``random``, and numpy if imported."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         state["cuda"] = torch.cuda.get_rng_state_all()
     numpy = sys.modules.get("numpy")
     if numpy is not None:

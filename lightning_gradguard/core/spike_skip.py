@@ -50,7 +50,7 @@ class DeviceSpikeStats:
     def _values(self, total: Tensor, loss: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         device = total.device
         if self.state is None or self.state.device != device:
-            self.state = (torch.zeros(2, 3, device=device) if self.state is None else self.state.to(device))
+            self.state = torch.zeros(2, 3, device=device) if self.state is None else self.state.to(device)
         total = total.detach().to(torch.float32).reshape(())
         norm_x = torch.log(total.clamp(min=torch.finfo(torch.float32).tiny))
         norm_ok = torch.isfinite(total) & (total > 0)

@@ -35,6 +35,7 @@ from lightning_gradguard.clip import Clipper
 from lightning_gradguard.core.guard import GuardCore, StepReport
 from lightning_gradguard.dump import Dumper
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
+from lightning_gradguard.events import GradEvent
 from lightning_gradguard.notify.wandb import WandbAlert
 from lightning_gradguard.tensorboard.sink import TensorBoardSink
 
@@ -252,6 +253,8 @@ class GradGuard(GuardCore, _Base):
                 "GradGuard: the model has no trainable parameters (none, or all frozen): there is nothing to "
                 "measure, clip or guard."
             )
+        if self.recovery is not None:  # the skip list's file, beside the logs (read back on resume)
+            self.recovery.set_log_dir(trainer.default_root_dir)
         self.sink.attach(trainer.loggers, self.alerts, trainer.is_global_zero, self.config())
         self.alerts.run_name = _run_name(trainer)
         self._connect_wandb(trainer)
@@ -272,10 +275,30 @@ class GradGuard(GuardCore, _Base):
         # After configure_model and the strategy's setup: FSDP2 and tensor parallelism replace the
         # parameters (DTensors) after the callbacks' `setup`, so naming them there would go stale.
         gather = _profile_gatherer(trainer) if trainer.world_size > 1 else None
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
         try:  # e.g. AGC refuses a placement that splits its units
-            self.prepare(pl_module, trainer.optimizers, gather_profiles=gather)
+            self.prepare(pl_module, trainer.optimizers, schedulers=schedulers, scaler=scaler, gather_profiles=gather)
         except ValueError as exc:
             raise MisconfigurationException(str(exc)) from None
+        if self.recovery is not None:
+            self._hook_module(pl_module)
+
+    def _hook_module(self, pl_module: pl.LightningModule) -> None:
+        """After a rollback, the LightningModule's ``on_gradguard_rollback(event)`` (when it defines one)
+        runs after the ``on_rollback`` option's callable: the state the guard cannot see."""
+        recovery = self.recovery
+        assert recovery is not None
+        user = self.__dict__.setdefault("_user_on_rollback", recovery.on_rollback)
+        hook = getattr(pl_module, "on_gradguard_rollback", None)
+
+        def on_rollback(event: GradEvent) -> None:
+            if user is not None:
+                user(event)
+            if callable(hook):
+                hook(event)
+
+        recovery.on_rollback = on_rollback if (user is not None or callable(hook)) else None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -296,6 +319,7 @@ class GradGuard(GuardCore, _Base):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.dumper.begin_batch(batch, batch_idx)
+        self.note_batch(trainer.current_epoch, batch_idx)
         self.begin_step(trainer.global_step, log=self._is_logging_step(trainer))
 
     def _is_logging_step(self, trainer: pl.Trainer) -> bool:
