@@ -94,7 +94,7 @@ class DeviceSkip:
         >>> p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.full((2,), float("nan"))
         >>> opt = torch.optim.AdamW([p], fused=True)
         >>> skip = DeviceSkip()
-        >>> skip.arm(opt, torch.tensor([1.0, 0.0, 0.0]))
+        >>> skip.arm(opt, torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]))
         >>> opt.step()
         >>> p.tolist(), hasattr(opt, "found_inf"), opt.state[p]["step"].item()
         ([1.0, 1.0], False, 0.0)

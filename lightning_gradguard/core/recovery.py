@@ -254,7 +254,7 @@ class Recovery:
         if self.rollbacks >= self.config.max_rollbacks:
             limit = self.config.max_rollbacks
             message = (
-                f"GradGuard: the run did not recover: {cause} at step {step}, after {self.rollbacks} rollbacks "
+                f"GradGuard: the run did not recover: {cause} at step {step}, after {self.rollbacks} rollback{'' if self.rollbacks == 1 else 's'} "
                 f"(max_rollbacks={limit})."
             )
             event = self.record(GradEvent("stopped", step=step, message=message, action="raised",

@@ -289,13 +289,24 @@ def _restore_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any], step: 
         for key, value in entry.items():
             current = live.get(key)
             if isinstance(value, Tensor):
-                if isinstance(current, Tensor) and current.shape == value.shape and current.dtype == value.dtype:
-                    _copy_into(local_tensor(current), value, f"optimizer state {key} of parameter {i}", step)
+                mine = local_tensor(current) if isinstance(current, Tensor) else None
+                if mine is not None and mine.shape == value.shape and mine.dtype == value.dtype:
+                    _copy_into(mine, value, f"optimizer state {key} of parameter {i}", step)
                 else:
-                    device = current.device if isinstance(current, Tensor) else p.device
-                    live[key] = value.clone().to(device)
+                    live[key] = _new_state(value, current if isinstance(current, Tensor) else p)
             else:
                 live[key] = copy.deepcopy(value)
+
+
+def _new_state(saved: Tensor, like: Tensor) -> Tensor:
+    """A state tensor that did not exist any more: placed like ``like`` (a DTensor shard as a DTensor)."""
+    local = saved.clone().to(local_tensor(like).device)
+    mesh = getattr(like, "device_mesh", None)
+    if mesh is not None and saved.dim() > 0:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, mesh, like.placements, run_check=False)  # type: ignore[attr-defined]
+    return local
 
 
 def _copy_into(target: Tensor, saved: Tensor, what: str, step: int) -> None:

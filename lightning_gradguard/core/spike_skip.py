@@ -38,7 +38,7 @@ class DeviceSpikeStats:
         ...     z = stats.zscores(torch.tensor(norm), None)
         ...     stats.update(torch.tensor(norm), None, keep=torch.tensor(True))
         >>> round(float(stats.zscores(torch.tensor(1000.0), None)[0]), 1)
-        84.7
+        84.3
     """
 
     def __init__(self, warmup: int = 50, alpha: float = 0.98, min_std: float = 0.01) -> None:

@@ -1,0 +1,59 @@
+"""A rollback under Lightning's DDP and ModelParallelStrategy (FSDP2, tensor parallel), 2 CPU processes (gloo).
+
+A NaN gradient on rank 1 only, two steps in a row (tests/rollback_run.py): both ranks roll back at
+the same step to the same snapshot, and the full (unsharded) weights and Adam moments right after the
+rollback equal those before the snapshot's step, on both ranks. With a fault that never ends,
+``max_rollbacks`` raises on both ranks (a rank left behind would hang the other: the run completes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import free_port
+
+SCRIPT = Path(__file__).resolve().parents[1] / "rollback_run.py"
+RENDEZVOUS_ERRORS = ("Address already in use", "EADDRINUSE", "Connection reset by peer", "Connection refused")
+
+
+def run(out: Path, mode: str) -> list[dict[str, Any]]:
+    for attempt in range(2):
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port())}  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), str(out), mode],
+            capture_output=True, text=True, timeout=240, env=env, cwd=SCRIPT.parents[1],
+        )  # fmt: skip
+        if attempt == 0 and proc.returncode != 0 and any(e in proc.stderr for e in RENDEZVOUS_ERRORS):
+            continue
+        break
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return [json.loads((out / f"{mode}{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "tp"])
+def test_a_fault_on_one_rank_rolls_every_rank_back_to_the_same_snapshot(tmp_path: Path, mode: str) -> None:
+    ranks = run(tmp_path, mode)
+    for r in ranks:
+        assert r["error"] is None and r["global_step"] == 12  # the run completed
+        assert r["events"][:3] == [["nonfinite", 5, None], ["nonfinite", 6, None], ["rollback", 6, 4]]
+        assert r["rollbacks"] == 1
+        # the full weights and Adam state right after the rollback = before step 4 (the snapshot)
+        assert r["after"]["6"] == r["before"]["4"]
+        assert r["after"]["6"]["moments"]  # Adam's state was there to restore
+    assert ranks[0]["after"]["6"] == ranks[1]["after"]["6"]
+
+
+@pytest.mark.parametrize("mode", ["ddp_limit", "fsdp2_limit", "tp_limit"])
+def test_max_rollbacks_raises_on_every_rank(tmp_path: Path, mode: str) -> None:
+    ranks = run(tmp_path, mode)
+    for r in ranks:
+        assert "did not recover" in r["error"] and "max_rollbacks=1" in r["error"]
+        assert r["global_step"] == 8 and r["events"][-1] == ["stopped", 8, None]
