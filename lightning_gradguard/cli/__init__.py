@@ -72,6 +72,14 @@ def render_text(rep: RunHealth) -> str:
         lines.append(f"  step {n['step']}: origin {n['origin']} ({n['action']}), layers {n['layers']}")
     if len(rep.nonfinite) > 20:
         lines.append(f"  ... and {len(rep.nonfinite) - 20} more")
+    for r in rep.rollbacks[:20]:
+        where = f" (batches {', '.join(f'{e}:{b}' for e, b in r['batches'])})" if r["batches"] else ""
+        back = f"  rollback at step {r['step']} to the snapshot of step {r['snapshot_step']}"
+        lines.append(f"{back}: {r['cause']}{where}")
+    if rep.skipped_batches:
+        shown = ", ".join(f"{s['step']} ({s['reason']})" for s in rep.skipped_batches[:20])
+        more = f" and {len(rep.skipped_batches) - 20} more" if len(rep.skipped_batches) > 20 else ""
+        lines.append(f"  skipped steps: {shown}{more}")
     for name, s in rep.timesteps.items():
         lines.append(
             f"timesteps '{name}': horizon {_fmt(s.get('horizon'))}, first/last {_fmt(s.get('first_last_ratio'))}, "

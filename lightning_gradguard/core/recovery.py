@@ -252,10 +252,10 @@ class Recovery:
                 "at the first optimizer step)."
             )
         if self.rollbacks >= self.config.max_rollbacks:
-            limit = self.config.max_rollbacks
+            limit, done = self.config.max_rollbacks, self.rollbacks
             message = (
-                f"GradGuard: the run did not recover: {cause} at step {step}, after {self.rollbacks} rollback{'' if self.rollbacks == 1 else 's'} "
-                f"(max_rollbacks={limit})."
+                f"GradGuard: the run did not recover: {cause} at step {step}, after {done} "
+                f"rollback{'' if done == 1 else 's'} (max_rollbacks={limit})."
             )
             event = self.record(GradEvent("stopped", step=step, message=message, action="raised",
                                           extra={"cause": f"max_rollbacks={limit} reached: {cause}"}))  # fmt: skip

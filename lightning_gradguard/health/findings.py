@@ -292,13 +292,33 @@ def _simple(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any
     return out
 
 
+def _recovered(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
+    """Rollbacks and skipped spikes: faults the run survived because the guard undid them."""
+    out = []
+    back = [e for e in events if e["kind"] == "rollback"]
+    if back:
+        first = back[0].get("extra") or {}
+        what = (f"rolled back {len(back)} time{'s' if len(back) > 1 else ''} (first at step {back[0]['step']} to the "
+                f"snapshot of step {first.get('snapshot_step', '?')}: {first.get('cause', 'unknown cause')})")  # fmt: skip
+        advice = ("the run survived a persistent fault; the batches it undid are in the skip list (gradguard_skips.json "
+                  "beside the logs): look at the first fault before the first rollback")  # fmt: skip
+        out.append({"kind": "rollback", "severity": "attention", "what": what, "advice": advice})
+    spikes = [e for e in events if e["kind"] == "spike_skipped"]
+    if spikes:
+        out.append({"kind": "spike_skipped", "severity": "attention",
+                    "what": f"{len(spikes)} finite spike{'s' if len(spikes) > 1 else ''} skipped at {_steps(spikes)}",
+                    "advice": "skip_spikes kept these updates out; if they recur, lower the learning rate or look at "
+                    "the batches of those steps"})  # fmt: skip
+    return out
+
+
 def findings_of(events: Sequence[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
     """The findings of a run's events, the guard's own stop first."""
     rows = list(events)
     spikes = [int(e["step"]) for e in rows if e["kind"] == "spike"]
     return [
         *_stopped(rows, ev), *_nonfinite(rows, ev), *_grew(rows, spikes, ev), *_spiky(rows, ev),
-        *_simple(rows, ev),
+        *_recovered(rows, ev), *_simple(rows, ev),
     ]  # fmt: skip
 
 

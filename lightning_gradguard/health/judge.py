@@ -39,6 +39,8 @@ KINDS = (  # the findings --fail-on can name
     "loss_scale_collapse",
     "nonfinite",
     "stopped",
+    "rollback",
+    "spike_skipped",
 )
 VANISH = DEFAULTS["vanish_threshold"]
 _FLAG_OF = {"vanishing": "vanishing", "dead": "dead", "spike": "spiky", "unused": "unused"}
@@ -68,6 +70,8 @@ class RunHealth:
     skipped_steps: int = 0
     nonfinite_steps: int = 0
     nonfinite: list[dict[str, Any]] = field(default_factory=list)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    skipped_batches: list[dict[str, Any]] = field(default_factory=list)
     timesteps: dict[str, dict[str, float]] = field(default_factory=dict)
     profiles: dict[str, list[float]] = field(default_factory=dict)
     alert_kinds: dict[str, int] = field(default_factory=dict)
@@ -155,6 +159,7 @@ def judge_run(run: str, data: RunData) -> RunHealth:
         events, caveat = replay_events(data), replay_caveat(data, steps)
         rep.events_from = "replayed"
     rep.event_count = len(events)
+    rep.rollbacks, rep.skipped_batches = _recovery(events)
     rep.skipped_steps = max(rep.skipped_steps, sum(1 for e in events if str(e.get("action", "")) == "skipped"))
     rep.layers = _layer_stats(ours, events)
     rep.layer_order = rep.layer_order or sorted(rep.layers, key=natural_key)
@@ -170,6 +175,21 @@ def judge_run(run: str, data: RunData) -> RunHealth:
     rep.severity = severity_of(rep.findings, rep.notes)
     rep.verdict = _verdict(rep)
     return rep
+
+
+def _recovery(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rollbacks (step, snapshot step, cause, batches) and the skipped steps with why: the skip list
+    as the event file holds it."""
+    rollbacks, skipped = [], []
+    for e in events:
+        extra = e.get("extra") or {}
+        if e.get("kind") == "rollback":
+            rollbacks.append({"step": e["step"], "snapshot_step": extra.get("snapshot_step"),
+                              "cause": extra.get("cause", ""),
+                              "batches": extra.get("batches_skipped", [])})  # fmt: skip
+        elif str(e.get("action", "")) == "skipped" and e.get("kind") in ("nonfinite", "spike_skipped"):
+            skipped.append({"step": e["step"], "reason": "spike" if e["kind"] == "spike_skipped" else "nonfinite"})
+    return rollbacks, skipped
 
 
 def _total_norm_stats(totals: list[float]) -> dict[str, float]:

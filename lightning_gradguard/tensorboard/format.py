@@ -123,8 +123,19 @@ def write_config(writer: Any, config: Mapping[str, Any]) -> bool:
 
 def write_events(writer: Any, events: list[tuple[GradEvent, bool]], step: int) -> bool:
     """Events recorded since the last write, each with whether it passed the alert rate limit."""
-    rows = [{**{k: v for k, v in e.as_dict().items() if k != "extra"}, "alerted": alerted} for e, alerted in events]
+    rows = [{**_row(e), "alerted": alerted} for e, alerted in events]
     return _write_json(writer, EVENTS_TAG, rows, step)
+
+
+_EXTRA_KINDS = ("rollback", "spike_skipped")  # events whose extra (cause, snapshot, batches) is written too
+
+
+def _row(event: GradEvent) -> dict[str, Any]:
+    row = event.as_dict()
+    extra = row.pop("extra")
+    if event.kind in _EXTRA_KINDS:
+        row["extra"] = json_safe(extra)
+    return row
 
 
 def write_layer_order(writer: Any, order: list[str], step: int) -> bool:

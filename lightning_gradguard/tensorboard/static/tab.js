@@ -22,7 +22,8 @@ const MISSING = '#f5f5f5';  // the layer logged nothing at that step
 const KIND_COLOURS = {
   nonfinite: NONFINITE, amp_overflow: '#9467bd', exploding: EXPLODING, spike: '#e377c2',
   vanishing: '#7f7f7f', dead: '#8c564b', unused: '#bcbd22', loss_scale_collapse: '#17becf',
-  vanishing_in_time: '#1f77b4', exploding_in_time: '#ff9896',
+  vanishing_in_time: '#1f77b4', exploding_in_time: '#ff9896', stopped: '#000000', rollback: '#2ca02c',
+  spike_skipped: '#c5b0d5',
 };
 
 const STYLE = `
