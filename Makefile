@@ -26,10 +26,11 @@ demo: venv
 	$(PY) examples/vanishing_gradients.py
 
 # Benchmarks (not part of `make test`): the step overhead (benchmarks/RESULTS.md), then the report
-# and the tab at depth (benchmarks/RESULTS-depth.md).
+# and the tab at depth (benchmarks/RESULTS-depth.md), then recovery's cost (benchmarks/RESULTS-rollback.md).
 bench: venv
 	$(PY) benchmarks/bench.py
 	cd benchmarks && ../$(PY) depth_bench.py
+	cd benchmarks && ../$(PY) rollback_bench.py
 
 # The slow soak test (not part of `make test`).
 soak: venv

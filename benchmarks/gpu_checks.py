@@ -8,7 +8,11 @@
    (``amp_overflow``, no skip, no NaN in the weights), and the guard's NormClip on unscaled
    gradients equals ``clip_grad_norm_``.
 3. The same in Lightning with ``precision="16-mixed"`` on the GPU.
-4. FSDP1 (Lightning's FSDPStrategy), which refuses CPU: tests/integrations/test_model_parallel.py -k fsdp1.
+4. FSDP1 (Lightning's FSDPStrategy), which refuses CPU: tests/integrations/test_model_parallel.py -k fsdp1,
+   and a rollback under it: tests/integrations/test_rollback_distributed.py -k fsdp1.
+5. Recovery on CUDA: host syncs of a snapshot (pinned, asynchronous: the target is 0) and of a
+   healthy step with ``skip_spikes`` and ``AdamW(fused=True)`` (0); a snapshot's copy time against
+   the step time; a rollback on the GPU restores the weights and the moments bit for bit.
 
     PYTHONPATH=. python benchmarks/gpu_checks.py > gpu_checks.txt
 """
@@ -156,10 +160,60 @@ def fsdp1() -> None:
 
     print("== FSDP1 (tests/integrations/test_model_parallel.py -k fsdp1) ==")
     root = Path(__file__).resolve().parents[1]
-    test = "tests/integrations/test_model_parallel.py"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test, "-k", "fsdp1"]
+    tests = ["tests/integrations/test_model_parallel.py", "tests/integrations/test_rollback_distributed.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", "fsdp1"]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     print(proc.stdout[-3000:], proc.stderr[-2000:])
+
+
+def recovery() -> None:
+    """Snapshots and the device spike skip on CUDA: syncs, copy time, an exact rollback."""
+    import time
+
+    from lightning_gradguard import Rollback
+
+    print("== recovery on CUDA ==")
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)]).cuda()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+    guard = GuardCore(net, rollback=Rollback(every=1000, keep=2, skip_file=False), skip_spikes=6.0,
+                      spike_warmup=5, log_every_n_steps=None, track_timesteps=False)  # fmt: skip
+    guard.prepare(net, [opt])
+    x = torch.randn(256, 1024, device="cuda")
+
+    def one(step: int) -> None:
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        guard.step(opt, step=step)
+        opt.step()
+
+    print("syncs, first step (takes the first snapshot):", count_syncs(lambda: one(0)))
+    for s in range(1, 10):
+        one(s)
+    print("syncs, healthy non-logging step with skip_spikes + fused AdamW:", count_syncs(lambda: one(10)))
+    rec = guard.recovery
+    assert rec is not None
+    print("syncs, one snapshot (pinned, non_blocking):", count_syncs(lambda: rec.capture(11)))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for s in range(20):
+        one(12 + s)
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - t0) / 20 * 1e3
+    t0 = time.perf_counter()
+    snap = rec.capture(40)
+    torch.cuda.synchronize()
+    copy_ms = (time.perf_counter() - t0) * 1e3
+    print(f"snapshot {snap.nbytes / 2**20:.0f} MiB: copy {copy_ms:.2f} ms (synchronized), step {step_ms:.2f} ms")
+    weights = [p.detach().clone() for p in net.parameters()]
+    moments = [opt.state[p]["exp_avg_sq"].clone() for p in net.parameters()]
+    for s in range(5):
+        one(41 + s)
+    guard.rollback()
+    exact = all(torch.equal(a, p) for a, p in zip(weights, net.parameters(), strict=True)) and all(
+        torch.equal(m, opt.state[p]["exp_avg_sq"]) for m, p in zip(moments, net.parameters(), strict=True)
+    )
+    print("rollback restores weights and moments bit for bit:", exact)
 
 
 def main() -> None:
@@ -167,6 +221,7 @@ def main() -> None:
     sync_table()
     amp_plain_loop()
     amp_lightning()
+    recovery()
     fsdp1()
     print("done", math.pi > 3)
 

@@ -2,7 +2,8 @@
 2 CPU processes (gloo).
 
 Usage: python tests/rollback_run.py OUTDIR MODE
-MODE: ``ddp``, ``fsdp2`` or ``tp``, with a persistent NaN gradient on rank 1 only at steps 5 and 6
+MODE: ``ddp``, ``fsdp2``, ``tp`` (2 CPU processes) or ``fsdp1`` (Lightning's FSDPStrategy on every
+GPU: CUDA only), with a persistent NaN gradient on the last rank only at steps 5 and 6
 (max_consecutive_skips=2: a rollback at step 6); ``<mode>_limit``: the fault never ends
 (max_rollbacks=1: the second trigger raises on every rank).
 Each rank writes OUTDIR/<mode><r>.json: its events, and the full (unsharded) weights and Adam state
@@ -44,12 +45,12 @@ class Net(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.l2(torch.tanh(self.l1(torch.tanh(self.l0(x)))))
-        if self.global_rank == 1 and self.trainer.global_step in self.fault_steps:
-            out = poison(out, math.nan)  # a NaN gradient on rank 1 only
+        if self.global_rank == self.trainer.world_size - 1 and self.trainer.global_step in self.fault_steps:
+            out = poison(out, math.nan)  # a NaN gradient on the last rank only
         return out  # type: ignore[no-any-return]
 
     def configure_model(self) -> None:
-        if self.mode.startswith("ddp"):
+        if self.mode.startswith(("ddp", "fsdp1")):  # FSDP1 wraps the model itself
             return
         mesh = self.device_mesh
         if self.mode.startswith("tp"):
@@ -76,7 +77,13 @@ class Net(pl.LightningModule):
 
 
 def state(pl_module: pl.LightningModule, optimizer: Any) -> dict[str, Any]:
-    """The full weights and Adam moments (every rank calls this, in the same order)."""
+    """The full weights and Adam moments (every rank calls this, in the same order). Under FSDP1 this
+    rank's flat shards and their moments: the snapshot is local, and so is the comparison."""
+    if type(pl_module.trainer.strategy).__name__ == "FSDPStrategy":
+        model = pl_module.trainer.strategy.model
+        weights = {n: p.detach().cpu().tolist() for n, p in model.named_parameters()}
+        moments = [{k: v.cpu().tolist() for k, v in sorted(s.items())} for s in optimizer.state.values()]
+        return {"weights": weights, "moments": moments}
     weights = {n: full(p.detach()).tolist() for n, p in pl_module.named_parameters()}
     moments = [
         {k: full(v).tolist() for k, v in sorted(optimizer.state[p].items())}
@@ -116,14 +123,21 @@ def main() -> None:
         rollback=Rollback(every=2, keep=2, max_rollbacks=1 if limit else 3, skip_file=False),
     )  # fmt: skip
     before, after = Before(), After()
+    accelerator, devices = "cpu", 2
     if mode.startswith("ddp"):
         strategy: Any = "ddp"
+    elif mode.startswith("fsdp1"):
+        from pytorch_lightning.strategies import FSDPStrategy
+
+        accelerator, devices = "cuda", torch.cuda.device_count()
+        strategy = FSDPStrategy(auto_wrap_policy={nn.Linear})
     else:
         tp = 2 if mode.startswith("tp") else 1
         strategy = ModelParallelStrategy(data_parallel_size=2 // tp, tensor_parallel_size=tp)
     t = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_steps=12, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[before, guard, after], num_sanity_val_steps=0,
+        accelerator=accelerator, devices=devices, strategy=strategy, max_steps=12, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[before, guard, after], num_sanity_val_steps=0,
     )  # fmt: skip
     error = None
     with warnings.catch_warnings():
@@ -143,7 +157,7 @@ def main() -> None:
         "after": {str(k): v for k, v in after.rows.items()},
     }
     (out / f"{mode}{rank}.json").write_text(json.dumps(result))
-    leave_when_written(rank, [out / f"{mode}{r}.json" for r in range(1, 2)])
+    leave_when_written(rank, [out / f"{mode}{r}.json" for r in range(1, devices)])
 
 
 if __name__ == "__main__":

@@ -360,7 +360,6 @@ class StepPolicy:
             "amp_overflow_steps": self.amp_overflow_steps,
             "max_total_norm": self.max_total_norm,
             "origins": dict(self.origins),
-            "spike_skipped_steps": self.spike_skipped_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

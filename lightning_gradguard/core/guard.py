@@ -856,8 +856,9 @@ class GuardCore:
         extra: dict[str, Any] = {}
         if self.recovery is not None:
             extra["recovery"] = self.recovery.state_dict()
-        if self.spikes is not None:
+        if self.spikes is not None:  # only with the options: a run without them keeps 0.2.0's format
             extra["spike_device"] = self.spikes.state_dict()
+            extra["spike_skipped_steps"] = self.policy.spike_skipped_steps
         return {
             "version": 1,
             "steps": self.steps,

@@ -298,10 +298,13 @@ def _recovered(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, 
     back = [e for e in events if e["kind"] == "rollback"]
     if back:
         first = back[0].get("extra") or {}
-        what = (f"rolled back {len(back)} time{'s' if len(back) > 1 else ''} (first at step {back[0]['step']} to the "
-                f"snapshot of step {first.get('snapshot_step', '?')}: {first.get('cause', 'unknown cause')})")  # fmt: skip
-        advice = ("the run survived a persistent fault; the batches it undid are in the skip list (gradguard_skips.json "
-                  "beside the logs): look at the first fault before the first rollback")  # fmt: skip
+        times = f"{len(back)} time{'s' if len(back) > 1 else ''}"
+        where = f"step {back[0]['step']} to the snapshot of step {first.get('snapshot_step', '?')}"
+        what = f"rolled back {times} (first at {where}: {first.get('cause', 'unknown cause')})"
+        advice = (
+            "the run survived a persistent fault; the batches it undid are in the skip list "
+            "(gradguard_skips.json beside the logs): look at the first fault before the first rollback"
+        )
         out.append({"kind": "rollback", "severity": "attention", "what": what, "advice": advice})
     spikes = [e for e in events if e["kind"] == "spike_skipped"]
     if spikes:

@@ -46,7 +46,8 @@ def _expected(label: str, kind: str) -> Any:
     return json.loads((DATA / f"events-{label}.{kind}.json").read_text())
 
 
-JUDGEMENT = ("verdict", "severity", "findings", "notes", "events_from", "event_count", "vanish_threshold")
+JUDGEMENT = ("verdict", "severity", "findings", "notes", "events_from", "event_count", "vanish_threshold",
+             "rollbacks", "skipped_batches")  # fmt: skip
 
 
 def _split(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
