@@ -2,8 +2,9 @@
 
 Two of ``bench.py``'s models, (a) the 2-layer LSTM language model and (b) the 6-layer Transformer
 encoder, each trained with Adam in a plain PyTorch loop guarded by ``GuardCore`` (log every 50
-steps, ``NormClip(1.0)``). Three configurations run interleaved, ``rounds`` times ``steps`` steps
-each (A B C A B C ...), and every optimizer step is timed:
+steps, ``NormClip(1.0)``). Each configuration trains its own copy of the model on the same batch;
+they run interleaved, ``rounds`` times ``steps`` steps each (A B C A B C ...), and every optimizer
+step is timed:
 
   guard       GuardCore(clip=NormClip(1.0))
   rollback    the same + rollback=Rollback(every=100, keep=2)   (snapshots in host memory)
@@ -19,6 +20,7 @@ one, and the snapshot's cost per step at ``every=100`` (take time / 100 / median
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import platform
 import statistics
@@ -48,23 +50,23 @@ def make_guard(name: str, model: nn.Module, opt: torch.optim.Optimizer) -> Guard
         extra["skip_spikes"] = 6.0
     guard = GuardCore(model, clip=NormClip(1.0), track_timesteps=False, **extra)  # type: ignore[arg-type]
     guard.prepare(model, [opt])
-    guard.unwatch()  # three guards share one model: none of them times the others' hooks
     return guard
 
 
 def bench_model(label: str, build: Callable[[], nn.Module], rounds: int, steps: int) -> list[str]:
     torch.manual_seed(0)
-    model = build()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    base = build()
+    models = {name: copy.deepcopy(base) for name in CONFIGS}
+    opts = {name: torch.optim.Adam(models[name].parameters(), lr=1e-4) for name in CONFIGS}
     x = torch.randint(0, 1000, (32, 64))
     y = torch.randint(0, 1000, (32, 64))
     loss_fn = nn.CrossEntropyLoss()
-    guards = {name: make_guard(name, model, opt) for name in CONFIGS}
+    guards = {name: make_guard(name, models[name], opts[name]) for name in CONFIGS}
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     medians: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for _ in range(rounds):
         for name in CONFIGS:
-            guard, own = guards[name], []
+            guard, model, opt, own = guards[name], models[name], opts[name], []
             for _ in range(steps):
                 t0 = time.perf_counter()
                 opt.zero_grad()
@@ -83,7 +85,7 @@ def bench_model(label: str, build: Callable[[], nn.Module], rounds: int, steps: 
         ratio = statistics.median(times[name]) / base
         lo, hi = min(medians[name]) / base, max(medians[name]) / base
         lines.append(f"| {name} | {ratio:.3f} | {lo:.3f} – {hi:.3f} |")
-    targets = Targets(model, [opt])
+    targets = Targets(models["guard"], [opts["guard"]])
     takes, restores = [], []
     snap = Snapshot.take(0, targets)
     for _ in range(10):

@@ -270,7 +270,8 @@ class GuardCore:
             self.policy.recover = self.recovery.on_skip_limit
         confirm = rollback.spike_zscore if rollback is not None else None
         spikes_on = self.skip_spikes is not None or confirm is not None
-        self.spikes = DeviceSpikeStats(self.spike_warmup) if spikes_on else None
+        patience = rollback.spike_patience if rollback is not None else 0
+        self.spikes = DeviceSpikeStats(self.spike_warmup, new_level=max(8, patience + 1)) if spikes_on else None
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
         self._last_number = -1
@@ -606,7 +607,7 @@ class GuardCore:
             s.read.put_each(FLAGS, flags)
             s.read.put_each(_WATCH, torch.stack(watch))
         if self.spikes is not None:  # only steps with no flag at all (on any rank) feed the statistics
-            self.spikes.update(m.total, loss, keep=flags.sum() == 0)
+            self.spikes.update(m.total, loss, keep=flags.sum() == 0, spiked=(flags[3] + flags[4]) > 0)
         return flags
 
     def _spike_flags(self, bad: list[Tensor], m: Measurement, loss: Tensor | None) -> Tensor:

@@ -322,7 +322,9 @@ def test_a_planted_spike_is_skipped_on_the_device_bit_identically_with_no_host_r
         report = loop.one()
     assert calls == [] and report.deferred  # skipped on the device: found_inf, no read
     assert_same_state(loop.weights_and_moments(), before)  # weights, moments and step counts bit-identical
-    assert torch.equal(loop.guard.spikes.state, stats)  # type: ignore[union-attr]  # left out of the statistics
+    after = loop.guard.spikes.state  # type: ignore[union-attr]
+    assert torch.equal(after[:, :3], stats[:, :3])  # left out of the statistics (n, mean, m2)
+    assert after[:, 3].tolist() == [1.0, 1.0]  # one flagged step in a row
     with host_reads_from_the_package() as calls:
         loop.run(1)  # a healthy non-logging step: no read either
     assert calls == []
@@ -348,3 +350,12 @@ def test_the_spike_statistics_see_the_loss_too() -> None:
         stats.update(torch.tensor(1.0), torch.tensor(loss), keep=torch.tensor(True))
     z = stats.zscores(torch.tensor(1.0), torch.tensor(50.0))
     assert float(z[0]) == 0.0 and float(z[1]) > 100
+
+
+def test_a_lasting_new_level_restarts_the_statistics_instead_of_skipping_forever() -> None:
+    loop = Loop(skip_spikes=6.0, spike_warmup=5, log_every_n_steps=None, max_consecutive_skips=25)
+    for s in range(10, 60):  # the gradient norm x1000 from step 10 on, for good
+        loop.faults[s] = 1000.0
+    loop.run(60)  # no NonFiniteGradientError: 8 steps skipped, then a new warm-up at the new level
+    assert [e.step for e in loop.guard.events if e.kind == "spike_skipped"] == list(range(10, 18))
+    assert loop.guard.skipped_steps == 8
