@@ -85,6 +85,13 @@ def bench_model(label: str, build: Callable[[], nn.Module], rounds: int, steps: 
         ratio = statistics.median(times[name]) / base
         lo, hi = min(medians[name]) / base, max(medians[name]) / base
         lines.append(f"| {name} | {ratio:.3f} | {lo:.3f} – {hi:.3f} |")
+    guard_alone: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    for _ in range(200):  # GuardCore.step alone, on each copy's last gradients, interleaved
+        for name in CONFIGS:
+            t0 = time.perf_counter()
+            guards[name].step(opts[name])
+            guard_alone[name].append(time.perf_counter() - t0)
+    alone = {name: statistics.median(v) for name, v in guard_alone.items()}
     targets = Targets(models["guard"], [opts["guard"]])
     takes, restores = [], []
     snap = Snapshot.take(0, targets)
@@ -101,6 +108,10 @@ def bench_model(label: str, build: Callable[[], nn.Module], rounds: int, steps: 
         f"snapshot: {snap.nbytes / 2**20:.1f} MiB (parameters + Adam state); take {take * 1e3:.1f} ms, "
         f"restore {statistics.median(restores) * 1e3:.1f} ms (medians of 10); median step {base * 1e3:.1f} ms; "
         f"a snapshot every 100 steps costs **{take / 100 / base:.3%}** of the step time.",
+        "",
+        "`GuardCore.step` alone (200 interleaved calls each, median): "
+        + ", ".join(f"{name} {alone[name] * 1e3:.3f} ms" for name in CONFIGS)
+        + f"; the spike check adds {(alone['spike skip'] - alone['guard']) / base:.2%} of the step time.",
         "",
     ]
     return lines

@@ -59,7 +59,7 @@ from lightning_gradguard.core.decide import (
 )
 from lightning_gradguard.core.hostread import HostRead
 from lightning_gradguard.core.measure import Measurement, layer_norms, layer_norms_now, measure_step, weight_norms
-from lightning_gradguard.core.recovery import Recovery, Rollback
+from lightning_gradguard.core.recovery import Recovery, Rollback, rank
 from lightning_gradguard.core.snapshot import RestoreError
 from lightning_gradguard.core.spike_skip import DeviceSpikeStats
 from lightning_gradguard.core.step_report import (
@@ -329,7 +329,7 @@ class GuardCore:
         if self.recovery is not None:
             targets = self.recovery.targets
             targets.optimizers, targets.schedulers, targets.scaler = list(optimizers), list(schedulers), scaler
-            self.recovery.rank = self.recovery.ring.rank = _rank()
+            self.recovery.rank = self.recovery.ring.rank = rank()
 
     def config(self) -> dict[str, Any]:
         """The options the run is guarded with, as plain values: recorded with the run (TensorBoard),
@@ -898,8 +898,3 @@ def _drop_grads(optimizers: Sequence[torch.optim.Optimizer]) -> None:
             for p in group["params"]:
                 p.grad = None
 
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -34,7 +34,7 @@ from lightning_gradguard.core.snapshot import RestoreError, Snapshot, SnapshotRi
 from lightning_gradguard.errors import NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
 
-__all__ = ["SKIP_FILE", "Recovery", "Rollback", "scale_lrs"]
+__all__ = ["SKIP_FILE", "Recovery", "Rollback", "rank", "scale_lrs"]
 
 SKIP_FILE = "gradguard_skips.json"  # the skip list's file name, beside the logs
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # what a learning-rate backoff scales in a group
@@ -137,6 +137,7 @@ class Recovery:
         self.lr_scale = 1.0
         self.skips: list[dict[str, Any]] = []  # the skip list
         self.replay: set[tuple[int, int]] = set()  # positions to skip again (a resumed run)
+        self.resumed = False
         self.skip_path: str | None = self._path_of(config.skip_file, None)
         self.cause: str | None = None  # a trigger waiting for the end of the step's decision
         self.skip_next = 0
@@ -160,6 +161,13 @@ class Recovery:
     def set_log_dir(self, root: str) -> None:
         """Where the skip file goes when ``skip_file=True`` (the adapter: the Trainer's root directory)."""
         self.skip_path = self._path_of(self.config.skip_file, root)
+
+    def begin_run(self) -> None:
+        """Training starts: a fresh run (nothing loaded by :meth:`load_state_dict`) starts the skip
+        file empty, since an earlier run's list is not this one's."""
+        self.rank = rank()
+        if not self.resumed and self.skip_path is not None and Path(self.skip_path).is_file():
+            self._write_skip_file()
 
     def note_batch(self, epoch: int, batch_idx: int) -> None:
         self._batch.append((int(epoch), int(batch_idx)))
@@ -308,6 +316,7 @@ class Recovery:
         """Restore the counters and the skip list (merged with the skip file's, which may be newer):
         the run is resumed, so its recorded batches are skipped again."""
         saved = dict(state)
+        self.resumed = True
         from_file = self._read_skip_file()
         newer = from_file if int(from_file.get("rollbacks", 0)) > int(saved.get("rollbacks", 0)) else saved
         self.rollbacks = int(newer.get("rollbacks", 0))
@@ -340,6 +349,13 @@ class Recovery:
         tmp.write_text(json.dumps({"version": 1, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
                                    "skips": self.skips}, indent=1))  # fmt: skip
         os.replace(tmp, path)  # atomic: a run killed mid-write leaves the previous list
+
+
+def rank() -> int:
+    """This process's global rank (0 outside ``torch.distributed``)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def scale_lrs(optimizers: Sequence[Any], schedulers: Sequence[Any], factor: float) -> None:

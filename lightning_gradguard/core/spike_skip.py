@@ -107,10 +107,10 @@ class DeviceSpikeStats:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         values = state.get("device_stats")
-        state = torch.tensor(values, dtype=torch.float32) if values is not None else None
-        if state is not None and state.shape[1] == 3:
-            state = torch.cat([state, torch.zeros(2, 1)], 1)
-        self.state = state
+        loaded = torch.tensor(values, dtype=torch.float32) if values is not None else None
+        if loaded is not None and loaded.shape[1] == 3:
+            loaded = torch.cat([loaded, torch.zeros(2, 1)], 1)
+        self.state = loaded
 
     def copy_state(self) -> Tensor | None:
         """A device copy of the statistics (for a snapshot; no host sync)."""

@@ -283,6 +283,7 @@ class GradGuard(GuardCore, _Base):
             raise MisconfigurationException(str(exc)) from None
         if self.recovery is not None:
             self._hook_module(pl_module)
+            self.recovery.begin_run()
 
     def _hook_module(self, pl_module: pl.LightningModule) -> None:
         """After a rollback, the LightningModule's ``on_gradguard_rollback(event)`` (when it defines one)

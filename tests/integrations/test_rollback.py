@@ -256,3 +256,15 @@ def test_a_rollback_is_in_tensorboard_and_in_the_report(tmp_path: Path, capsys: 
     assert "rollback at step 10 to the snapshot of step 8" in text and "(batches 1:0, 1:1, 1:2)" in text
     skips = json.loads((tmp_path / "gradguard_skips.json").read_text())  # beside the logs (default_root_dir)
     assert {(e["step"], e["reason"]) for e in skips["skips"]} >= {(9, "nonfinite"), (8, "rolled back")}
+
+
+def test_a_fresh_run_does_not_inherit_an_earlier_runs_skip_list(tmp_path: Path) -> None:
+    from tests.helpers import FaultNet
+
+    stale = {"version": 1, "rollbacks": 2, "lr_scale": 1.0,
+             "skips": [{"epoch": 0, "batch_idx": 1, "step": 1, "reason": "rolled back"}]}  # fmt: skip
+    (tmp_path / "gradguard_skips.json").write_text(json.dumps(stale))
+    guard = GradGuard(rollback=Rollback(every=4))
+    trainer([guard], steps=4, default_root_dir=str(tmp_path)).fit(FaultNet())
+    assert guard.skip_list == [] and guard.rollbacks == 0 and guard.skipped_steps == 0
+    assert json.loads((tmp_path / "gradguard_skips.json").read_text())["skips"] == []
