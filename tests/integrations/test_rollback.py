@@ -268,3 +268,17 @@ def test_a_fresh_run_does_not_inherit_an_earlier_runs_skip_list(tmp_path: Path) 
     trainer([guard], steps=4, default_root_dir=str(tmp_path)).fit(FaultNet())
     assert guard.skip_list == [] and guard.rollbacks == 0 and guard.skipped_steps == 0
     assert json.loads((tmp_path / "gradguard_skips.json").read_text())["skips"] == []
+
+
+def test_under_gradient_accumulation_every_micro_batch_is_in_the_skip_list(tmp_path: Path) -> None:
+    from tests.helpers import FaultNet
+
+    guard = GradGuard(max_consecutive_skips=1, rollback=Rollback(every=2), log_every_n_steps=None)
+    t = trainer([guard], steps=6, accumulate_grad_batches=2, default_root_dir=str(tmp_path))
+    t.fit(FaultNet({3: ("loss", math.nan)}))
+    (event,) = [e for e in guard.events if e.kind == "rollback"]
+    assert (event.step, event.extra["snapshot_step"]) == (3, 2)
+    assert event.extra["batches_skipped"] == [[0, 4], [0, 5], [0, 6], [0, 7]]  # steps 2 and 3, two each
+    assert [(e["batch_idx"], e["reason"]) for e in guard.skip_list if e["reason"] == "nonfinite"] == [
+        (6, "nonfinite"), (7, "nonfinite"),
+    ]  # fmt: skip
