@@ -25,6 +25,8 @@ EventKind = Literal[
     "stopped",
     "rollback",
     "spike_skipped",
+    "update_spike",
+    "moment_collapse",
 ]
 
 
@@ -47,7 +49,10 @@ class GradEvent:
             fault that ended it), or ``"rollback"`` (the guard restored a snapshot: ``value`` is the
             snapshot's step; ``extra`` holds ``cause``, ``from_step``, ``snapshot_step``,
             ``batches_skipped``, ``rollbacks``), or ``"spike_skipped"`` (a finite step skipped for a
-            total norm or loss far above its rolling statistics, ``skip_spikes``; ``extra["zscore"]``).
+            total norm or loss far above its rolling statistics, ``skip_spikes``; ``extra["zscore"]``), or
+            ``"update_spike"`` / ``"moment_collapse"`` (``track_updates``: the update-to-weight ratio
+            far above its recent values; a layer's smallest Adam √v fallen by decades while its
+            gradient did not).
         step: the optimizer step (``trainer.global_step`` as ``training_step`` saw it).
         layers: the layers concerned: for ``nonfinite`` every layer whose gradient is non-finite,
             in forward order; for ``spike`` the layers that grew most against their own recent

@@ -70,10 +70,13 @@ from lightning_gradguard.core.step_report import (
     timestep_metrics,
 )
 from lightning_gradguard.core.timesteps import TimestepHistory, combine_profiles, make_tracker
+from lightning_gradguard.core.updates import UPDATE_KEYS, UpdateTracker
 from lightning_gradguard.detectors import Detector, Observation, default_detectors, state_of
 from lightning_gradguard.detectors.spike import LogNormStats, SpikeDetector
+from lightning_gradguard.detectors.updates import UpdateDetector
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.primitives.layout import LayerMap, OptimizerLayout
+from lightning_gradguard.primitives.norms import dtensor_type
 
 __all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "RestoreError", "Rollback", "StepReport"]
 
@@ -99,6 +102,7 @@ class _Step:
     read: HostRead
     deferred: bool = False  # read later (warn, or skipped on the device): its gradients are gone by then
     layer_ids: Sequence[int] = ()  # logging steps: the layers present
+    update_ids: Sequence[int] = ()  # logging steps with track_updates: the layers measured
     profiles: Sequence[str] = ()  # logging steps: the tracked sequences read
 
 
@@ -156,6 +160,11 @@ class GuardCore:
             one when a fault persists (see its options). None (default): off.
         on_rollback: called as ``on_rollback(event)`` after each rollback, on every rank: reset the
             state the guard cannot see (a carried hidden state, an EMA of the weights).
+        track_updates: on logging steps, also measure each layer's weight norm, the update-to-weight
+            ratio ‖ΔW‖/‖W‖ of the update that led into the step, and (Adam-family optimizers) the
+            smallest and median √v; ``update_spike`` and ``moment_collapse`` events. Costs one copy of
+            the parameters on the step before each logging step. Default False. Not yet for sharded
+            parameters (refused at :meth:`prepare`).
 
     Raises:
         ValueError: an argument is out of range; the message names it.
@@ -209,6 +218,7 @@ class GuardCore:
         skip_spikes: float | None = None,
         rollback: Rollback | None = None,
         on_rollback: Callable[[GradEvent], Any] | None = None,
+        track_updates: bool = False,
     ) -> None:
         if clip is not None and not isinstance(clip, Clipper):
             raise TypeError(
@@ -272,6 +282,11 @@ class GuardCore:
         spikes_on = self.skip_spikes is not None or confirm is not None
         patience = rollback.spike_patience if rollback is not None else 0
         self.spikes = DeviceSpikeStats(self.spike_warmup, new_level=max(8, patience + 1)) if spikes_on else None
+        if not isinstance(track_updates, bool):
+            raise TypeError(f"Expected `track_updates` to be a bool, but got {track_updates!r}.")
+        self.updates = UpdateTracker(self.norm_type) if track_updates else None
+        if track_updates:
+            self.detectors.append(UpdateDetector(self.spike_zscore if self.spike_zscore is not None else 6.0))
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
         self._last_number = -1
@@ -326,6 +341,14 @@ class GuardCore:
         self.gather_profiles = gather_profiles
         for optimizer in optimizers:
             self.clipping.check(self.layers.layout(optimizer))
+        dtensor = dtensor_type()
+        if self.updates is not None and (
+            self.sharded or (dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()))
+        ):
+            raise ValueError(
+                "GradGuard: track_updates=True does not support sharded parameters yet (FSDP, tensor parallel): "
+                "the update and weight norms would need the shards reduced. Use it under DDP or on one process."
+            )
         if self.recovery is not None:
             targets = self.recovery.targets
             targets.optimizers, targets.schedulers, targets.scaler = list(optimizers), list(schedulers), scaler
@@ -434,6 +457,7 @@ class GuardCore:
         scaler: torch.amp.GradScaler | None = None,
         optimizer_idx: int = 0,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        log_next: bool | None = None,
     ) -> StepReport:
         """Measure, clip, read, decide, detect and report one optimizer step.
 
@@ -449,6 +473,8 @@ class GuardCore:
             optimizer_idx: recorded in events.
             reduce: sums a small flag tensor across ranks (e.g. ``all_reduce``), so that every rank
                 takes the same decision. None on a single process.
+            log_next: whether the next step logs (``track_updates`` copies the weights before this
+                step's update then); default follows ``log_every_n_steps``.
 
         Returns:
             A :class:`StepReport`.
@@ -481,6 +507,11 @@ class GuardCore:
         else:
             self.skipper.disarm(optimizer)
         self._register_logged(s, m.loss_scale)
+        if self.updates is not None:
+            if is_log:  # the update that led into this step, then (below) the weights before this one
+                s.update_ids = self.updates.register(s.read, optimizer, layout)
+            if self.is_logging_step(number + 1) if log_next is None else log_next:
+                self.updates.keep_before(optimizer, layout)  # measured at the next (logging) step
         if self.policy.defers(is_log, self.clipping.needs_host, on_device):
             return self._defer(s)
         pending, self._pending = self._pending, []
@@ -676,6 +707,12 @@ class GuardCore:
             self.history.add(report.step, name, values)
             report.timesteps[name] = self.history.norms[name]
         metrics.update(timestep_metrics({name: self.history.summaries[name] for name in s.profiles}))
+        if s.update_ids:
+            names = [s.layout.layer_names[i] for i in s.update_ids]
+            metrics[f"{p}update_ratio"] = read["update_total"]
+            for key in UPDATE_KEYS:
+                if key in read:
+                    metrics.update({f"{p}{key}/{n}": v for n, v in zip(names, read.vector(key), strict=True)})
         report.metrics = metrics
         report.layer_order = self.layers.forward_names(s.layout)
         report.timestep_heat = self.history.heat
@@ -696,6 +733,15 @@ class GuardCore:
                 obs.weight_norms = dict(zip(names, read.vector("weights"), strict=True))
             obs.unused = [] if verdict.nonfinite else layout.unused(s.layer_ids)
             obs.timestep_summaries = {name: self.history.summaries[name] for name in s.profiles}
+            if s.update_ids:
+                measured = [layout.layer_names[i] for i in s.update_ids]
+                obs.updates = {
+                    "total": read["update_total"],
+                    "layers": dict(zip(measured, read.vector("update_ratio"), strict=True)),
+                    "sqrt_v_min": dict(zip(measured, read.vector("sqrt_v_min"), strict=True))
+                    if "sqrt_v_min" in read
+                    else {},
+                }
         for detector in self.detectors:
             for event in detector.detect(obs):
                 self._record(event)

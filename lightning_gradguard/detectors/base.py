@@ -38,12 +38,14 @@ class Observation:
         unused: layers whose parameters require grad but got no gradient (logging steps).
         timestep_summaries: each tracked sequence's profile summary (logging steps).
         layers_now: per-layer norms on any step, at the cost of one more host read.
+        updates: logging steps with ``track_updates``: ``{"total": ‖ΔW‖/‖W‖, "layers": {layer: ratio},
+            "sqrt_v_min": {layer: smallest √v}}`` (empty otherwise).
     """
 
     # A plain class with slots: one is made per step, and shared empty defaults allocate nothing.
     __slots__ = (
         "finite", "layer_norms", "layers_now", "logged", "loss_scale", "nonfinite", "optimizer_idx", "step",
-        "timestep_summaries", "total", "unused", "weight_norms",
+        "timestep_summaries", "total", "unused", "updates", "weight_norms",
     )  # fmt: skip
 
     def __init__(
@@ -61,6 +63,7 @@ class Observation:
         unused: Sequence[str] = (),
         timestep_summaries: Mapping[str, Mapping[str, float]] = _NONE,
         layers_now: Callable[[], dict[str, float]] = dict,
+        updates: Mapping[str, Any] = _NONE,
     ) -> None:
         self.step = step
         self.optimizer_idx = optimizer_idx
@@ -74,6 +77,7 @@ class Observation:
         self.unused = unused
         self.timestep_summaries = timestep_summaries
         self.layers_now = layers_now
+        self.updates = updates
 
 
 @runtime_checkable

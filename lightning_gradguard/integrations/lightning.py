@@ -323,10 +323,10 @@ class GradGuard(GuardCore, _Base):
         self.note_batch(trainer.current_epoch, batch_idx)
         self.begin_step(trainer.global_step, log=self._is_logging_step(trainer))
 
-    def _is_logging_step(self, trainer: pl.Trainer) -> bool:
+    def _is_logging_step(self, trainer: pl.Trainer, step: int | None = None) -> bool:
         # The Trainer sets `log_every_n_steps` dynamically; 0 there means Lightning never logs.
         n = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
-        return n > 0 and (trainer.global_step + 1) % n == 0
+        return n > 0 and ((trainer.global_step if step is None else step) + 1) % n == 0
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -350,6 +350,7 @@ class GradGuard(GuardCore, _Base):
                 scaler=getattr(trainer.precision_plugin, "scaler", None),
                 optimizer_idx=next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0),
                 reduce=reduce if trainer.world_size > 1 else None,
+                log_next=self._is_logging_step(trainer, trainer.global_step + 1),
             )
         except NonFiniteGradientError as exc:
             self._maybe_dump(trainer, pl_module, optimizer, exc.event)
