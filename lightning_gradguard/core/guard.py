@@ -34,6 +34,7 @@ sync. Only a faulty step pays more (to list its non-finite layers).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 from lightning_gradguard._validate import check_choice, check_handlers, check_int, check_number, check_ratio
 from lightning_gradguard.clip import Clipper
 from lightning_gradguard.core import alerts
+from lightning_gradguard.core.attribution import attribute, describe
 from lightning_gradguard.core.clipping import CLIP_LEVEL, ClipStage
 from lightning_gradguard.core.decide import (
     FLAGS,
@@ -74,6 +76,7 @@ from lightning_gradguard.core.updates import UPDATE_KEYS, UpdateTracker
 from lightning_gradguard.detectors import Detector, Observation, default_detectors, state_of
 from lightning_gradguard.detectors.spike import LogNormStats, SpikeDetector
 from lightning_gradguard.detectors.updates import UpdateDetector
+from lightning_gradguard.dump import capture_rng
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.primitives.layout import LayerMap, OptimizerLayout
 from lightning_gradguard.primitives.norms import dtensor_type
@@ -103,6 +106,8 @@ class _Step:
     deferred: bool = False  # read later (warn, or skipped on the device): its gradients are gone by then
     layer_ids: Sequence[int] = ()  # logging steps: the layers present
     update_ids: Sequence[int] = ()  # logging steps with track_updates: the layers measured
+    replay: tuple[Any, Any, Any] | None = None  # (closure, precision, rng) of a replayable step
+    local_bad: Tensor | None = None  # under data parallelism: this rank's own flags, before the sum
     profiles: Sequence[str] = ()  # logging steps: the tracked sequences read
 
 
@@ -160,6 +165,12 @@ class GuardCore:
             one when a fault persists (see its options). None (default): off.
         on_rollback: called as ``on_rollback(event)`` after each rollback, on every rank: reset the
             state the guard cannot see (a carried hidden state, an EMA of the weights).
+        replay: replay the first non-finite step (and the first skipped spike) to tell a transient
+            fault from a precision or a data fault, and find where the forward pass broke (see
+            :mod:`~lightning_gradguard.core.attribution`); the verdict goes into the event's
+            ``extra["replay"]`` and message. Needs the step's closure (``step(..., replay_closure=)``;
+            ``GradGuard`` makes it) and :meth:`begin_step` before the forward pass (the RNG state).
+            Default True.
         track_updates: on logging steps, also measure each layer's weight norm, the update-to-weight
             ratio ‖ΔW‖/‖W‖ of the update that led into the step, and (Adam-family optimizers) the
             smallest and median √v; ``update_spike`` and ``moment_collapse`` events. Costs one copy of
@@ -219,6 +230,7 @@ class GuardCore:
         rollback: Rollback | None = None,
         on_rollback: Callable[[GradEvent], Any] | None = None,
         track_updates: bool = False,
+        replay: bool = True,
     ) -> None:
         if clip is not None and not isinstance(clip, Clipper):
             raise TypeError(
@@ -285,6 +297,12 @@ class GuardCore:
         if not isinstance(track_updates, bool):
             raise TypeError(f"Expected `track_updates` to be a bool, but got {track_updates!r}.")
         self.updates = UpdateTracker(self.norm_type) if track_updates else None
+        if not isinstance(replay, bool):
+            raise TypeError(f"Expected `replay` to be a bool, but got {replay!r}.")
+        self.replay = replay
+        self._rng_before: dict[str, Any] | None = None  # the RNG state before the step's forward pass
+        self._replayed: set[str] = set()  # the kinds already replayed (the first of each)
+        self._model: nn.Module | None = None
         if track_updates:
             self.detectors.append(UpdateDetector(self.spike_zscore if self.spike_zscore is not None else 6.0))
         self._loss_sum: Tensor | None = None
@@ -307,6 +325,7 @@ class GuardCore:
         """Name ``model``'s parameters by layer, record its forward order on the next forward, and
         attach the (dormant) per-timestep hooks to its recurrent modules."""
         self.layers.watch(model)
+        self._model = model
         if self.recovery is not None:
             self.recovery.targets.model = model
         if self.timesteps is not None:
@@ -391,8 +410,11 @@ class GuardCore:
         """Call before the forward pass(es) of an optimizer step, to arm per-timestep tracking.
 
         Only on logging steps are the timestep hooks armed; on other steps this costs one branch.
-        Micro-batches of one optimizer step may call it each; their profiles combine.
+        Micro-batches of one optimizer step may call it each; their profiles combine. With ``replay``
+        it also keeps the RNG state (the last micro-batch's, which a replay uses).
         """
+        if self.replay:
+            self._rng_before = capture_rng()
         if self.timesteps is None:
             return
         step = self.steps if step is None else step
@@ -458,6 +480,8 @@ class GuardCore:
         optimizer_idx: int = 0,
         reduce: Callable[[Tensor], Tensor] | None = None,
         log_next: bool | None = None,
+        replay_closure: Callable[[], Any] | None = None,
+        replay_precision: Callable[[], Any] | None = None,
     ) -> StepReport:
         """Measure, clip, read, decide, detect and report one optimizer step.
 
@@ -475,6 +499,10 @@ class GuardCore:
                 takes the same decision. None on a single process.
             log_next: whether the next step logs (``track_updates`` copies the weights before this
                 step's update then); default follows ``log_every_n_steps``.
+            replay_closure: runs this step's forward pass again on its batch and returns the loss
+                (``replay``): called only on the first faulty step, never on a healthy one.
+            replay_precision: the run's autocast context factory (e.g. ``lambda: torch.autocast("cuda",
+                torch.bfloat16)``), so that a replay can compare reduced precision with float32.
 
         Returns:
             A :class:`StepReport`.
@@ -501,6 +529,7 @@ class GuardCore:
         ctx = self.clipping.context(m, layout, self.norm_type, is_log)
         level = self.clipping.clip_now(ctx, m, s.read)
         flags = self._register_head(s, m, level, reduce)
+        s.replay = (replay_closure, replay_precision, self._rng_before) if replay_closure is not None else None
         on_device = self.policy.on_device(optimizer, is_log, self.clipping.needs_host, m.loss_scale is not None)
         if on_device:  # a non-finite step is skipped by the optimizer itself: no read needed now
             self.skipper.arm(optimizer, flags)
@@ -596,6 +625,32 @@ class GuardCore:
         if healthy and not rec.suspicious and rec.due(s.number):
             rec.capture(s.number)
 
+    def _replaying(self, s: _Step) -> Callable[[GradEvent], GradEvent]:
+        """The recorder of this step's events: the first ``nonfinite`` and ``spike_skipped`` event are
+        replayed first (every rank replays its own batch; the verdicts are gathered)."""
+
+        def record(event: GradEvent) -> GradEvent:
+            if event.kind not in ("nonfinite", "spike_skipped") or event.kind in self._replayed:
+                return self._record(event)
+            self._replayed.add(event.kind)
+            result = self._attribute(s, event)
+            if result is None:
+                return self._record(event)
+            extra = {**event.extra, "replay": result}
+            return self._record(dataclasses.replace(event, message=f"{event.message} {describe(result)}", extra=extra))
+
+        return record
+
+    def _attribute(self, s: _Step, event: GradEvent) -> dict[str, Any] | None:
+        if s.replay is None:
+            return None
+        closure, precision, rng = s.replay
+        spike = float(event.value) if event.kind == "spike_skipped" else None
+        mine = attribute(closure, s.layout.params, model=self._model, rng=rng, precision=precision,
+                         spike_norm=spike)  # fmt: skip
+        mine["local_fault"] = bool(s.local_bad.sum() > 0) if s.local_bad is not None else True
+        return _gather_verdicts(mine)
+
     def _run_state(self) -> dict[str, Any]:
         """The guard's state a snapshot keeps: the clipper's and the detectors' statistics (its counters
         and events go on counting through a rollback)."""
@@ -634,6 +689,7 @@ class GuardCore:
             s.read.put_each(FLAGS + _WATCH, head)
             flags = head[: len(FLAGS)]
         else:
+            s.local_bad = torch.stack(bad[:2])  # this rank's own [gradient, loss] faults (a replay names it)
             flags = reduce(torch.stack(bad))
             s.read.put_each(FLAGS, flags)
             s.read.put_each(_WATCH, torch.stack(watch))
@@ -681,7 +737,8 @@ class GuardCore:
             params = () if s.deferred else s.layout.params  # a deferred step's gradients belong to a later one
             return Fault(s.number, report.total_norm, s.norms, s.owners, s.layout, params, s.optimizer_idx)
 
-        report.event, report.skipped = self.policy.decide(verdict, total, fault, self._record)
+        record = self._record if s.deferred or not self.replay else self._replaying(s)
+        report.event, report.skipped = self.policy.decide(verdict, total, fault, record)
         report.amp_overflow, report.nonfinite = verdict.amp_bad, verdict.nonfinite
         report.should_stop = verdict.nonfinite and self.on_nonfinite == "stop"
         if self.recovery is not None:
@@ -935,6 +992,21 @@ class GuardCore:
             self.recovery.load_state_dict(state.get("recovery", {}))
         if self.spikes is not None and "spike_device" in state:
             self.spikes.load_state_dict(state["spike_device"])
+
+
+def _gather_verdicts(mine: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's replay, gathered (a collective: every rank replays the same step); the verdict of
+    the run is a rank's that reproduced the fault, else ``transient``, naming the faulty ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return {**mine, "faulty_ranks": [mine["rank"]]}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    reproduced = [r for r in everyone if r["verdict"] != "transient"]
+    chosen = reproduced[0] if reproduced else next((r for r in everyone if r["local_fault"]), mine)
+    faulty = [r["rank"] for r in everyone if r["local_fault"]]
+    return {**chosen, "faulty_ranks": faulty, "ranks": everyone}
 
 
 def _drop_grads(optimizers: Sequence[torch.optim.Optimizer]) -> None:

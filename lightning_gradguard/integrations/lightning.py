@@ -200,6 +200,7 @@ class GradGuard(GuardCore, _Base):
             log_histograms=log_histograms, images_in_background=images_in_background, images=images
         )
         self._last_report: StepReport | None = None
+        self._replay_off: str | None = None  # why this run's faults are not replayed
         self._wandb: WandbAlert | None = None
 
     @property
@@ -284,6 +285,26 @@ class GradGuard(GuardCore, _Base):
         if self.recovery is not None:
             self._hook_module(pl_module)
             self.recovery.begin_run()
+        self._replay_off = self._why_no_replay(trainer, pl_module) if self.replay else None
+        if self._replay_off is not None:
+            rank_zero_info(f"GradGuard: faults are not replayed in this run: {self._replay_off}")
+
+    @staticmethod
+    def _why_no_replay(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+        """Where a replay cannot work: sharded strategies and manual optimization."""
+        strategy = type(trainer.strategy).__name__
+        if strategy in ("FSDPStrategy", "ModelParallelStrategy"):
+            return (
+                f"under {strategy} the forward pass gathers the shards with collectives, which a replay on one "
+                "step's batch would have to repeat on every rank in lockstep; the fault's layers and origin are "
+                "still reported"
+            )
+        if not pl_module.automatic_optimization:
+            return (
+                "under manual optimization training_step calls the optimizers itself; pass your own closure to "
+                "GuardCore.step(replay_closure=...) instead"
+            )
+        return None
 
     def _hook_module(self, pl_module: pl.LightningModule) -> None:
         """After a rollback, the LightningModule's ``on_gradguard_rollback(event)`` (when it defines one)
@@ -320,6 +341,7 @@ class GradGuard(GuardCore, _Base):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.dumper.begin_batch(batch, batch_idx)
+        self._replay_batch = (batch, batch_idx)  # a reference: a replay of this step runs on it
         self.note_batch(trainer.current_epoch, batch_idx)
         self.begin_step(trainer.global_step, log=self._is_logging_step(trainer))
 
@@ -351,6 +373,8 @@ class GradGuard(GuardCore, _Base):
                 optimizer_idx=next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0),
                 reduce=reduce if trainer.world_size > 1 else None,
                 log_next=self._is_logging_step(trainer, trainer.global_step + 1),
+                replay_closure=self._replay_closure(trainer, pl_module),
+                replay_precision=self._replay_precision(trainer),
             )
         except NonFiniteGradientError as exc:
             self._maybe_dump(trainer, pl_module, optimizer, exc.event)
@@ -363,6 +387,38 @@ class GradGuard(GuardCore, _Base):
             self.sink.write(trainer.loggers, report, trainer.is_global_zero)
         if report.should_stop:
             trainer.should_stop = True
+
+    def _replay_closure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[], Any] | None:
+        """``training_step`` again on the step's (last) batch, with ``self.log`` silenced and the
+        module's reassigned attributes (a carried hidden state) put back afterwards."""
+        kept = self.__dict__.get("_replay_batch")
+        if not self.replay or kept is None or self._replay_off is not None:
+            return None
+        batch, batch_idx = kept
+
+        def closure() -> Any:
+            saved = {k: v for k, v in vars(pl_module).items() if not k.startswith("_")}
+            quiet = {name: name in vars(pl_module) for name in ("log", "log_dict")}
+            for name in quiet:
+                object.__setattr__(pl_module, name, lambda *args, **kwargs: None)
+            try:
+                return pl_module.training_step(batch, batch_idx)
+            finally:
+                for name, own in quiet.items():
+                    if not own:
+                        object.__delattr__(pl_module, name)
+                for key, value in saved.items():
+                    if vars(pl_module).get(key) is not value:
+                        object.__setattr__(pl_module, key, value)
+
+        return closure
+
+    @staticmethod
+    def _replay_precision(trainer: pl.Trainer) -> Callable[[], Any] | None:
+        """The run's autocast (its precision plugin's forward context), or None for a float32 run."""
+        if str(trainer.precision) in ("32-true", "32", "64-true", "64"):
+            return None
+        return trainer.precision_plugin.forward_context  # type: ignore[no-any-return]
 
     def _maybe_dump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, event: Any) -> None:
         path = self.dumper.maybe_dump(

@@ -1,0 +1,173 @@
+"""Why did it break? The first faulty step is replayed: a transient fault, a data fault, a precision
+fault and a poisoned carried state each get their verdict and forward origin; a replay that raises
+is reported and never crashes the run. The messages printed here are the README's examples."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import GradEvent, GradGuard, GradGuardWarning
+from tests.helpers import trainer
+
+pytestmark = pytest.mark.filterwarnings("ignore::lightning_gradguard.GradGuardWarning")
+
+
+class OnceNaN(torch.autograd.Function):
+    """Identity forward; the first backward through it writes NaN (a fault that never recurs)."""
+
+    fired = False
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        if not OnceNaN.fired:
+            OnceNaN.fired = True
+            return torch.full_like(grad, math.nan)
+        return grad
+
+
+class Log(nn.Module):
+    """``log`` of its input: NaN on a negative value."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.log(x)
+
+
+class Gain(nn.Module):
+    """Multiplies by ``factor``: in fp16 a large factor overflows (65504) where float32 does not."""
+
+    factor = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.factor
+
+
+class Net(pl.LightningModule):
+    """enc -> log -> big -> gain -> head. ``mode``: "transient" (a one-time NaN gradient at step 3), "data"
+    (batch 3 holds a negative value: log gives NaN), "precision" (gain's output exceeds fp16's range
+    at step 3), "raises" (training_step cannot run twice on batch 3)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode = mode
+        self.enc = nn.Linear(4, 8)
+        self.log_layer = Log()
+        self.big = nn.Linear(8, 8)
+        self.gain = Gain()
+        self.head = nn.Linear(8, 1)
+        self.calls: dict[int, int] = {}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        step = self.trainer.global_step
+        self.calls[batch_idx] = self.calls.get(batch_idx, 0) + 1
+        if self.mode == "raises" and step == 3 and self.calls[batch_idx] > 1:
+            raise RuntimeError("the batch's iterator is exhausted")
+        h = self.log_layer(torch.sigmoid(self.enc(x)) + (x[:, :1] if self.mode == "data" else 0.0))
+        if self.mode == "transient" and step == 3:
+            h = OnceNaN.apply(h)
+        self.gain.factor = 1e6 if self.mode == "precision" and step == 3 else 1.0
+        h = self.gain(torch.tanh(self.big(h)))
+        loss = nn.functional.mse_loss(self.head(h), y)
+        if self.mode == "raises" and step == 3:
+            loss = loss * math.nan
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.rand(64, 4, generator=g), torch.randn(64, 1, generator=g)
+        if self.mode == "data":
+            x[3 * 8, 0] = -5.0  # batch 3: log of a negative number
+        return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def _first_fault(mode: str, **trainer_kwargs: Any) -> GradEvent:
+    OnceNaN.fired = False
+    guard = GradGuard(log_every_n_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradGuardWarning)
+        trainer([guard], steps=6, **trainer_kwargs).fit(Net(mode))
+    event = next(e for e in guard.events if e.kind == "nonfinite")
+    print(event.message)  # the README's examples
+    return event
+
+
+def test_a_transient_fault_is_named_transient_with_the_rank_and_device() -> None:
+    event = _first_fault("transient")
+    replay = event.extra["replay"]
+    assert (event.step, replay["verdict"], replay["replays"]) == (3, "transient", 2)
+    assert replay["faulty_ranks"] == [0] and replay["device"] == "cpu" and replay["host"]
+    assert "Replay: transient (did not reproduce in 2 replays): suspect the hardware on rank(s) 0" in event.message
+
+
+def test_a_fault_from_the_data_is_data_or_numerics_at_the_module_that_broke() -> None:
+    event = _first_fault("data")
+    replay = event.extra["replay"]
+    assert (replay["verdict"], replay["forward_origin"], replay["input_nonfinite"]) == ("data or numerics", "log_layer", False)
+    assert "Replay: data or numerics (reproduces in float32); the forward pass first went non-finite in log_layer" in event.message
+
+
+def test_an_fp16_overflow_in_the_forward_pass_is_precision() -> None:
+    event = _first_fault("precision", plugins=[MixedPrecision("16-mixed", "cpu")])
+    replay = event.extra["replay"]
+    assert (replay["verdict"], replay["forward_origin"], replay["input_nonfinite"]) == ("precision", "gain", False)
+    assert "Replay: precision (reproduces in reduced precision, finite in float32)" in event.message
+
+
+def test_a_replay_that_raises_is_reported_and_the_run_goes_on() -> None:
+    event = _first_fault("raises")
+    assert event.extra["replay"]["verdict"] == "replay failed: RuntimeError: the batch's iterator is exhausted"
+    assert "Replay: replay failed: RuntimeError" in event.message
+
+
+class Carried(pl.LightningModule):
+    """Truncated BPTT; at step 3 the carried hidden state is poisoned (NaN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.GRU(3, 8, batch_first=True)
+        self.head = nn.Linear(8, 1)
+        self.hidden: Tensor | None = None
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        if self.trainer.global_step == 3:
+            self.hidden = torch.full((1, x.shape[0], 8), math.nan)
+        out, hidden = self.rnn(x, self.hidden)
+        self.hidden = hidden.detach()
+        return nn.functional.mse_loss(self.head(out[:, -1]), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(32, 5, 3, generator=g), torch.randn(32, 1, generator=g)), 4)
+
+
+def test_a_poisoned_carried_state_names_the_rnn_with_a_nonfinite_input() -> None:
+    guard = GradGuard(log_every_n_steps=2, max_consecutive_skips=100)
+    model = Carried()
+    trainer([guard], steps=5).fit(model)
+    event = next(e for e in guard.events if e.kind == "nonfinite")
+    print(event.message)
+    replay = event.extra["replay"]
+    assert (replay["verdict"], replay["forward_origin"], replay["input_nonfinite"]) == ("data or numerics", "rnn", True)
+    assert "first went non-finite in rnn (its input was already non-finite: the data or a carried state)" in event.message
