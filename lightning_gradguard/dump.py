@@ -130,6 +130,7 @@ def write_dump(
     model_state: dict[str, Any],
     optimizer_state: dict[str, Any],
     rank: int | None = None,
+    micro_batches: int = 1,
 ) -> Path:
     """Write one dump atomically (a temporary file in the same directory, then a rename).
 
@@ -145,6 +146,7 @@ def write_dump(
         "event": to_safe(event.as_dict()),
         "batch": to_safe(batch),
         "batch_idx": int(batch_idx),
+        "micro_batches": int(micro_batches),
         "global_step": int(global_step),
         "epoch": int(epoch),
         "rng": to_safe(rng),
@@ -282,6 +284,7 @@ class Dumper:
             model_state=model_state(),
             optimizer_state=optimizer_state(),
             rank=rank,
+            micro_batches=len(self._batches),
         )
         self.paths.append(str(path))
         return path

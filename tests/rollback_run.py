@@ -5,7 +5,8 @@ Usage: python tests/rollback_run.py OUTDIR MODE
 MODE: ``ddp``, ``fsdp2``, ``tp`` (2 CPU processes) or ``fsdp1`` (Lightning's FSDPStrategy on every
 GPU: CUDA only), with a persistent NaN gradient on the last rank only at steps 5 and 6
 (max_consecutive_skips=2: a rollback at step 6); ``<mode>_limit``: the fault never ends
-(max_rollbacks=1: the second trigger raises on every rank).
+(max_rollbacks=1: the second trigger raises on every rank). ``ddp_transient``: DDP, a NaN gradient on
+rank 1 at step 5 on the first backward only (the replay must call it transient and name rank 1).
 Each rank writes OUTDIR/<mode><r>.json: its events, and the full (unsharded) weights and Adam state
 before every step and right after the guard at every step.
 """
@@ -35,6 +36,23 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t  # a collective for a DTensor
 
 
+class OnceNaN(torch.autograd.Function):
+    """Identity forward; the first backward through it writes NaN."""
+
+    fired = False
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        if not OnceNaN.fired:
+            OnceNaN.fired = True
+            return torch.full_like(grad, math.nan)
+        return grad
+
+
 class Net(pl.LightningModule):
     def __init__(self, mode: str) -> None:
         super().__init__()
@@ -45,6 +63,10 @@ class Net(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.l2(torch.tanh(self.l1(torch.tanh(self.l0(x)))))
+        if self.mode == "ddp_transient":
+            if self.global_rank == 1 and self.trainer.global_step == 5:
+                out = OnceNaN.apply(out)
+            return out  # type: ignore[no-any-return]
         if self.global_rank == self.trainer.world_size - 1 and self.trainer.global_step in self.fault_steps:
             out = poison(out, math.nan)  # a NaN gradient on the last rank only
         return out  # type: ignore[no-any-return]
@@ -122,6 +144,8 @@ def main() -> None:
         log_every_n_steps=4, max_consecutive_skips=2,
         rollback=Rollback(every=2, keep=2, max_rollbacks=1 if limit else 3, skip_file=False),
     )  # fmt: skip
+    if mode == "ddp_transient":
+        guard = GradGuard(log_every_n_steps=4)
     before, after = Before(), After()
     accelerator, devices = "cpu", 2
     if mode.startswith("ddp"):
@@ -153,6 +177,7 @@ def main() -> None:
         "global_step": t.global_step,
         "events": [(e.kind, e.step, e.extra.get("snapshot_step")) for e in guard.events],
         "rollbacks": guard.rollbacks,
+        "replays": [e.extra["replay"] for e in guard.events if "replay" in e.extra],
         "before": {str(k): v for k, v in before.rows.items()},
         "after": {str(k): v for k, v in after.rows.items()},
     }

@@ -17,6 +17,16 @@ event file, a run without the guard).
     gradguard report runs/                       # or: python -m lightning_gradguard report runs/
     gradguard report runs/ --json
     gradguard report runs/ --png health.png --fail-on exploding spike
+
+``gradguard replay DUMP --model MODULE:FACTORY``: the same replay attribution as the live guard, offline,
+on a dump (``GradGuard(dump_dir=...)``): the model that ``FACTORY()`` builds gets the dump's weights,
+the RNG state from before the step's forward pass is restored, and ``training_step(batch,
+batch_idx)`` (or ``--loss MODULE:FN``, called as ``FN(model, batch)``) runs again, in float32 and,
+with ``--precision bf16|fp16``, under autocast. Exit status 0 when the fault did not reproduce
+here, 1 when it did, 2 for usage errors. Under gradient accumulation the first micro-batch is
+replayed (the dump's RNG state is from before it).
+
+    gradguard replay dumps/gradguard-step000123-nonfinite.pt --model my_project.models:build
 """
 
 from __future__ import annotations
@@ -28,10 +38,11 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning_gradguard.health.judge import KINDS, ReportError, RunHealth, judge_run
 
-__all__ = ["main", "render_text", "write_png"]
+__all__ = ["main", "render_text", "replay_dump", "write_png"]
 
 
 def build_report(run: Path) -> RunHealth:
@@ -76,6 +87,10 @@ def render_text(rep: RunHealth) -> str:
         where = f" (batches {', '.join(f'{e}:{b}' for e, b in r['batches'])})" if r["batches"] else ""
         back = f"  rollback at step {r['step']} to the snapshot of step {r['snapshot_step']}"
         lines.append(f"{back}: {r['cause']}{where}")
+    for r in rep.replays:
+        where = f", forward origin {r['forward_origin']}" if r.get("forward_origin") else ""
+        ranks = f", rank(s) {', '.join(map(str, r['faulty_ranks']))}" if r.get("faulty_ranks") else ""
+        lines.append(f"  replay of step {r['step']} ({r['kind']}): {r['verdict']}{where}{ranks}")
     if rep.skipped_batches:
         shown = ", ".join(f"{s['step']} ({s['reason']})" for s in rep.skipped_batches[:20])
         more = f" and {len(rep.skipped_batches) - 20} more" if len(rep.skipped_batches) > 20 else ""
@@ -93,6 +108,77 @@ def render_text(rep: RunHealth) -> str:
     for f in rep.findings:
         lines.append(f"  advice ({f['kind']}): {f['advice']}")
     return "\n".join(lines)
+
+
+def _load(spec: str, what: str) -> Any:
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ReportError(f"{what} must be MODULE:NAME, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ReportError(f"cannot load {what} {spec!r}: {exc}") from None
+
+
+def replay_dump(
+    path: Path, model_spec: str, loss_spec: str | None = None, precision: str | None = None
+) -> dict[str, Any]:
+    """Replay a dump's step offline (see the module's docstring); the attribution's result."""
+    import torch
+
+    from lightning_gradguard.core.attribution import attribute
+    from lightning_gradguard.dump import load_dump
+
+    try:
+        dump = load_dump(path)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ReportError(f"cannot read the dump {path}: {exc}") from None
+    model = _load(model_spec, "--model")()
+    model.load_state_dict(dump["model"])
+    batch = dump["batch"]
+    if int(dump.get("micro_batches", 1)) > 1:
+        batch = batch[0]
+    loss_fn = _load(loss_spec, "--loss") if loss_spec else None
+
+    def closure() -> Any:
+        if loss_fn is not None:
+            return loss_fn(model, batch)
+        for name in ("log", "log_dict"):  # no Trainer here: logging is a no-op
+            object.__setattr__(model, name, lambda *args, **kwargs: None)
+        return model.training_step(batch, dump["batch_idx"])
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    context = None
+    if precision is not None:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        device = params[0].device.type if params else "cpu"
+
+        def context() -> Any:
+            return torch.autocast(device, dtype=dtype)
+
+    result = attribute(closure, params, model=model, rng=dump["rng"], precision=context)
+    event = dump.get("event", {})
+    return {"dump": str(path), "step": dump.get("global_step"), "kind": event.get("kind"), **result}
+
+
+def _replay_command(args: argparse.Namespace) -> int:
+    from lightning_gradguard.core.attribution import TRANSIENT, describe
+
+    try:
+        result = replay_dump(args.dump, args.model, args.loss, args.precision)
+    except ReportError as exc:
+        print(f"gradguard replay: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        text = describe(result)
+        if result["verdict"] == TRANSIENT:
+            text = "Replay: did not reproduce here (2 replays): transient on the machine that wrote the dump?"
+        print(f"step {result['step']} ({result['kind']}), {args.dump}: {text}")
+    return 0 if result["verdict"] == TRANSIENT else 1
 
 
 def write_png(reports: Sequence[RunHealth], path: Path) -> None:
@@ -140,10 +226,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     rp.add_argument("--png", type=Path, help="write the gradient-flow chart and per-timestep profiles here")
     rp.add_argument("--fail-on", nargs="*", default=[], choices=KINDS, metavar="KIND",
                     help=f"exit 1 when a run has a finding of these kinds ({', '.join(KINDS)})")
+    pp = sub.add_parser("replay", help="replay a dump's step to tell a transient fault from a data or precision one")
+    pp.add_argument("dump", type=Path, help="a dump written by GradGuard(dump_dir=...)")
+    pp.add_argument("--model", required=True, help="MODULE:FACTORY, a callable that builds the model")
+    pp.add_argument("--loss", help="MODULE:FN, called as FN(model, batch) -> loss (default: training_step)")
+    pp.add_argument("--precision", choices=("bf16", "fp16"), help="also replay under this autocast")
+    pp.add_argument("--json", action="store_true", help="print JSON instead of text")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0) if exc.code in (0, None) else 2
+    if args.command == "replay":
+        return _replay_command(args)
     try:
         from lightning_gradguard.tensorboard.eventfile import find_runs
 

@@ -302,6 +302,9 @@ class GuardCore:
         self.replay = replay
         self._rng_before: dict[str, Any] | None = None  # the RNG state before the step's forward pass
         self._replayed: set[str] = set()  # the kinds already replayed (the first of each)
+        # Under DDP, set by a communication hook: whether this rank's own gradients, before the
+        # all-reduce averaged them, were non-finite (a replay names the faulty rank with it).
+        self.local_grad_fault: Tensor | None = None
         self._model: nn.Module | None = None
         if track_updates:
             self.detectors.append(UpdateDetector(self.spike_zscore if self.spike_zscore is not None else 6.0))
@@ -689,7 +692,9 @@ class GuardCore:
             s.read.put_each(FLAGS + _WATCH, head)
             flags = head[: len(FLAGS)]
         else:
-            s.local_bad = torch.stack(bad[:2])  # this rank's own [gradient, loss] faults (a replay names it)
+            own, self.local_grad_fault = self.local_grad_fault, None
+            grad_bad = bad[0] if own is None else own.to(bad[0].device, torch.float32)
+            s.local_bad = torch.stack([grad_bad, bad[1]])  # this rank's own faults (a replay names it)
             flags = reduce(torch.stack(bad))
             s.read.put_each(FLAGS, flags)
             s.read.put_each(_WATCH, torch.stack(watch))

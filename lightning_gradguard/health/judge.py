@@ -72,6 +72,7 @@ class RunHealth:
     nonfinite: list[dict[str, Any]] = field(default_factory=list)
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     skipped_batches: list[dict[str, Any]] = field(default_factory=list)
+    replays: list[dict[str, Any]] = field(default_factory=list)
     timesteps: dict[str, dict[str, float]] = field(default_factory=dict)
     profiles: dict[str, list[float]] = field(default_factory=dict)
     alert_kinds: dict[str, int] = field(default_factory=dict)
@@ -160,6 +161,7 @@ def judge_run(run: str, data: RunData) -> RunHealth:
         rep.events_from = "replayed"
     rep.event_count = len(events)
     rep.rollbacks, rep.skipped_batches = _recovery(events)
+    rep.replays = [_replay_of(e) for e in events if "replay" in (e.get("extra") or {})]
     rep.skipped_steps = max(rep.skipped_steps, sum(1 for e in events if str(e.get("action", "")) == "skipped"))
     rep.layers = _layer_stats(ours, events)
     rep.layer_order = rep.layer_order or sorted(rep.layers, key=natural_key)
@@ -175,6 +177,13 @@ def judge_run(run: str, data: RunData) -> RunHealth:
     rep.severity = severity_of(rep.findings, rep.notes)
     rep.verdict = _verdict(rep)
     return rep
+
+
+def _replay_of(event: dict[str, Any]) -> dict[str, Any]:
+    """A replayed fault's verdict (recorded by the live guard in the event's ``extra``)."""
+    replay = event["extra"]["replay"]
+    keys = ("verdict", "forward_origin", "input_nonfinite", "faulty_ranks")
+    return {"step": event["step"], "kind": event["kind"], **{k: replay.get(k) for k in keys}}
 
 
 def _recovery(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

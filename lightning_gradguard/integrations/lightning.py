@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
@@ -286,8 +287,32 @@ class GradGuard(GuardCore, _Base):
             self._hook_module(pl_module)
             self.recovery.begin_run()
         self._replay_off = self._why_no_replay(trainer, pl_module) if self.replay else None
+        if self.replay and self._replay_off is None:
+            self._hook_ddp(trainer)
         if self._replay_off is not None:
             rank_zero_info(f"GradGuard: faults are not replayed in this run: {self._replay_off}")
+
+    def _hook_ddp(self, trainer: pl.Trainer) -> None:
+        """Under DDP the gradients the guard sees are averaged over the ranks, so a NaN from one rank
+        is on every rank. A communication hook (the default all-reduce, plus one device-side
+        ``isfinite`` per bucket, no sync) keeps whether this rank's own gradients were finite, so that a
+        replay can name the faulty rank. Not when the strategy already has a hook of its own."""
+        strategy = trainer.strategy
+        model = getattr(strategy, "model", None)
+        if type(strategy).__name__ != "DDPStrategy" or getattr(strategy, "_ddp_comm_hook", None) is not None:
+            return
+        if not callable(getattr(model, "register_comm_hook", None)):
+            return
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def hook(state: Any, bucket: Any) -> Any:
+            bad = (~torch.isfinite(bucket.buffer())).any()
+            seen = self.local_grad_fault
+            self.local_grad_fault = bad if seen is None else seen | bad
+            return default_hooks.allreduce_hook(state, bucket)
+
+        hook.__annotations__ = {}  # DDP checks the annotations, which postponed evaluation turns into strings
+        model.register_comm_hook(None, hook)  # type: ignore[union-attr]
 
     @staticmethod
     def _why_no_replay(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:

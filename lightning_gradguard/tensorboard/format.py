@@ -127,7 +127,8 @@ def write_events(writer: Any, events: list[tuple[GradEvent, bool]], step: int) -
     return _write_json(writer, EVENTS_TAG, rows, step)
 
 
-_EXTRA_KINDS = ("rollback", "spike_skipped")  # events whose extra (cause, snapshot, batches) is written too
+# events whose extra is written too: a rollback's cause, snapshot and batches; a replay's verdict
+_EXTRA_KINDS = ("rollback", "spike_skipped", "nonfinite")
 
 
 def _row(event: GradEvent) -> dict[str, Any]:

@@ -119,8 +119,11 @@ def test_a_transient_fault_is_named_transient_with_the_rank_and_device() -> None
 def test_a_fault_from_the_data_is_data_or_numerics_at_the_module_that_broke() -> None:
     event = _first_fault("data")
     replay = event.extra["replay"]
-    assert (replay["verdict"], replay["forward_origin"], replay["input_nonfinite"]) == ("data or numerics", "log_layer", False)
-    assert "Replay: data or numerics (reproduces in float32); the forward pass first went non-finite in log_layer" in event.message
+    assert (replay["verdict"], replay["forward_origin"], replay["input_nonfinite"]) == (
+        "data or numerics", "log_layer", False,
+    )  # fmt: skip
+    expected = "Replay: data or numerics (reproduces in float32); the forward pass first went non-finite in log_layer"
+    assert expected in event.message
 
 
 def test_an_fp16_overflow_in_the_forward_pass_is_precision() -> None:
@@ -170,4 +173,5 @@ def test_a_poisoned_carried_state_names_the_rnn_with_a_nonfinite_input() -> None
     print(event.message)
     replay = event.extra["replay"]
     assert (replay["verdict"], replay["forward_origin"], replay["input_nonfinite"]) == ("data or numerics", "rnn", True)
-    assert "first went non-finite in rnn (its input was already non-finite: the data or a carried state)" in event.message
+    expected = "first went non-finite in rnn (its input was already non-finite: the data or a carried state)"
+    assert expected in event.message

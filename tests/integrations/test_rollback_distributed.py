@@ -1,4 +1,5 @@
-"""A rollback under Lightning's DDP and ModelParallelStrategy (FSDP2, tensor parallel), 2 CPU processes (gloo).
+"""A rollback (and a replay's verdict) under Lightning's DDP and ModelParallelStrategy (FSDP2, tensor
+parallel), 2 CPU processes (gloo).
 
 A NaN gradient on rank 1 only, two steps in a row (tests/rollback_run.py): both ranks roll back at
 the same step to the same snapshot, and the full (unsharded) weights and Adam moments right after the
@@ -55,6 +56,17 @@ def test_a_fault_on_one_rank_rolls_every_rank_back_to_the_same_snapshot(tmp_path
         assert r["after"]["6"]["moments"]  # Adam's state was there to restore
     if mode != "fsdp1":  # FSDP1's state is compared per rank (its flat shards)
         assert ranks[0]["after"]["6"] == ranks[-1]["after"]["6"]
+
+
+def test_a_transient_fault_on_rank_1_is_replayed_on_every_rank_and_names_rank_1(tmp_path: Path) -> None:
+    ranks = run(tmp_path, "ddp_transient")
+    for r in ranks:
+        (replay,) = r["replays"]
+        assert replay["verdict"] == "transient" and replay["faulty_ranks"] == [1]
+        assert [(x["rank"], x["verdict"], x["local_fault"]) for x in replay["ranks"]] == [
+            (0, "transient", False), (1, "transient", True),
+        ]  # fmt: skip
+    assert ranks[0]["replays"] == ranks[1]["replays"]
 
 
 @pytest.mark.parametrize("mode", ["ddp_limit", "fsdp2_limit", "tp_limit", pytest.param("fsdp1_limit", marks=CUDA)])

@@ -46,7 +46,7 @@ def _expected(label: str, kind: str) -> Any:
     return json.loads((DATA / f"events-{label}.{kind}.json").read_text())
 
 
-JUDGEMENT = ("verdict", "severity", "findings", "notes", "events_from", "event_count", "vanish_threshold",
+JUDGEMENT = ("verdict", "severity", "findings", "notes", "events_from", "event_count", "vanish_threshold", "replays",
              "rollbacks", "skipped_batches")  # fmt: skip
 
 
