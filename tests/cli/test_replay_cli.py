@@ -50,7 +50,9 @@ def build() -> DataNet:
     return DataNet()
 
 
-def test_replay_of_a_dump_finds_the_data_fault_and_its_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_replay_of_a_dump_finds_the_data_fault_and_its_module(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     guard = GradGuard(dump_dir=str(tmp_path / "dumps"), log_every_n_steps=1)
     trainer([guard], steps=4, default_root_dir=str(tmp_path)).fit(DataNet())
     (dump,) = guard.dumps
@@ -58,7 +60,9 @@ def test_replay_of_a_dump_finds_the_data_fault_and_its_module(tmp_path: Path, ca
     assert main(["replay", dump, "--model", "tests.cli.test_replay_cli:build"]) == 1  # it reproduces
     out = capsys.readouterr().out
     assert "step 2 (nonfinite)" in out
-    assert "Replay: data or numerics (reproduces in float32); the forward pass first went non-finite in log_layer" in out
+    assert "Replay: data or numerics (reproduces in float32); the forward pass first went non-finite in log_layer" in (
+        out
+    )
     assert main(["replay", dump, "--model", "tests.cli.test_replay_cli:build", "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
     assert (result["verdict"], result["forward_origin"], result["step"]) == ("data or numerics", "log_layer", 2)
