@@ -31,6 +31,7 @@ bench: venv
 	$(PY) benchmarks/bench.py
 	cd benchmarks && ../$(PY) depth_bench.py
 	cd benchmarks && ../$(PY) rollback_bench.py
+	cd benchmarks && ../$(PY) why_bench.py
 
 # The slow soak test (not part of `make test`).
 soak: venv
