@@ -45,7 +45,7 @@ from typing import Any
 
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.health.judge import RunData
-from lightning_gradguard.primitives.keys import LAYER_KEY_PREFIX, METRIC_PREFIX
+from lightning_gradguard.primitives.keys import LAYER_KEY_PREFIX, METRIC_PREFIX, UPDATE_KEY_PREFIX
 
 __all__ = [
     "ALERTS_TAG",
@@ -81,6 +81,7 @@ FLOW_TAG = "gradguard/flow"  # image
 TIMESTEP_IMAGE_PREFIX = "gradguard/timestep/"  # image per tracked sequence
 HIST_PREFIX = "gradguard/hist/"  # histogram per layer
 LAYER_PREFIX = LAYER_KEY_PREFIX  # scalar per layer
+UPDATE_PREFIX = UPDATE_KEY_PREFIX  # scalar per layer (track_updates)
 _TEXT_SUFFIX = "/text_summary"  # what TensorBoard's text plugin appends to a text tag
 _LEGACY_PROFILE_PREFIX = "gradguard/timestep_profile/"  # 0.2.0: JSON text
 

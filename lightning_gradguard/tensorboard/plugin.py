@@ -11,6 +11,7 @@ JSON routes, under ``/data/plugin/gradguard/`` (each ``?run=<name>`` but ``runs`
 ``layers``          layers in forward order x logging steps: log10 of each layer's norm (null
                     where it is not positive and finite), the raw norms, the non-finite steps and
                     the thresholds
+``updates``         the same for the update-to-weight ratios (``track_updates``; empty without)
 ``timesteps``       each tracked sequence: logging steps x timesteps of log10 norms, with each
                     step's horizon
 ``events``          every event: kind, step, origin, layers, message, action
@@ -83,6 +84,7 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
             _MODULE: wrappers.Request.application(self._serve_module),
             "/runs": self._json(lambda ctx, eid, run: self.runs(ctx, eid)),
             "/layers": self._json(self.layers),
+            "/updates": self._json(self.updates),
             "/timesteps": self._json(self.timesteps),
             "/events": self._json(lambda ctx, eid, run: self.read(ctx, eid, run).events),
             "/report": self._json(self.report),
@@ -170,13 +172,19 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
     def layers(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
         """Layers (forward order) x logging steps of norms and their log10, fitted to one screen
         (:mod:`.heatmap`: steps binned, layers grouped), the non-finite steps, the thresholds."""
+        return self._matrix(ctx, eid, run, "layers", tbformat.LAYER_PREFIX)
+
+    def updates(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:
+        """The same matrix for the update-to-weight ratios (``track_updates``), without thresholds."""
+        return self._matrix(ctx, eid, run, "updates", tbformat.UPDATE_PREFIX)
+
+    def _matrix(self, ctx: Any, eid: str, run: str, route: str, prefix: str) -> dict[str, Any]:
         import numpy as np
 
         data = self.read(ctx, eid, run)
-        known = self._derived.get(("layers", run))
+        known = self._derived.get((route, run))
         if known is not None and known[0] is data:
             return known[1]
-        prefix = tbformat.LAYER_PREFIX
         series = {t[len(prefix) :]: s for t, s in data.scalars.items() if t.startswith(prefix)}
         names = [n for n in data.layer_order if n in series]
         names += sorted(set(series) - set(names), key=natural_key)
@@ -190,7 +198,7 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
             missing[i, at] = False
         bad = {row["step"] for row in data.nonfinite}
         bad |= set(steps[(~np.isfinite(values) & ~missing).any(0)].tolist())
-        explode = data.config.get("explode_threshold")
+        explode = data.config.get("explode_threshold") if route == "layers" else None
         cols = heatmap.bin_matrix(steps, values, missing, explode)
         if len(cols["steps"]) < len(steps):  # a binned column is non-finite when any of its steps is
             bad = {first for first, last in cols["bins"] if any(first <= s <= last for s in bad)}
@@ -206,10 +214,10 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
             "log10": [[None if v is None else _log10(v) for v in row] for row in cols["norms"]],
             "groups": groups,
             "nonfinite_steps": sorted(bad),
-            "vanish_threshold": data.config.get("vanish_threshold"),
+            "vanish_threshold": data.config.get("vanish_threshold") if route == "layers" else None,
             "explode_threshold": explode,
         }
-        self._derived[("layers", run)] = (data, out)  # answered at once while the run does not grow
+        self._derived[(route, run)] = (data, out)  # answered at once while the run does not grow
         return out
 
     def timesteps(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:

@@ -66,7 +66,7 @@ NAN_STEP = 5
 @pytest.fixture(scope="module")
 def tab_logs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GradGuard]:
     root = tmp_path_factory.mktemp("tab")
-    guard = fit_seqnet(root, "faulty", steps=12, nan_step=NAN_STEP, images=False)
+    guard = fit_seqnet(root, "faulty", steps=12, nan_step=NAN_STEP, images=False, track_updates=True)
     return root, guard
 
 
@@ -113,6 +113,17 @@ def test_the_routes_return_what_the_run_logged(server: str, tab_logs: tuple[Path
                 assert value is None
     assert layers["nonfinite_steps"] == [NAN_STEP]
     assert layers["vanish_threshold"] == pytest.approx(1e-8) and layers["explode_threshold"] is None
+
+    updates = _get(f"{api}/updates?run=faulty")  # track_updates: the update-to-weight ratios, same matrix
+    assert updates["layers"] == ["embed", "rnn.l0", "head"] and updates["steps"] == list(range(1, 12))
+    for name, row in zip(updates["layers"], updates["log10"], strict=True):
+        logged = {e.step: e.value for e in acc.Scalars(f"gradguard/update_ratio/{name}")}
+        for step, value in zip(updates["steps"], row, strict=True):
+            if logged[step] > 0:
+                assert value == pytest.approx(math.log10(logged[step]), rel=1e-12, abs=1e-12)
+            else:
+                assert value is None  # the skipped step's update: zero
+    assert updates["vanish_threshold"] is None
 
     seq = _get(f"{api}/timesteps?run=faulty")["sequences"]["rnn"]
     profiles = {e.step: tensor_util.make_ndarray(e.tensor_proto) for e in acc.Tensors("gradguard/profile/rnn")}
@@ -217,7 +228,9 @@ def test_the_tab_renders_in_headless_chromium(server: str, tmp_path: Path) -> No
     )  # fmt: skip
     dom = proc.stdout
     assert 'data-gg-ready="1"' in dom, proc.stderr[-2000:]
-    rows = re.findall(r'<g class="gg-row" data-layer="([^"]+)"', dom)
+    flow, updates = dom.split('id="gg-updates"', 1)
+    assert 'id="gg-updates-map"' in updates  # the update-ratio heatmap, beside the gradient flow
+    rows = re.findall(r'<g class="gg-row" data-layer="([^"]+)"', flow)
     assert rows == ["embed", "rnn.l0", "head"]  # one heatmap row per layer, in forward order
     assert len(re.findall(r'class="gg-cell"', dom)) >= 3 * 12
     events = re.findall(r'<tr class="gg-event" data-step="(\d+)" data-kind="(\w+)"', dom)

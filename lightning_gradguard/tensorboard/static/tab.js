@@ -80,13 +80,18 @@ async function show(run, body, tip) {
   document.body.dataset.ggReady = '0';
   body.textContent = 'Loading…';
   const q = `?run=${encodeURIComponent(run)}`;
-  const [report, layers, timesteps, events] = await Promise.all(
-      ['report', 'layers', 'timesteps', 'events'].map((route) => getJSON(`./${route}${q}`)));
+  const [report, layers, timesteps, events, updates] = await Promise.all(
+      ['report', 'layers', 'timesteps', 'events', 'updates'].map((route) => getJSON(`./${route}${q}`)));
   body.textContent = '';
   body.dataset.run = run;
   body.appendChild(verdictView(report));
   const flow = flowView(layers || {layers: [], steps: []}, events || [], tip);
   body.appendChild(flow.node);
+  if (updates && updates.layers && updates.layers.length) {  // track_updates: beside the gradient flow
+    body.appendChild(flowView(updates, events || [], tip, {
+      id: 'gg-updates', title: 'Update-to-weight ratio: layers × steps (log10 ‖ΔW‖/‖W‖ of the update before each step)',
+    }).node);
+  }
   body.appendChild(timestepView(timesteps || {sequences: {}}, tip));
   body.appendChild(eventsView(events || [], flow.jumpTo));
   document.body.dataset.ggReady = '1';
@@ -107,9 +112,10 @@ function verdictView(report) {
   return box;
 }
 
-function flowView(data, events, tip) {
-  const section = el('section', {id: 'gg-flow'});
-  section.appendChild(el('h2', {}, ['Gradient flow: layers × steps (log10 ‖∂L/∂W‖)']));
+function flowView(data, events, tip, opts = {}) {
+  const id = opts.id || 'gg-flow';
+  const section = el('section', {id});
+  section.appendChild(el('h2', {}, [opts.title || 'Gradient flow: layers × steps (log10 ‖∂L/∂W‖)']));
   const {layers, steps} = data;
   if (!layers.length) {
     section.appendChild(el('p', {class: 'gg-note'}, ['No per-layer norms were logged.']));
@@ -126,12 +132,12 @@ function flowView(data, events, tip) {
   // ?expand=<group>[,<group>] opens groups at load (a link to one block); a click toggles one.
   const wanted = (new URLSearchParams(location.search).get('expand') || '').split(',');
   const expanded = new Set(groups.map((g, k) => (wanted.includes(g.name) ? k : -1)).filter((k) => k >= 0));
-  const holder = el('div', {id: 'gg-flow-holder'});
+  const holder = el('div', {id: `${id}-holder`});
   section.appendChild(holder);
   let jumpTo = () => {};
   const draw = () => {
     holder.textContent = '';
-    const drawn = drawFlow(data, events, tip, groups, expanded, (k) => {
+    const drawn = drawFlow(data, events, tip, groups, expanded, id, (k) => {
       if (expanded.has(k)) expanded.delete(k); else expanded.add(k);
       draw();
     });
@@ -157,7 +163,7 @@ function flowRows(data, groups, expanded) {
   return rows;
 }
 
-function drawFlow(data, events, tip, groups, expanded, toggle) {
+function drawFlow(data, events, tip, groups, expanded, id, toggle) {
   const {steps} = data;
   const rows = flowRows(data, groups, expanded);
   const vanish = data.vanish_threshold ? Math.log10(data.vanish_threshold) : null;
@@ -170,7 +176,7 @@ function drawFlow(data, events, tip, groups, expanded, toggle) {
   const stripH = 22;
   const width = labelW + cellW * steps.length + 10;
   const height = top + cellH * rows.length + stripH + 28;
-  const svg = svgEl('svg', {width, height, id: 'gg-flow-map'});
+  const svg = svgEl('svg', {width, height, id: `${id}-map`});
   const bad = new Set(data.nonfinite_steps);
   steps.forEach((s, j) => {
     if (bad.has(s)) {
