@@ -74,3 +74,51 @@ def test_a_replay_leaves_grad_and_the_rng_stream_untouched() -> None:
     assert result["verdict"] == "transient"  # finite twice
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
     assert torch.equal(torch.get_rng_state(), rng["torch"])  # the run's stream goes on where it was
+
+
+class OnceScale(torch.autograd.Function):
+    """Identity forward; the first backward through it multiplies the gradient by 1e3 (a finite spike)."""
+
+    fired = False
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        if not OnceScale.fired:
+            OnceScale.fired = True
+            return grad * 1e3
+        return grad
+
+
+def _spiky(kind: str) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = GuardCore(model, log_every_n_steps=None, skip_spikes=6.0, spike_warmup=5)
+    OnceScale.fired = False
+    g = torch.Generator().manual_seed(0)
+    for step in range(9):
+        x = torch.randn(8, 4, generator=g) * (1e3 if kind == "data" and step == 7 else 1.0)
+
+        def loss_of(x: Tensor = x, step: int = step) -> Tensor:
+            h = model[0](x)
+            h = OnceScale.apply(h) if kind == "transient" and step == 7 else h
+            return model[2](torch.tanh(h)).pow(2).mean()
+
+        guard.begin_step()
+        opt.zero_grad()
+        loss = loss_of()
+        guard.observe_loss(loss)
+        loss.backward()
+        if not guard.step(opt, replay_closure=loss_of).skipped:
+            opt.step()
+    (event,) = [e for e in guard.events if e.kind == "spike_skipped"]
+    return event.extra["replay"]
+
+
+def test_the_first_skipped_spike_is_replayed_too() -> None:
+    assert _spiky("transient")["verdict"] == "transient"  # the x1e3 backward did not happen again
+    assert _spiky("data")["verdict"] == "data or numerics"  # a x1e3 batch spikes again on replay
