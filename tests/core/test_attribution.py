@@ -6,6 +6,7 @@ import math
 import warnings
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -122,3 +123,8 @@ def _spiky(kind: str) -> dict[str, Any]:
 def test_the_first_skipped_spike_is_replayed_too() -> None:
     assert _spiky("transient")["verdict"] == "transient"  # the x1e3 backward did not happen again
     assert _spiky("data")["verdict"] == "data or numerics"  # a x1e3 batch spikes again on replay
+
+
+def test_bad_replay_arguments_are_refused_by_name() -> None:
+    with pytest.raises(TypeError, match="`replay` to be a bool, but got 'always'"):
+        GuardCore(replay="always")  # type: ignore[arg-type]
