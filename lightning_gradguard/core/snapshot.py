@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import copy
 import os
-import random
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard.dump import capture_rng, restore_rng
 from lightning_gradguard.errors import GradGuardError
 
 __all__ = ["RestoreError", "Snapshot", "SnapshotRing", "Targets", "local_tensor"]
@@ -110,7 +109,7 @@ class Snapshot:
         snap.schedulers = [copy.deepcopy(s.state_dict()) for s in targets.schedulers]
         snap.scaler = copy.deepcopy(targets.scaler.state_dict()) if _scaler_on(targets.scaler) else None
         snap.guard = copy.deepcopy(targets.guard_state())
-        snap.rng = rng_state()
+        snap.rng = capture_rng()
         return snap
 
     @property
@@ -176,7 +175,7 @@ class Snapshot:
         if self.scaler is not None and _scaler_on(targets.scaler):
             targets.scaler.load_state_dict(copy.deepcopy(self.scaler))
         targets.load_guard_state(copy.deepcopy(self.guard))
-        set_rng_state(self.rng)
+        restore_rng(self.rng)
 
 
 class SnapshotRing:
@@ -320,27 +319,3 @@ def _copy_into(target: Tensor, saved: Tensor, what: str, step: int) -> None:
 
 def _scaler_on(scaler: Any) -> bool:
     return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: True)())
-
-
-def rng_state() -> dict[str, Any]:
-    """The RNG states: torch (CPU and every initialised CUDA device), ``random``, and numpy if imported."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        state["numpy"] = numpy.random.get_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore :func:`rng_state`."""
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "random" in state:
-        random.setstate(state["random"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    numpy = sys.modules.get("numpy")
-    if "numpy" in state and numpy is not None:
-        numpy.random.set_state(state["numpy"])
