@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import socket
@@ -38,6 +39,35 @@ class Poison(torch.autograd.Function):
 
 def poison(x: Tensor, value: float) -> Tensor:
     return Poison.apply(x, value)  # type: ignore[no-any-return]
+
+
+class Once(torch.autograd.Function):
+    """Identity forward; only the first backward through it (since :meth:`reset`) is changed: its
+    gradient becomes NaN (``factor`` None) or is multiplied by ``factor``. A fault that a replay of the
+    step does not see again: a transient one."""
+
+    fired = False
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, factor: float | None) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        if Once.fired:
+            return grad, None
+        Once.fired = True
+        return (torch.full_like(grad, math.nan) if ctx.factor is None else grad * ctx.factor), None
+
+    @staticmethod
+    def reset() -> None:
+        Once.fired = False
+
+
+def once(x: Tensor, factor: float | None = None) -> Tensor:
+    """NaN (or ``factor`` times) the gradient through ``x``, on the first backward since ``Once.reset()``."""
+    return Once.apply(x, factor)  # type: ignore[no-any-return]
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -241,6 +271,26 @@ def tensorboard_server(logdir: Path, ready: Callable[[str], bool], timeout: floa
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=10)
+
+
+RENDEZVOUS_ERRORS = ("Address already in use", "EADDRINUSE", "Connection reset by peer", "Connection refused")
+
+
+def launch(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run a multi-process test script (Lightning launches its ranks) from the repository root.
+
+    Rendezvous failures are the environment's, not the guard's (a port taken between being found free
+    and being bound): only those are retried, once, with a new port.
+    """
+    for attempt in range(2):
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port())}  # fmt: skip
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                              timeout=timeout, env=env, cwd=script.parents[1])  # fmt: skip
+        if attempt == 0 and proc.returncode != 0 and any(e in proc.stderr for e in RENDEZVOUS_ERRORS):
+            continue
+        break
+    return proc
 
 
 def leave_when_written(rank: int, others: list[Path], timeout: float = 60) -> None:

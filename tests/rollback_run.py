@@ -29,28 +29,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard, GradGuardWarning, NonFiniteGradientError, Rollback
-from tests.helpers import leave_when_written, poison
+from tests.helpers import leave_when_written, once, poison
 
 
 def full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t  # a collective for a DTensor
-
-
-class OnceNaN(torch.autograd.Function):
-    """Identity forward; the first backward through it writes NaN."""
-
-    fired = False
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        if not OnceNaN.fired:
-            OnceNaN.fired = True
-            return torch.full_like(grad, math.nan)
-        return grad
 
 
 class Net(pl.LightningModule):
@@ -65,7 +48,7 @@ class Net(pl.LightningModule):
         out = self.l2(torch.tanh(self.l1(torch.tanh(self.l0(x)))))
         if self.mode == "ddp_transient":
             if self.global_rank == 1 and self.trainer.global_step == 5:
-                out = OnceNaN.apply(out)
+                out = once(out)
             return out  # type: ignore[no-any-return]
         if self.global_rank == self.trainer.world_size - 1 and self.trainer.global_step in self.fault_steps:
             out = poison(out, math.nan)  # a NaN gradient on the last rank only

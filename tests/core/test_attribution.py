@@ -13,23 +13,9 @@ from torch import Tensor, nn
 from lightning_gradguard import GuardCore
 from lightning_gradguard.core.attribution import attribute
 from lightning_gradguard.dump import capture_rng
+from tests.helpers import Once, once
 
 warnings.filterwarnings("ignore", message="GradGuard")
-
-
-class OnceNaN(torch.autograd.Function):
-    fired = False
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        if not OnceNaN.fired:
-            OnceNaN.fired = True
-            return torch.full_like(grad, math.nan)
-        return grad
 
 
 def _run(fault: str) -> GuardCore:
@@ -37,7 +23,7 @@ def _run(fault: str) -> GuardCore:
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = GuardCore(model, log_every_n_steps=None)
-    OnceNaN.fired = False
+    Once.reset()
     for step in range(4):
         x = torch.randn(8, 4)
         if fault == "data" and step == 2:
@@ -45,7 +31,7 @@ def _run(fault: str) -> GuardCore:
 
         def loss_of(x: Tensor = x, step: int = step) -> Tensor:
             h = model(x)
-            return (OnceNaN.apply(h) if fault == "transient" and step == 2 else h).pow(2).mean()
+            return (once(h) if fault == "transient" and step == 2 else h).pow(2).mean()
 
         guard.begin_step()  # keeps the RNG state before the forward pass (dropout)
         opt.zero_grad()
@@ -77,36 +63,19 @@ def test_a_replay_leaves_grad_and_the_rng_stream_untouched() -> None:
     assert torch.equal(torch.get_rng_state(), rng["torch"])  # the run's stream goes on where it was
 
 
-class OnceScale(torch.autograd.Function):
-    """Identity forward; the first backward through it multiplies the gradient by 1e3 (a finite spike)."""
-
-    fired = False
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        if not OnceScale.fired:
-            OnceScale.fired = True
-            return grad * 1e3
-        return grad
-
-
 def _spiky(kind: str) -> dict[str, Any]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = GuardCore(model, log_every_n_steps=None, skip_spikes=6.0, spike_warmup=5)
-    OnceScale.fired = False
+    Once.reset()
     g = torch.Generator().manual_seed(0)
     for step in range(9):
         x = torch.randn(8, 4, generator=g) * (1e3 if kind == "data" and step == 7 else 1.0)
 
         def loss_of(x: Tensor = x, step: int = step) -> Tensor:
             h = model[0](x)
-            h = OnceScale.apply(h) if kind == "transient" and step == 7 else h
+            h = once(h, 1e3) if kind == "transient" and step == 7 else h
             return model[2](torch.tanh(h)).pow(2).mean()
 
         guard.begin_step()

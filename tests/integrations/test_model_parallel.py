@@ -11,34 +11,21 @@ combined (``timesteps.combine_profiles``), checked against the all-gathered ∂L
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.helpers import free_port
+from tests.helpers import launch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "mp_run.py"
-RENDEZVOUS_ERRORS = ("Address already in use", "EADDRINUSE", "Connection reset by peer", "Connection refused")
 MAX_NORM = 0.05
 
 
 def run(out: Path, mode: str, *extra: str) -> list[dict[str, Any]]:
     """Run tests/mp_run.py in ``mode``; the JSON of each rank."""
-    for attempt in range(2):
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(free_port())}  # fmt: skip
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), str(out), mode, *extra],
-            capture_output=True, text=True, timeout=240, env=env, cwd=SCRIPT.parents[1],
-        )  # fmt: skip
-        if attempt == 0 and proc.returncode != 0 and any(e in proc.stderr for e in RENDEZVOUS_ERRORS):
-            continue
-        break
+    proc = launch(SCRIPT, str(out), mode, *extra)
     assert proc.returncode == 0, proc.stderr[-6000:]
     count = torch.cuda.device_count() if mode.startswith("fsdp1") else {"plain": 1, "2d": 4}.get(mode, 2)
     ranks = range(count)
@@ -160,12 +147,7 @@ def test_deepspeed_is_refused_at_setup_with_the_alternatives() -> None:
 
 def test_fabric_sharded_example(tmp_path: Path) -> None:
     example = SCRIPT.parents[1] / "examples" / "fabric_sharded.py"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(example), "--steps", "20", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=SCRIPT.parents[1],
-    )  # fmt: skip
+    proc = launch(example, "--steps", "20", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-6000:]
     r0, r1 = (json.loads((tmp_path / f"fabric{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1  # one decision, the same numbers, on both ranks

@@ -16,26 +16,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradEvent, GradGuard, GradGuardWarning
-from tests.helpers import trainer
+from tests.helpers import Once, once, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::lightning_gradguard.GradGuardWarning")
-
-
-class OnceNaN(torch.autograd.Function):
-    """Identity forward; the first backward through it writes NaN (a fault that never recurs)."""
-
-    fired = False
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        if not OnceNaN.fired:
-            OnceNaN.fired = True
-            return torch.full_like(grad, math.nan)
-        return grad
 
 
 class Log(nn.Module):
@@ -78,7 +61,7 @@ class Net(pl.LightningModule):
             raise RuntimeError("the batch's iterator is exhausted")
         h = self.log_layer(torch.sigmoid(self.enc(x)) + (x[:, :1] if self.mode == "data" else 0.0))
         if self.mode == "transient" and step == 3:
-            h = OnceNaN.apply(h)
+            h = once(h)
         self.gain.factor = 1e6 if self.mode == "precision" and step == 3 else 1.0
         h = self.gain(torch.tanh(self.big(h)))
         loss = nn.functional.mse_loss(self.head(h), y)
@@ -98,7 +81,7 @@ class Net(pl.LightningModule):
 
 
 def _first_fault(mode: str, **trainer_kwargs: Any) -> GradEvent:
-    OnceNaN.fired = False
+    Once.reset()
     guard = GradGuard(log_every_n_steps=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GradGuardWarning)

@@ -10,33 +10,20 @@ rollback equal those before the snapshot's step, on both ranks. With a fault tha
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.helpers import free_port
+from tests.helpers import launch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "rollback_run.py"
-RENDEZVOUS_ERRORS = ("Address already in use", "EADDRINUSE", "Connection reset by peer", "Connection refused")
 
 
 def run(out: Path, mode: str) -> list[dict[str, Any]]:
     ranks = torch.cuda.device_count() if mode.startswith("fsdp1") else 2
-    for attempt in range(2):
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(free_port())}  # fmt: skip
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), str(out), mode],
-            capture_output=True, text=True, timeout=240, env=env, cwd=SCRIPT.parents[1],
-        )  # fmt: skip
-        if attempt == 0 and proc.returncode != 0 and any(e in proc.stderr for e in RENDEZVOUS_ERRORS):
-            continue
-        break
+    proc = launch(SCRIPT, str(out), mode)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return [json.loads((out / f"{mode}{r}.json").read_text()) for r in range(ranks)]
 
