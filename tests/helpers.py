@@ -273,6 +273,22 @@ def tensorboard_server(logdir: Path, ready: Callable[[str], bool], timeout: floa
             server.wait(timeout=10)
 
 
+def parallelize(model: nn.Module, mesh: Any, *, tensor_parallel: bool, fsdp: bool, units: list[nn.Module]) -> None:
+    """The sharding the multi-process scripts use under ModelParallelStrategy: a tensor-parallel plan
+    (``l0`` column-wise, ``l1`` row-wise) on ``mesh["tensor_parallel"]``, and/or FSDP2 (``fully_shard``
+    of each unit, then of the root) on ``mesh["data_parallel"]``."""
+    if tensor_parallel:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(model, mesh["tensor_parallel"], {"l0": ColwiseParallel(), "l1": RowwiseParallel()})
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in units:
+            fully_shard(unit, mesh=mesh["data_parallel"])
+        fully_shard(model, mesh=mesh["data_parallel"])
+
+
 RENDEZVOUS_ERRORS = ("Address already in use", "EADDRINUSE", "Connection reset by peer", "Connection refused")
 
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import AGC, GradGuard, GradGuardWarning, NonFiniteGradientError, NormClip, ZClip
-from tests.helpers import leave_when_written, poison
+from tests.helpers import leave_when_written, parallelize, poison
 
 MAX_NORM = 0.05
 NAN_STEP = 3
@@ -73,23 +73,9 @@ class SeqModel(pl.LightningModule):
     def configure_model(self) -> None:
         if self.mode in ("plain", "fsdp1", "fsdp1_flat"):  # FSDP1 wraps the model itself
             return
-        mesh = self.device_mesh
-        if self.mode in ("tp", "2d"):
-            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-            parallelize_module(self, mesh["tensor_parallel"], {"l0": ColwiseParallel(), "l1": RowwiseParallel()})
-            if self.mode == "2d":  # and FSDP2 over the data-parallel dimension
-                from torch.distributed.fsdp import fully_shard
-
-                for module in (self.l0, self.l1, self.l2):
-                    fully_shard(module, mesh=mesh["data_parallel"])
-                fully_shard(self, mesh=mesh["data_parallel"])
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for module in (self.embed, self.rnn, self.head):
-                fully_shard(module, mesh=mesh["data_parallel"])
-            fully_shard(self, mesh=mesh["data_parallel"])
+        tp = self.mode in ("tp", "2d")
+        units = [self.l0, self.l1, self.l2] if tp else [self.embed, self.rnn, self.head]
+        parallelize(self, self.device_mesh, tensor_parallel=tp, fsdp=self.mode != "tp", units=units)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

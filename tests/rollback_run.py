@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard, GradGuardWarning, NonFiniteGradientError, Rollback
-from tests.helpers import leave_when_written, once, poison
+from tests.helpers import leave_when_written, once, parallelize, poison
 
 
 def full(t: Tensor) -> Tensor:
@@ -57,17 +57,8 @@ class Net(pl.LightningModule):
     def configure_model(self) -> None:
         if self.mode.startswith(("ddp", "fsdp1")):  # FSDP1 wraps the model itself
             return
-        mesh = self.device_mesh
-        if self.mode.startswith("tp"):
-            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-            parallelize_module(self, mesh["tensor_parallel"], {"l0": ColwiseParallel(), "l1": RowwiseParallel()})
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for module in (self.l0, self.l1, self.l2):
-                fully_shard(module, mesh=mesh["data_parallel"])
-            fully_shard(self, mesh=mesh["data_parallel"])
+        tp = self.mode.startswith("tp")
+        parallelize(self, self.device_mesh, tensor_parallel=tp, fsdp=not tp, units=[self.l0, self.l1, self.l2])
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
