@@ -158,3 +158,16 @@ def test_a_poisoned_carried_state_names_the_rnn_with_a_nonfinite_input() -> None
     assert (replay["verdict"], replay["forward_origin"], replay["input_nonfinite"]) == ("data or numerics", "rnn", True)
     expected = "first went non-finite in rnn (its input was already non-finite: the data or a carried state)"
     assert expected in event.message
+
+
+def test_no_replay_under_sharded_strategies_or_manual_optimization_says_why() -> None:
+    from types import SimpleNamespace
+
+    def why(strategy: str, automatic: bool = True) -> str | None:
+        trainer_ = SimpleNamespace(strategy=type(strategy, (), {})())
+        return GradGuard._why_no_replay(trainer_, SimpleNamespace(automatic_optimization=automatic))  # type: ignore[arg-type]
+
+    assert why("DDPStrategy") is None and why("SingleDeviceStrategy") is None
+    assert "under FSDPStrategy the forward pass gathers the shards" in str(why("FSDPStrategy"))
+    assert "under ModelParallelStrategy" in str(why("ModelParallelStrategy"))
+    assert "GuardCore.step(replay_closure=...)" in str(why("DDPStrategy", automatic=False))
