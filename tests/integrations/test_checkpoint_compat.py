@@ -3,7 +3,10 @@
 The fixtures in ``tests/data/`` were written by ``tests/data/make_checkpoint.py`` with version 0.2.0:
 the Lightning checkpoint after step 24 of a 50-step run that uses every stateful part of the guard,
 and everything the uninterrupted 0.2.0 run decided on steps 24..49 (per-step metrics, skips, events,
-the final guard state and summary). Resuming with today's code must reproduce all of it exactly.
+the final guard state and summary). Resuming with today's code must decide exactly the same: every
+skip, event (its kind, step, origin, layers and action), clip decision and counter. The floats were
+computed on the machine that recorded them, so they are compared within a relative tolerance
+(``tests/recorded.py`` says why): another CPU's kernels move float32 results by an ulp or two.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import pytest
 import torch
 
 from tests.data.make_checkpoint import CKPT, EXPECTED, RESUME_AT, STEPS, decisions, run
+from tests.recorded import assert_matches_recorded, numbers_of
 
 
 def _without_replay(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -38,12 +42,23 @@ def test_checkpoint_of_version_0_2_0_resumes_with_identical_decisions() -> None:
     got = json.loads(json.dumps(decisions(guard, recorder, RESUME_AT)))  # the same JSON round trip
     assert sorted(got["steps"]) == sorted(expected["steps"]) == sorted(str(s) for s in range(RESUME_AT, STEPS))
     for step, row in expected["steps"].items():
-        assert got["steps"][step] == row, step
+        # the decisions exactly: skipped, non-finite, the event's kind, which metrics were logged
+        assert {k: v for k, v in got["steps"][step].items() if k != "metrics"} == {
+            k: v for k, v in row.items() if k != "metrics"
+        }, step
+        assert_matches_recorded(got["steps"][step]["metrics"], row["metrics"], f"steps[{step}].metrics")
+        clipped = [got["steps"][step]["metrics"].get("gradguard/clip_coef", 1.0) < 1.0,
+                   row["metrics"].get("gradguard/clip_coef", 1.0) < 1.0]  # fmt: skip
+        assert clipped[0] == clipped[1], f"step {step}: whether the clip applied"
     replayed = [e for e in got["events"] if "replay" in e.get("extra", {})]
     assert [(e["step"], e["extra"]["replay"]["verdict"]) for e in replayed] == [(35, "data or numerics")]
-    assert _without_replay(got["events"]) == expected["events"]
-    assert got["state"] == expected["state"]
-    assert got["summary"] == expected["summary"]
+    events = _without_replay(got["events"])
+    decided = ("kind", "step", "origin", "layers", "action", "optimizer_idx")
+    assert [{k: e[k] for k in decided} for e in events] == [{k: e[k] for k in decided} for e in expected["events"]]
+    assert_matches_recorded(events, expected["events"], "events")
+    assert_matches_recorded(got["state"], expected["state"], "state")
+    # The summary's wording changed in 0.3.0 (plurals); every count in it is a decision.
+    assert numbers_of(got["summary"]) == numbers_of(expected["summary"])
 
 
 def test_checkpoint_state_format_is_unchanged() -> None:
