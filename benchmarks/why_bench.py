@@ -3,7 +3,10 @@
 On ``bench.py``'s model (a), the 2-layer LSTM language model (Adam, batch 32 x 64), measured side by
 side in one process:
 
-* ``capture_rng()`` per step (the only per-step cost of ``replay=True``) against the median step;
+* ``capture_rng()`` and ``keep_attributes()`` per step (the per-step costs of ``replay=True``: the
+  RNG state, and references to the module's attributes so that a replay starts from the state the
+  step began with), against the median step; the attributes of a ``LightningModule`` wrapping the
+  model (its ``__dict__`` holds Lightning's own fields too) as well as of the bare model;
 * one replay attribution of a step (``attribute``: a finite replay is confirmed by a second one, so
   this is the time of the two replays a transient verdict takes);
 * ``GuardCore.step`` on a logging step with and without ``track_updates`` (interleaved), and the
@@ -27,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gradguard import GuardCore
-from lightning_gradguard.core.attribution import attribute
+from lightning_gradguard.core.attribution import attribute, keep_attributes
 from lightning_gradguard.dump import capture_rng
 
 
@@ -60,6 +63,17 @@ def main() -> None:
         step()
     step_ms = median_ms(step, 15)
     rng_ms = median_ms(capture_rng, 200)
+    import pytorch_lightning as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.hidden = None  # a carried state, as in truncated BPTT
+
+    lightning_module = Module()
+    attrs_ms = median_ms(lambda: keep_attributes(model), 2000)
+    attrs_pl_ms = median_ms(lambda: keep_attributes(lightning_module), 2000)
     params = list(model.parameters())
     replay_ms = median_ms(lambda: attribute(loss, params, model=model, rng=capture_rng()), 5)
     plain = GuardCore(model, log_every_n_steps=1, track_timesteps=False)
@@ -83,6 +97,10 @@ def main() -> None:
         "| what | time | of a step |",
         "|---|---|---|",
         f"| `capture_rng()`, every step with `replay=True` | {rng_ms * 1e3:.1f} µs | {rng_ms / step_ms:.3%} |",
+        f"| `keep_attributes()` of the model, every step with `replay=True` | {attrs_ms * 1e3:.2f} µs | "
+        f"{attrs_ms / step_ms:.4%} |",
+        f"| the same of a LightningModule ({len(vars(lightning_module))} attributes) | {attrs_pl_ms * 1e3:.2f} µs | "
+        f"{attrs_pl_ms / step_ms:.4%} |",
         f"| one replay attribution (two replays: a transient verdict) | {replay_ms:.1f} ms | "
         f"{replay_ms / step_ms:.2f}x |",
         f"| `GuardCore.step`, logging step | {logged['guard']:.2f} ms | {logged['guard'] / step_ms:.2%} |",

@@ -1,18 +1,22 @@
-"""The library's one exception family.
+"""The library's one exception family, and its one warning category.
 
 Every error the guard raises on purpose is a :class:`GradGuardError`, so a training script can catch
 the whole family with one ``except``. :class:`NonFiniteGradientError` carries the
-:class:`~lightning_gradguard.events.GradEvent` that caused it.
+:class:`~lightning_gradguard.events.GradEvent` that caused it. Every warning is a
+:class:`GradGuardWarning`, located by :func:`warn` at the user's line, never the library's.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lightning_gradguard.events import GradEvent
 
-__all__ = ["GradGuardError", "NonFiniteGradientError"]
+__all__ = ["GradGuardError", "GradGuardWarning", "NonFiniteGradientError", "warn"]
 
 
 class GradGuardError(RuntimeError):
@@ -44,3 +48,29 @@ class NonFiniteGradientError(GradGuardError):
     def __init__(self, message: str, event: GradEvent | None = None) -> None:
         super().__init__(message)
         self.event = event
+
+
+class GradGuardWarning(UserWarning):
+    """The warning category of every alarm the guard emits.
+
+    Example: turn alarms into errors in a test suite, or silence them::
+
+        >>> import warnings
+        >>> warnings.filterwarnings("ignore", category=GradGuardWarning)
+        >>> warnings.resetwarnings()
+    """
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # lightning_gradguard/
+
+
+def warn(message: str, category: type[Warning] = GradGuardWarning) -> None:
+    """``warnings.warn`` located at the first caller outside this package: the line of the user's loop
+    that called :meth:`GuardCore.step <lightning_gradguard.GuardCore.step>` (or the framework's,
+    under a Trainer), never a line of lightning_gradguard, however deep the call that warns."""
+    frame = sys._getframe(0)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

@@ -48,7 +48,8 @@ class GradEvent:
             ``"stop"``; ``extra["cause"]`` says which, ``origin`` and ``layers`` are those of the
             fault that ended it), or ``"rollback"`` (the guard restored a snapshot: ``value`` is the
             snapshot's step; ``extra`` holds ``cause``, ``from_step``, ``snapshot_step``,
-            ``batches_skipped``, ``rollbacks``), or ``"spike_skipped"`` (a finite step skipped for a
+            ``batch_ranges`` (the batches undone, ``[epoch, first, last]`` each), ``batch_count``,
+            ``rollbacks``), or ``"spike_skipped"`` (a finite step skipped for a
             total norm or loss far above its rolling statistics, ``skip_spikes``; ``extra["zscore"]``), or
             ``"update_spike"`` / ``"moment_collapse"`` (``track_updates``: the update-to-weight ratio
             far above its recent values; a layer's smallest Adam √v fallen by decades while its

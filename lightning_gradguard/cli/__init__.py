@@ -10,9 +10,17 @@ run what :func:`~lightning_gradguard.health.judge.judge_run` found (the same jud
 * each tracked sequence's per-timestep ``horizon`` and ``first_last_ratio``;
 * a one-line verdict, and one line of advice per finding.
 
-Exit status: 0 for a healthy run, 1 when a run had non-finite steps or a finding whose kind
-``--fail-on`` names, 2 for usage errors (a missing directory, no event files, a corrupt or truncated
-event file, a run without the guard).
+A run shorter than its ``log_every_n_steps`` logged no metric: it is judged by the events the guard
+recorded and the summary it wrote at the end of fit (``40 steps, no logging step``).
+
+A run that cannot be read (a truncated or corrupt event file, a run without the guard) does not
+hide the others: every readable run is reported, and each unreadable one is listed with why, after
+them (``--json``: an entry ``{"run", "unreadable", "severity": "unreadable", "verdict"}``) and as one
+line on stderr.
+
+Exit status, the worst over the runs: 0 when every run is healthy, 1 when a run had non-finite steps
+or a finding whose kind ``--fail-on`` names, 2 when a run is unreadable (a CI gate must not pass a
+run it could not judge) and for usage errors (a missing directory, no event files).
 
     gradguard report runs/                       # or: python -m lightning_gradguard report runs/
     gradguard report runs/ --json
@@ -24,7 +32,13 @@ the RNG state from before the step's forward pass is restored, and ``training_st
 batch_idx)`` (or ``--loss MODULE:FN``, called as ``FN(model, batch)``) runs again, in float32 and,
 with ``--precision bf16|fp16``, under autocast. Exit status 0 when the fault did not reproduce
 here, 1 when it did, 2 for usage errors. Under gradient accumulation the first micro-batch is
-replayed (the dump's RNG state is from before it).
+replayed (the dump's RNG state is from before it). ``MODULE`` is imported with the working directory
+on the path, as ``python -m`` has it.
+
+A fault that does not reproduce offline is not called a hardware fault: the dump holds the batch, the
+weights and the RNG state, not the trainer's state (``global_step``), a state the module carries
+between steps, or the data pipeline, any of which the fault may depend on. The live replay's verdict,
+when the dump holds one, is quoted beside it.
 
     gradguard replay dumps/gradguard-step000123-nonfinite.pt --model my_project.models:build
 """
@@ -41,15 +55,42 @@ from pathlib import Path
 from typing import Any
 
 from lightning_gradguard.health.judge import KINDS, ReportError, RunHealth, judge_run
+from lightning_gradguard.primitives.ranges import format_batch_ranges, format_int_ranges
+from lightning_gradguard.primitives.text import plural
 
 __all__ = ["main", "render_text", "replay_dump", "write_png"]
 
+UNREADABLE = 2  # the exit status an unreadable run counts as
+
 
 def build_report(run: Path) -> RunHealth:
-    """Read one run's event files and judge its gradients."""
+    """Read one run's event files and judge its gradients.
+
+    Raises:
+        ReportError: an event file is corrupt or truncated, or the run holds nothing the guard writes.
+    """
     from lightning_gradguard.tensorboard.eventfile import read_run
 
     return judge_run(os.fspath(run), read_run(run))
+
+
+def build_reports(logdir: Path) -> tuple[list[RunHealth], list[dict[str, str]]]:
+    """Every run under ``logdir``: the reports of those that read, and ``{"run", "unreadable"}`` (why)
+    for each that does not.
+
+    Raises:
+        ReportError: ``logdir`` is missing, or holds no event file.
+    """
+    from lightning_gradguard.tensorboard.eventfile import find_runs
+
+    reports: list[RunHealth] = []
+    unreadable: list[dict[str, str]] = []
+    for run in find_runs(logdir):
+        try:
+            reports.append(build_report(run))
+        except ReportError as exc:
+            unreadable.append({"run": os.fspath(run), "unreadable": str(exc)})
+    return reports, unreadable
 
 
 def _fmt(v: float | None) -> str:
@@ -59,7 +100,8 @@ def _fmt(v: float | None) -> str:
 
 
 def render_text(rep: RunHealth) -> str:
-    lines = [f"== {rep.run} ({rep.steps} steps)"]
+    logged = "" if rep.logged_steps else ", no logging step"  # a run shorter than log_every_n_steps
+    lines = [f"== {rep.run} ({plural(rep.steps, 'step')}{logged})"]
     if rep.layers:
         width = max(12, *(len(n) for n in rep.layers))
         lines.append(f"{'layer':<{width}}  {'median':>9}  {'max':>9}  {'last':>9}  flags")
@@ -84,17 +126,21 @@ def render_text(rep: RunHealth) -> str:
     if len(rep.nonfinite) > 20:
         lines.append(f"  ... and {len(rep.nonfinite) - 20} more")
     for r in rep.rollbacks[:20]:
-        where = f" (batches {', '.join(f'{e}:{b}' for e, b in r['batches'])})" if r["batches"] else ""
-        back = f"  rollback at step {r['step']} to the snapshot of step {r['snapshot_step']}"
-        lines.append(f"{back}: {r['cause']}{where}")
+        lines.append(f"  rollback at step {r['step']} to the snapshot of step {r['snapshot_step']}: {r['cause']}")
+        if r["batches"]:
+            lines.append(f"    batches undone: {format_batch_ranges(r['batches'])}")
+    if len(rep.rollbacks) > 20:
+        lines.append(f"  ... and {len(rep.rollbacks) - 20} more rollbacks")
     for r in rep.replays:
         where = f", forward origin {r['forward_origin']}" if r.get("forward_origin") else ""
         ranks = f", rank(s) {', '.join(map(str, r['faulty_ranks']))}" if r.get("faulty_ranks") else ""
         lines.append(f"  replay of step {r['step']} ({r['kind']}): {r['verdict']}{where}{ranks}")
     if rep.skipped_batches:
-        shown = ", ".join(f"{s['step']} ({s['reason']})" for s in rep.skipped_batches[:20])
-        more = f" and {len(rep.skipped_batches) - 20} more" if len(rep.skipped_batches) > 20 else ""
-        lines.append(f"  skipped steps: {shown}{more}")
+        by_reason: dict[str, list[int]] = {}
+        for skip in rep.skipped_batches:
+            by_reason.setdefault(skip["reason"], []).append(skip["step"])
+        shown = "; ".join(f"{format_int_ranges(steps, most=10)} ({why})" for why, steps in by_reason.items())
+        lines.append(f"  skipped steps: {shown}")
     for name, s in rep.timesteps.items():
         lines.append(
             f"timesteps '{name}': horizon {_fmt(s.get('horizon'))}, first/last {_fmt(s.get('first_last_ratio'))}, "
@@ -116,6 +162,9 @@ def _load(spec: str, what: str) -> Any:
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ReportError(f"{what} must be MODULE:NAME, got {spec!r}")
+    cwd = os.getcwd()  # the console script's path lacks it; `python -m` puts it first
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
@@ -160,7 +209,11 @@ def replay_dump(
 
     result = attribute(closure, params, model=model, rng=dump["rng"], precision=context)
     event = dump.get("event", {})
-    return {"dump": str(path), "step": dump.get("global_step"), "kind": event.get("kind"), **result}
+    out = {"dump": str(path), "step": dump.get("global_step"), "kind": event.get("kind"), **result}
+    live = (event.get("extra") or {}).get("replay")
+    if isinstance(live, dict):  # what the live guard's replay said, on the machine that ran the step
+        out["live_replay"] = live
+    return out
 
 
 def _replay_command(args: argparse.Namespace) -> int:
@@ -174,11 +227,25 @@ def _replay_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        text = describe(result)
-        if result["verdict"] == TRANSIENT:
-            text = "Replay: did not reproduce here (2 replays): transient on the machine that wrote the dump?"
+        text = _not_reproduced(result, args.precision) if result["verdict"] == TRANSIENT else describe(result)
         print(f"step {result['step']} ({result['kind']}), {args.dump}: {text}")
     return 0 if result["verdict"] == TRANSIENT else 1
+
+
+def _not_reproduced(result: dict[str, Any], precision: str | None) -> str:
+    """What a replay that stayed finite offline says: what the dump lacks, never the hardware on its own
+    (the live replay's verdict, when the dump holds one, is the evidence)."""
+    from lightning_gradguard.core.attribution import describe
+
+    text = (f"Replay: did not reproduce offline ({result.get('replays', 2)} replays of the dump's batch, weights "
+            "and RNG state): the fault may depend on state the dump does not hold (trainer state such as "
+            "global_step, a state the module carries between steps, the data pipeline)")  # fmt: skip
+    if precision is None:
+        text += "; if the run used autocast, also replay with --precision bf16 or fp16"
+    live = result.get("live_replay")
+    if isinstance(live, dict) and live.get("verdict"):
+        text += f". The live replay said: {describe(live).removeprefix('Replay: ')}"
+    return text if text.endswith(".") else text + "."
 
 
 def write_png(reports: Sequence[RunHealth], path: Path) -> None:
@@ -220,13 +287,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``gradguard`` and ``python -m lightning_gradguard``."""
     parser = argparse.ArgumentParser(prog="gradguard", description="GradGuard's command line.")
     sub = parser.add_subparsers(dest="command", required=True)
-    rp = sub.add_parser("report", help="a run's gradient health from its TensorBoard event files")
+    rp = sub.add_parser(
+        "report", help="a run's gradient health from its TensorBoard event files",
+        description="A run's gradient health from its TensorBoard event files. Every readable run is reported; "
+        "an unreadable one (a truncated or corrupt event file, a run without the guard) is listed with why.",
+        epilog="Exit status, the worst over the runs: 0 healthy; 1 non-finite steps or a --fail-on finding; "
+        "2 a run that cannot be read, or a usage error (a missing directory, no event files).",
+    )  # fmt: skip
     rp.add_argument("logdir", type=Path, help="a run's log directory, or a folder of runs")
     rp.add_argument("--json", action="store_true", help="print JSON instead of text")
     rp.add_argument("--png", type=Path, help="write the gradient-flow chart and per-timestep profiles here")
     rp.add_argument("--fail-on", nargs="*", default=[], choices=KINDS, metavar="KIND",
                     help=f"exit 1 when a run has a finding of these kinds ({', '.join(KINDS)})")
-    pp = sub.add_parser("replay", help="replay a dump's step to tell a transient fault from a data or precision one")
+    pp = sub.add_parser("replay", help="replay a dump: a data or precision fault, or one that does not reproduce")
     pp.add_argument("dump", type=Path, help="a dump written by GradGuard(dump_dir=...)")
     pp.add_argument("--model", required=True, help="MODULE:FACTORY, a callable that builds the model")
     pp.add_argument("--loss", help="MODULE:FN, called as FN(model, batch) -> loss (default: training_step)")
@@ -239,18 +312,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "replay":
         return _replay_command(args)
     try:
-        from lightning_gradguard.tensorboard.eventfile import find_runs
-
-        reports = [build_report(run) for run in find_runs(args.logdir)]
-        if args.png:
+        reports, unreadable = build_reports(args.logdir)
+        if args.png and reports:
             write_png(reports, args.png)
     except ReportError as exc:
         print(f"gradguard report: error: {exc}", file=sys.stderr)
         return 2
+    for bad_run in unreadable:
+        print(f"gradguard report: error: {bad_run['unreadable']}", file=sys.stderr)
     if args.json:
-        print(json.dumps([r.as_dict() for r in reports], indent=2, default=str))
-    else:
-        print("\n\n".join(render_text(r) for r in reports))
+        rows = [r.as_dict() for r in reports] + [
+            {**u, "severity": "unreadable", "verdict": f"unreadable: {u['unreadable']}"} for u in unreadable
+        ]
+        print(json.dumps(rows, indent=2, default=str))
+    elif reports:  # with no readable run, the errors above are the whole answer
+        blocks = [render_text(r) for r in reports]
+        if unreadable:
+            blocks.append("\n".join([f"== {len(unreadable)} unreadable run{'s' if len(unreadable) > 1 else ''}"]
+                                    + [f"  {u['run']}: {u['unreadable']}" for u in unreadable]))  # fmt: skip
+        print("\n\n".join(blocks))
     failing = set(args.fail_on)
-    bad = any(r.nonfinite_steps or (r.kinds() & failing) for r in reports)
-    return 1 if bad else 0
+    statuses = [1 if r.nonfinite_steps or (r.kinds() & failing) else 0 for r in reports]
+    return max(statuses + [UNREADABLE] * len(unreadable))

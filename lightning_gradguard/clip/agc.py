@@ -68,6 +68,10 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _matches_any(names: Sequence[str], pattern: str) -> bool:
+    return any(name == pattern or fnmatch.fnmatchcase(name, pattern) for name in names)
+
+
 class AGC(Clipper):
     """Adaptive gradient clipping, unit-wise (Brock, De, Smith and Simonyan, 2021, NFNets).
 
@@ -178,6 +182,10 @@ class AGC(Clipper):
             clipped_total = torch.where(ctx.finite, clipped_total.to(ctx.total.device), ctx.total)
             coef = torch.where(ctx.total > 0, clipped_total / ctx.total, coef)
         return ClipOutcome(coef, clipped_total, threshold, clipped=units > 0, clipped_units=units)
+
+    def unmatched_names(self, layers: Sequence[str], params: Sequence[str]) -> list[str]:
+        """The ``exclude`` entries that match no layer and no parameter name (a typo excludes nothing)."""
+        return [p for p in self.exclude if not (_matches_any(layers, p) or _matches_any(params, p))]
 
     def check_placements(self, names: Sequence[str], layers: Sequence[str], params: Sequence[Tensor]) -> None:
         """Refuse a sharded parameter whose units do not lie whole on one rank.

@@ -272,6 +272,11 @@ class Clipper:
             ValueError: a parameter's placement is not supported (the message names both).
         """
 
+    def unmatched_names(self, layers: Sequence[str], params: Sequence[str]) -> list[str]:
+        """The names or patterns this clipper was given that match none of the model's ``layers`` and
+        ``params``: the guard warns about each, with the closest name. None by default."""
+        return []
+
     def observe(self, total: float, finite: bool) -> None:
         """This step's pre-clip total norm on the host, after the guard's sync (``needs_host_stats``)."""
 

@@ -27,31 +27,20 @@ events, rank zero tells.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.distributed as dist
 
+from lightning_gradguard.errors import GradGuardWarning, warn
 from lightning_gradguard.events import GradEvent
 
-__all__ = ["AlertRouter", "GradGuardWarning", "is_rank_zero", "log"]
+__all__ = ["AlertRouter", "GradGuardWarning", "is_rank_zero", "log", "warn"]
 
 log = logging.getLogger("lightning_gradguard")
 log.addHandler(logging.NullHandler())
 
 _ROUTINE = frozenset({"amp_overflow"})
-
-
-class GradGuardWarning(UserWarning):
-    """The warning category of every alarm the guard emits.
-
-    Example: turn alarms into errors in a test suite, or silence them::
-
-        >>> import warnings
-        >>> warnings.filterwarnings("ignore", category=GradGuardWarning)
-        >>> warnings.resetwarnings()
-    """
 
 
 def is_rank_zero() -> bool:
@@ -156,7 +145,7 @@ class AlertRouter:
             log.info(message)
         else:
             log.warning(message)
-            warnings.warn(message, GradGuardWarning, stacklevel=3)
+            warn(message)
         for sink in self.sinks:
             try:
                 sink(event, message)
@@ -173,6 +162,13 @@ class AlertRouter:
                 if id(notifier) not in self._failed:
                     self._failed.add(id(notifier))
                     log.exception("GradGuard: alert notifier %r raised; errors are not repeated.", notifier)
+
+    def undelivered(self) -> tuple[int, int]:
+        """The alarms the notifiers could not deliver, summed: (failed after every retry, never arrived
+        at all: failed, a full queue, or still queued at close). Notifiers without such counters count 0."""
+        failed = sum(int(getattr(n, "failed", 0)) for n in self.notifiers)
+        dropped = sum(int(getattr(n, "dropped", 0)) for n in self.notifiers)
+        return failed, dropped
 
     def close(self, timeout: float | None = None) -> None:
         """Let every notifier finish sending (each waits at most its own ``close_timeout``, or ``timeout``)."""

@@ -37,7 +37,9 @@ from torch import Tensor, nn
 from lightning_gradguard.dump import capture_rng, restore_rng
 from lightning_gradguard.primitives.layout import strip_wrappers
 
-__all__ = ["TRANSIENT", "VERDICTS", "Replay", "attribute", "replay_once", "where_am_i"]
+__all__ = [
+    "TRANSIENT", "VERDICTS", "Replay", "attribute", "keep_attributes", "replay_once", "replaying_from", "where_am_i",
+]  # fmt: skip
 
 TRANSIENT, PRECISION, DATA, FAILED = "transient", "precision", "data or numerics", "replay failed"
 VERDICTS = (TRANSIENT, PRECISION, DATA, FAILED)
@@ -51,6 +53,10 @@ class Replay:
     loss_finite: bool = True
     origin: str | None = None  # the first module (execution order) whose output is non-finite
     input_nonfinite: bool = False  # that module's input was already non-finite
+    # Where that input became non-finite, when an operation of the forward pass made it so (rather
+    # than the data, a carried state or the weights): {"op", "in", "after", "before"}.
+    produced: dict[str, str | None] | None = None
+    weights_nonfinite: bool = False  # that non-finite input was a parameter of the model
     error: str | None = None
 
 
@@ -65,31 +71,214 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
+def _is_float(t: Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
 def _finite(obj: Any) -> bool:
-    parts = [t for t in _tensors(obj) if t.is_floating_point() or t.is_complex()]
+    parts = [t for t in _tensors(obj) if _is_float(t)]
     return all(bool(torch.isfinite(t.detach()).all()) for t in parts)  # a replay: host reads are fine
 
 
-@contextlib.contextmanager
-def _forward_origin(model: nn.Module | None, found: Replay) -> Iterator[None]:
-    """Hooks on every named module: the first whose output is non-finite (in completion order)."""
-    handles = []
+def _nonfinite(obj: Any) -> list[Tensor]:
+    return [t for t in _tensors(obj) if _is_float(t) and not bool(torch.isfinite(t.detach()).all())]
 
-    def hook(name: str) -> Callable[..., None]:
-        def check(module: nn.Module, args: Any, output: Any) -> None:
-            if found.origin is None and not _finite(output):
-                found.origin = name or type(module).__name__
-                found.input_nonfinite = not _finite(args)
 
-        return check
+# Functions whose output is uninitialised memory (any bit pattern, NaN included, until written).
+_UNINITIALISED = ("empty", "empty_like", "new_empty", "empty_strided", "resize_")
+_IN_PLACE_DUNDERS = ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ipow__", "__imatmul__")
 
-    if model is not None:
-        handles = [m.register_forward_hook(hook(strip_wrappers(n))) for n, m in model.named_modules()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+
+def _in_place(name: str, kwargs: Any) -> bool:
+    return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS or "out" in kwargs
+
+
+class _Origin:
+    """Finds where a replayed forward pass first went non-finite (see :func:`replay_once`).
+
+    Two views of one forward pass:
+
+    * hooks on every module keep the stack of modules in progress, and name the first module, in
+      completion order, whose output is non-finite (the *origin*), and whether its input already was;
+    * a :class:`~torch.overrides.TorchFunctionMode` sees every torch function and tensor method called
+      from Python, the functional code between modules included, and keeps, for each non-finite
+      tensor one of them returned, the first function of its chain that made finite inputs
+      non-finite, with the module whose forward called it. So a non-finite input is told apart: code
+      between two modules made it (a ``torch.log`` in a parent's ``forward``), or it came from outside
+      the forward pass (the data, a carried state, the weights).
+
+    The origin is the first non-finite *module output*, not the first non-finite value: an attention
+    mask filled with ``-inf`` on purpose is non-finite and harmless. (A TorchDispatchMode would also
+    see inside fused kernels, but entering one imports ``torch._dynamo``, seconds on first use;
+    module outputs cover what runs inside a module.)
+    """
+
+    def __init__(self, model: nn.Module | None, found: Replay) -> None:
+        self.model = model
+        self.found = found
+        self.stack: list[tuple[str, int]] = []  # (name, id) of the modules in progress
+        self.last_child: dict[int | None, str] = {}  # a module's (None: the step's own code) last finished child
+        self.produced: dict[int, tuple[Tensor, dict[str, str | None] | None]] = {}  # id -> (tensor, root)
+        self.params = {id(p) for p in model.parameters()} if model is not None else set()
+        self.waiting: dict[str, str | None] | None = None  # a root whose next module is not yet known
+        self.done = False
+        self.quiet = False  # the hooks' own checks, which the mode must not track
+
+    # -------------------------------------------------------------- the modules
+    def pre(self, name: str) -> Callable[..., None]:
+        def enter(module: nn.Module, args: Any) -> None:
+            shown = name or type(module).__name__
+            parent = self.stack[-1][1] if self.stack else None
+            if self.waiting is not None and self.waiting.get("_parent") == str(parent):
+                self.waiting["before"], self.waiting = shown, None
+            self.stack.append((shown, id(module)))
+
+        return enter
+
+    def post(self, name: str) -> Callable[..., None]:
+        def leave(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            shown = name or type(module).__name__
+            if self.stack and self.stack[-1][1] == id(module):
+                self.stack.pop()
+            self.last_child[self.stack[-1][1] if self.stack else None] = shown
+            if self.done:
+                return
+            self.quiet = True
+            try:
+                self._check(module, shown, args, kwargs, output)
+            finally:
+                self.quiet = False
+
+        return leave
+
+    def _check(self, module: nn.Module, shown: str, args: Any, kwargs: Any, output: Any) -> None:
+        if _finite(output):
+            return
+        self.done = True
+        found = self.found
+        found.origin = shown
+        bad = _nonfinite((args, kwargs))
+        found.input_nonfinite = bool(bad)
+        for t in bad:
+            kept = self.produced.get(id(t))
+            if kept is not None and kept[0] is t and kept[1] is not None:
+                root = found.produced = {k: v for k, v in kept[1].items() if not k.startswith("_")}
+                if root["in"] is not None:  # a module's own code, between its children, made it
+                    found.origin, found.input_nonfinite = root["in"], False
+                return
+        own = list(module.parameters(recurse=False))
+        found.weights_nonfinite = any(id(t) in self.params for t in bad) or (not bad and not _finite(own))
+
+    # -------------------------------------------------------------- the functions
+    def call(self, func: Any, args: Any, kwargs: Any) -> Any:
+        name = str(getattr(func, "__name__", func))
+        if self.done or self.quiet or name in _UNINITIALISED:
+            return func(*args, **kwargs)
+        in_place = _in_place(name, kwargs)
+        before = _nonfinite((args, kwargs)) if in_place else None  # an in-place call overwrites its input
+        out = func(*args, **kwargs)
+        targets = [out, args[0] if in_place and args else None, kwargs.get("out")]
+        outputs = [t for t in _tensors(targets) if _is_float(t)]
+        bad_out = [t for t in outputs if not bool(torch.isfinite(t.detach()).all())]
+        for t in outputs:
+            if all(t is not b for b in bad_out):
+                self.produced.pop(id(t), None)  # written finite again (in place)
+        if not bad_out:
+            return out
+        bad_in = before if before is not None else _nonfinite((args, kwargs))
+        root: dict[str, str | None] | None = None  # None: from outside the forward pass
+        for t in bad_in:
+            kept = self.produced.get(id(t))
+            if kept is not None and kept[0] is t:
+                root = kept[1]
+                break
+        else:
+            # Finite tensor inputs, a non-finite result: this function made it. Without any tensor
+            # input (``torch.tensor``, ``torch.full``) it only brought values in: data, or a carried state.
+            if not bad_in and any(True for _ in _tensors((args, kwargs))):
+                parent = self.stack[-1][1] if self.stack else None
+                root = {"op": name.strip("_") or name, "in": self.stack[-1][0] if self.stack else None,
+                        "after": self.last_child.get(parent), "before": None, "_parent": str(parent)}  # fmt: skip
+                self.waiting = root
+        for t in bad_out:
+            self.produced[id(t)] = (t, root)
+        return out
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        from torch.overrides import TorchFunctionMode
+
+        tracker = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                return tracker.call(func, args, kwargs or {})
+
+        handles = []
+        if self.model is not None:
+            for n, m in self.model.named_modules():
+                name = strip_wrappers(n)
+                handles.append(m.register_forward_pre_hook(self.pre(name)))
+                handles.append(m.register_forward_hook(self.post(name), with_kwargs=True))
+        try:
+            with Mode():
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.produced.clear()
+
+
+def keep_attributes(obj: object | None) -> dict[str, Any] | None:
+    """The references in ``obj``'s attribute dict (a shallow copy, no tensor copied), or None for None:
+    kept before each step's forward pass, so that a replay starts from the state the step began with
+    (:func:`replaying_from`)."""
+    return None if obj is None else dict(vars(obj))
+
+
+def replaying_from(obj: object, before: dict[str, Any], closure: Callable[[], Any]) -> Callable[[], Any]:
+    """``closure``, run with ``obj``'s attributes as they were in ``before``, then put back as they are now.
+
+    A step that carries state across steps by reassigning an attribute (``self.hidden = h.detach()``
+    in truncated BPTT) has already replaced it with its own result when the guard replays it; the
+    replay must start from the state the step began with. Only reassignments are undone: a tensor the
+    step changed *in place* (``self.hidden.copy_(h)``) is the same object before and after, and a
+    replay cannot restore it.
+
+    Example::
+
+        >>> class Loop:
+        ...     hidden = None
+        >>> loop = Loop(); loop.hidden = 1.0
+        >>> before = keep_attributes(loop)
+        >>> loop.hidden = float("nan")          # the step's forward pass replaced it
+        >>> replaying_from(loop, before, lambda: loop.hidden)()
+        1.0
+        >>> loop.hidden
+        nan
+    """
+
+    def replay() -> Any:
+        state = vars(obj)
+        after = dict(state)
+        _set_attributes(state, before)
+        try:
+            return closure()
+        finally:
+            _set_attributes(state, after)
+
+    return replay
+
+
+def _set_attributes(state: dict[str, Any], wanted: dict[str, Any]) -> None:
+    for key in [k for k in state if k not in wanted]:
+        del state[key]
+    for key, value in wanted.items():
+        if state.get(key, _MISSING) is not value:
+            state[key] = value
+
+
+_MISSING = object()
 
 
 def replay_once(
@@ -114,7 +303,7 @@ def replay_once(
     device = params[0].device.type if params else "cpu"
     context = precision() if precision is not None else torch.autocast(device, enabled=False)
     try:
-        with torch.enable_grad(), _forward_origin(model, found), context:
+        with torch.enable_grad(), _Origin(model, found).watching(), context:
             out = closure()
         loss = out["loss"] if isinstance(out, dict) else out
         if not isinstance(loss, Tensor):
@@ -203,20 +392,26 @@ def attribute(
         "seconds": round(time.perf_counter() - start, 4),
         **where_am_i(params),
     }
+    if chosen.produced is not None:
+        out["produced"] = chosen.produced
+    if chosen.weights_nonfinite:
+        out["weights_nonfinite"] = True
     if first.error is not None:
         out["error"] = first.error
     return out
 
 
 def describe(result: dict[str, Any]) -> str:
-    """One sentence for the event's message and the alert."""
+    """One sentence for the event's message and the alert.
+
+    Example::
+
+        >>> describe({"verdict": "data or numerics", "forward_origin": "net", "input_nonfinite": False,
+        ...           "produced": {"op": "log", "in": "net", "after": "l0", "before": "l1"}})[50:]
+        'the forward pass first went non-finite between l0 and l1, in the forward of net (log of finite values).'
+    """
     verdict = str(result.get("verdict", ""))
-    where = result.get("forward_origin")
-    origin = ""
-    if where:
-        origin = f"; the forward pass first went non-finite in {where}"
-        if result.get("input_nonfinite"):
-            origin += " (its input was already non-finite: the data or a carried state)"
+    origin = _where(result)
     if verdict == TRANSIENT:
         ranks = result.get("faulty_ranks")
         on = f"rank(s) {', '.join(map(str, ranks))}" if ranks else f"rank {result.get('rank', 0)}"
@@ -228,3 +423,24 @@ def describe(result: dict[str, Any]) -> str:
     if verdict == DATA:
         return f"Replay: data or numerics (reproduces in float32){origin}."
     return f"Replay: {verdict}."
+
+
+def _where(result: dict[str, Any]) -> str:
+    """Where the forward pass first went non-finite, as a clause ("" when nothing was found)."""
+    origin = result.get("forward_origin")
+    made = result.get("produced")
+    if isinstance(made, dict):
+        after, before = made.get("after"), made.get("before")
+        span = (f"between {after} and {before}" if after and before else f"after {after}" if after
+                else f"before {before}" if before else "")  # fmt: skip
+        inside = f"in the forward of {made['in']}" if made.get("in") else "in the step's own code"
+        return f"; the forward pass first went non-finite {', '.join(x for x in (span, inside) if x)} " \
+               f"({made.get('op')} of finite values)"
+    if not origin:
+        return ""
+    text = f"; the forward pass first went non-finite in {origin}"
+    if result.get("weights_nonfinite"):
+        return text + " (its weights were already non-finite)"
+    if result.get("input_nonfinite"):
+        return text + " (its input was already non-finite: the data or a carried state)"
+    return text

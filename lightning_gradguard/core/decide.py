@@ -39,6 +39,7 @@ from lightning_gradguard.errors import NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.primitives.layout import LayerMap, OptimizerLayout
 from lightning_gradguard.primitives.norms import device_constant
+from lightning_gradguard.primitives.text import plural
 
 __all__ = ["FLAGS", "DeviceSkip", "OnNonFinite", "StepPolicy", "Verdict", "can_skip_on_device", "device_flags"]
 
@@ -276,7 +277,7 @@ class StepPolicy:
             self._skip(fault)
         key = event.origin or "unknown"
         self.origins[key] = self.origins.get(key, 0) + 1
-        record(event)
+        event = record(event)  # as recorded: with the replay's verdict, when the step was replayed
         if self.on_nonfinite == "raise":
             record(_stop_event(event, "on_nonfinite='raise'", "raised"))
             raise NonFiniteGradientError(event.message, event)
@@ -302,7 +303,8 @@ class StepPolicy:
             return
         record(_stop_event(event, cause, "raised"))
         raise NonFiniteGradientError(
-            f"GradGuard: {self.consecutive_skips} consecutive optimizer steps were skipped "
+            f"GradGuard: {plural(self.consecutive_skips, 'consecutive optimizer step')} "
+            f"{'was' if self.consecutive_skips == 1 else 'were'} skipped "
             f"(max_consecutive_skips={self.max_consecutive_skips}); the run is not recovering. "
             f"Last: {event.message}",
             event,

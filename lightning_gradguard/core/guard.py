@@ -35,7 +35,6 @@ sync. Only a faulty step pays more (to list its non-finite layers).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from torch import Tensor, nn
 from lightning_gradguard._validate import check_choice, check_handlers, check_int, check_number, check_ratio
 from lightning_gradguard.clip import Clipper
 from lightning_gradguard.core import alerts
-from lightning_gradguard.core.attribution import attribute, describe
+from lightning_gradguard.core.attribution import attribute, describe, keep_attributes, replaying_from
 from lightning_gradguard.core.clipping import CLIP_LEVEL, ClipStage
 from lightning_gradguard.core.decide import (
     FLAGS,
@@ -80,6 +79,7 @@ from lightning_gradguard.dump import capture_rng
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.primitives.layout import LayerMap, OptimizerLayout
 from lightning_gradguard.primitives.norms import dtensor_type
+from lightning_gradguard.primitives.text import unmatched
 
 __all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "RestoreError", "Rollback", "StepReport"]
 
@@ -106,7 +106,7 @@ class _Step:
     deferred: bool = False  # read later (warn, or skipped on the device): its gradients are gone by then
     layer_ids: Sequence[int] = ()  # logging steps: the layers present
     update_ids: Sequence[int] = ()  # logging steps with track_updates: the layers measured
-    replay: tuple[Any, Any, Any] | None = None  # (closure, precision, rng) of a replayable step
+    replay: tuple[Any, Any, Any, Any] | None = None  # (closure, precision, rng, attributes) of a replayable step
     local_bad: Tensor | None = None  # under data parallelism: this rank's own flags, before the sum
     profiles: Sequence[str] = ()  # logging steps: the tracked sequences read
 
@@ -301,6 +301,7 @@ class GuardCore:
             raise TypeError(f"Expected `replay` to be a bool, but got {replay!r}.")
         self.replay = replay
         self._rng_before: dict[str, Any] | None = None  # the RNG state before the step's forward pass
+        self._attrs_before: dict[str, Any] | None = None  # the model's attributes then (references)
         self._replayed: set[str] = set()  # the kinds already replayed (the first of each)
         # Under DDP, set by a communication hook: whether this rank's own gradients, before the
         # all-reduce averaged them, were non-finite (a replay names the faulty rank with it).
@@ -320,6 +321,7 @@ class GuardCore:
         self._loss_finite: Tensor | None = None
         self._warned: set[str] = set()
         self.steps = 0
+        self.empty_steps = 0  # steps with no gradient to measure (no optimizer, every parameter frozen)
         if model is not None:
             self.watch(model)
 
@@ -327,17 +329,23 @@ class GuardCore:
     def watch(self, model: nn.Module) -> None:
         """Name ``model``'s parameters by layer, record its forward order on the next forward, and
         attach the (dormant) per-timestep hooks to its recurrent modules."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected `model` to be a torch.nn.Module (or None), but got {model!r}.")
         self.layers.watch(model)
         self._model = model
         if self.recovery is not None:
             self.recovery.targets.model = model
+        layers, params = self.layers.names()
+        excluded = self.clip.unmatched_names(layers, params) if self.clip is not None else []
+        if excluded:
+            self._warn_once("clip-missing", unmatched(f"{self.clip!r}", excluded, layers, "layer or parameter"))
         if self.timesteps is not None:
             tracked = self.timesteps.watch(model)
             missing = sorted((self.timesteps.only or set()) - set(tracked))
             if missing:
                 self._warn_once(
                     "ts-missing",
-                    f"GradGuard: track_timesteps names {missing}, which match no recurrent module of the model.",
+                    unmatched("track_timesteps", missing, self.timesteps.recurrent, "recurrent module"),
                 )
 
     def prepare(
@@ -414,10 +422,12 @@ class GuardCore:
 
         Only on logging steps are the timestep hooks armed; on other steps this costs one branch.
         Micro-batches of one optimizer step may call it each; their profiles combine. With ``replay``
-        it also keeps the RNG state (the last micro-batch's, which a replay uses).
+        it also keeps the RNG state and references to the watched model's attributes (the last
+        micro-batch's, which a replay starts from: no tensor is copied).
         """
         if self.replay:
             self._rng_before = capture_rng()
+            self._attrs_before = keep_attributes(self._model)
         if self.timesteps is None:
             return
         step = self.steps if step is None else step
@@ -503,7 +513,11 @@ class GuardCore:
             log_next: whether the next step logs (``track_updates`` copies the weights before this
                 step's update then); default follows ``log_every_n_steps``.
             replay_closure: runs this step's forward pass again on its batch and returns the loss
-                (``replay``): called only on the first faulty step, never on a healthy one.
+                (``replay``): called only on the first faulty step, never on a healthy one. It runs
+                with the watched model's attributes as they were at :meth:`begin_step` (a hidden state
+                the step reassigned, ``self.hidden = h.detach()``, is the one the step began with), and
+                the step's own values are put back afterwards. State the closure holds elsewhere, or
+                tensors the step changed in place, are the closure's to keep as they were.
             replay_precision: the run's autocast context factory (e.g. ``lambda: torch.autocast("cuda",
                 torch.bfloat16)``), so that a replay can compare reduced precision with float32.
 
@@ -532,7 +546,8 @@ class GuardCore:
         ctx = self.clipping.context(m, layout, self.norm_type, is_log)
         level = self.clipping.clip_now(ctx, m, s.read)
         flags = self._register_head(s, m, level, reduce)
-        s.replay = (replay_closure, replay_precision, self._rng_before) if replay_closure is not None else None
+        kept = (replay_closure, replay_precision, self._rng_before, self._attrs_before)
+        s.replay = kept if replay_closure is not None else None
         on_device = self.policy.on_device(optimizer, is_log, self.clipping.needs_host, m.loss_scale is not None)
         if on_device:  # a non-finite step is skipped by the optimizer itself: no read needed now
             self.skipper.arm(optimizer, flags)
@@ -647,7 +662,9 @@ class GuardCore:
     def _attribute(self, s: _Step, event: GradEvent) -> dict[str, Any] | None:
         if s.replay is None:
             return None
-        closure, precision, rng = s.replay
+        closure, precision, rng, attrs = s.replay
+        if attrs is not None and self._model is not None:
+            closure = replaying_from(self._model, attrs, closure)
         spike = float(event.value) if event.kind == "spike_skipped" else None
         mine = attribute(closure, s.layout.params, model=self._model, rng=rng, precision=precision,
                          spike_norm=spike)  # fmt: skip
@@ -828,6 +845,7 @@ class GuardCore:
         self._warn_once(
             "empty", "GradGuard: the optimizer has no parameter with a gradient this step; nothing to measure."
         )
+        self.empty_steps += 1
         self._advance()
         return StepReport(number, torch.zeros(()))
 
@@ -854,7 +872,7 @@ class GuardCore:
         if key not in self._warned:
             self._warned.add(key)
             if alerts.is_rank_zero():
-                warnings.warn(message, alerts.GradGuardWarning, stacklevel=3)
+                alerts.warn(message)
 
     # ------------------------------------------------------------- reporting
     @property
@@ -875,7 +893,8 @@ class GuardCore:
 
     @property
     def skip_list(self) -> list[dict[str, Any]]:
-        """The skipped and rolled-back batches: ``{"epoch", "batch_idx", "step", "reason"}`` each."""
+        """The skipped and rolled-back batches, one entry each: ``{"epoch", "batch_idx", "step", "reason",
+        "steps", "reasons"}`` (``step`` and ``reason``: the first of ``steps`` and ``reasons``)."""
         return list(self.recovery.skips) if self.recovery is not None else []
 
     @property
@@ -950,7 +969,8 @@ class GuardCore:
         """
         self.flush()
         quiet = sum(self.alerts.suppressed.values())
-        return summarize_run(self.steps, self.clip, self.clipped_steps, self.policy, self.kind_counts, quiet)
+        return summarize_run(self.steps, self.clip, self.clipped_steps, self.policy, self.kind_counts, quiet,
+                             empty_steps=self.empty_steps, undelivered=self.alerts.undelivered())  # fmt: skip
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -965,6 +985,8 @@ class GuardCore:
         extra: dict[str, Any] = {}
         if self.recovery is not None:
             extra["recovery"] = self.recovery.state_dict()
+        if self.empty_steps:  # only when it happened: a run with gradients keeps 0.2.0's format
+            extra["empty_steps"] = self.empty_steps
         if self.spikes is not None:  # only with the options: a run without them keeps 0.2.0's format
             extra["spike_device"] = self.spikes.state_dict()
             extra["spike_skipped_steps"] = self.policy.spike_skipped_steps
@@ -983,6 +1005,7 @@ class GuardCore:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; missing keys (older checkpoints) keep their defaults."""
         self.steps = int(state.get("steps", self.steps))
+        self.empty_steps = int(state.get("empty_steps", 0))
         self.policy.load_state_dict(state)
         self.clipping.load_state_dict(state.get("clip", {}), int(state.get("clipped_steps", 0)), self.steps)
         layers = state.get("layers", {})  # the spike detector's per-layer EMA is kept there (see state_dict)

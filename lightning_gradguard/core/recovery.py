@@ -16,8 +16,14 @@
   between the snapshot and the fault are not trained on again), the next ``skip_batches`` batches are
   skipped too, the learning rates optionally back off, and a ``rollback`` event says what happened.
   After ``max_rollbacks`` the next trigger raises.
-* **The skip list**: every skipped or rolled-back batch (epoch, batch index, step, reason), kept in
-  the guard's checkpoint state and in a JSON file; a run resumed from a checkpoint skips them again.
+* **The skip list**: one entry per skipped or rolled-back batch (epoch, batch index), with every
+  reason it was skipped for and the steps it was seen at (a batch that a deeper rollback undoes
+  again is not listed twice), kept in the guard's checkpoint state and in a JSON file; a run resumed
+  from a checkpoint skips them again. A batch without a position (a plain loop that does not call
+  ``note_batch``) is listed by its step. The file is version 2 (:data:`SKIP_FILE_VERSION`); its
+  entries keep version 1's keys (``step``: the first step, ``reason``: the first reason), so that the
+  version that wrote version 1 still reads it, and version 1 files (and checkpoints) are read and
+  merged.
 """
 
 from __future__ import annotations
@@ -33,10 +39,13 @@ from lightning_gradguard._validate import check_int, check_number
 from lightning_gradguard.core.snapshot import RestoreError, Snapshot, SnapshotRing, Targets
 from lightning_gradguard.errors import NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
+from lightning_gradguard.primitives.ranges import batch_count, batch_ranges
+from lightning_gradguard.primitives.text import plural
 
-__all__ = ["SKIP_FILE", "Recovery", "Rollback", "rank", "scale_lrs"]
+__all__ = ["SKIP_FILE", "SKIP_FILE_VERSION", "Recovery", "Rollback", "rank", "scale_lrs"]
 
 SKIP_FILE = "gradguard_skips.json"  # the skip list's file name, beside the logs
+SKIP_FILE_VERSION = 2  # 1: one entry per (batch, step, reason); 2: one per batch, with its reasons and steps
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # what a learning-rate backoff scales in a group
 _POSITIONS_KEPT = 100_000  # steps whose batch positions are remembered (bounded memory)
 
@@ -135,7 +144,7 @@ class Recovery:
         self.on_rollback: Callable[[GradEvent], Any] | None = None
         self.rollbacks = 0
         self.lr_scale = 1.0
-        self.skips: list[dict[str, Any]] = []  # the skip list
+        self._skips: dict[tuple[Any, ...], dict[str, Any]] = {}  # (epoch, batch_idx), or (None, step): entry
         self.replay: set[tuple[int, int]] = set()  # positions to skip again (a resumed run)
         self.resumed = False
         self.skip_path: str | None = self._path_of(config.skip_file, None)
@@ -192,8 +201,30 @@ class Recovery:
     def _add_skips(self, step: int, reason: str, steps: Sequence[int] | None = None) -> None:
         for s in steps if steps is not None else (step,):
             for epoch, batch_idx in self._positions.get(s, [(None, None)]):  # type: ignore[list-item]
-                self.skips.append({"epoch": epoch, "batch_idx": batch_idx, "step": s, "reason": reason})
+                self._merge(epoch, batch_idx, s, reason)
         self._write_skip_file()
+
+    def _merge(self, epoch: int | None, batch_idx: int | None, step: int, reason: str) -> None:
+        """Add one (batch, step, reason) to the skip list: to the batch's entry when it has one."""
+        key = (epoch, batch_idx) if epoch is not None else (None, step)  # no position: listed by its step
+        entry = self._skips.get(key)
+        if entry is None:
+            self._skips[key] = {"epoch": epoch, "batch_idx": batch_idx, "step": step, "reason": reason,
+                                "steps": [step], "reasons": [reason]}  # fmt: skip
+            return
+        if reason not in entry["reasons"]:
+            entry["reasons"].append(reason)
+        if step not in entry["steps"]:
+            entry["steps"] = sorted([*entry["steps"], step])
+            entry["step"] = entry["steps"][0]
+
+    @property
+    def skips(self) -> list[dict[str, Any]]:
+        """The skip list, a copy: one entry per batch, ``{"epoch", "batch_idx", "step", "reason", "steps",
+        "reasons"}`` (``step`` and ``reason``: the first of ``steps`` and ``reasons``, as version 1 held
+        them), ordered by step and position."""
+        entries = sorted(self._skips.values(), key=_entry_order)
+        return [{**e, "steps": list(e["steps"]), "reasons": list(e["reasons"])} for e in entries]
 
     # ------------------------------------------------------------ triggers
     def observe(self, step: int, loss_bad: bool, spike_high: bool, skipped: str | None) -> None:
@@ -208,7 +239,7 @@ class Recovery:
             self.request(f"{self._loss_streak} non-finite losses in a row (nonfinite_losses={c.nonfinite_losses})")
         elif c.spike_zscore is not None and self._spike_streak >= c.spike_patience:
             self.request(
-                f"a confirmed spike: {self._spike_streak} steps in a row above the rolling statistics by "
+                f"a confirmed spike: {plural(self._spike_streak, 'step')} in a row above the rolling statistics by "
                 f"z > {c.spike_zscore:g} (spike_patience={c.spike_patience})"
             )
 
@@ -287,21 +318,21 @@ class Recovery:
         self.skip_next = self.config.skip_batches
         self._last_rollback, self._last_capture, self._last_used = step, step, snap.step
         self._loss_streak = self._spike_streak = 0
-        batches = [[e["epoch"], e["batch_idx"]] for e in self.skips
-                   if e["reason"] == "rolled back" and e["step"] in set(undone) and e["epoch"] is not None]  # fmt: skip
+        batches = batch_ranges(pos for s in undone for pos in self._positions.get(s, []))
         event = self.record(GradEvent(
             "rollback", step=step, value=float(snap.step),
             message=(
                 f"GradGuard rolled back at step {step} to the snapshot of step {snap.step} ({cause}); "
                 f"the updates of steps {snap.step}-{step} undone, the data goes on forward"
-                + (f", the next {self.config.skip_batches} batches skipped" if self.config.skip_batches else "")
+                + (f", the next {plural(self.config.skip_batches, 'batch', 'batches')} skipped"
+                   if self.config.skip_batches else "")
                 + (f", learning rates x{self.lr_scale:g}" if self.lr_scale != 1.0 else "")
                 + f". Rollback {self.rollbacks} of at most {self.config.max_rollbacks}."
             ),
             action="rolled back",
-            extra={"cause": cause, "from_step": step, "snapshot_step": snap.step, "batches_skipped": batches,
-                   "skip_next": self.config.skip_batches, "rollbacks": self.rollbacks, "depth": depth,
-                   "lr_scale": self.lr_scale, "manual": manual},
+            extra={"cause": cause, "from_step": step, "snapshot_step": snap.step, "batch_ranges": batches,
+                   "batch_count": batch_count(batches), "skip_next": self.config.skip_batches,
+                   "rollbacks": self.rollbacks, "depth": depth, "lr_scale": self.lr_scale, "manual": manual},
         ))  # fmt: skip
         if self.on_rollback is not None:
             self.on_rollback(event)
@@ -309,12 +340,13 @@ class Recovery:
 
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"rollbacks": self.rollbacks, "lr_scale": self.lr_scale, "skips": [dict(e) for e in self.skips],
+        return {"rollbacks": self.rollbacks, "lr_scale": self.lr_scale, "skips": self.skips,
                 "skip_next": self.skip_next}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the counters and the skip list (merged with the skip file's, which may be newer):
-        the run is resumed, so its recorded batches are skipped again."""
+        the run is resumed, so its recorded batches are skipped again. Either may hold version 1's
+        entries (one per batch, step and reason) or version 2's (one per batch)."""
         saved = dict(state)
         self.resumed = True
         from_file = self._read_skip_file()
@@ -322,14 +354,15 @@ class Recovery:
         self.rollbacks = int(newer.get("rollbacks", 0))
         self.lr_scale = float(newer.get("lr_scale", 1.0))
         self.skip_next = int(saved.get("skip_next", 0))
-        seen: set[tuple[Any, ...]] = set()
-        self.skips = []
+        self._skips = {}
         for entry in [*saved.get("skips", []), *from_file.get("skips", [])]:
-            key = (entry.get("epoch"), entry.get("batch_idx"), int(entry["step"]), str(entry["reason"]))
-            if key not in seen:
-                seen.add(key)
-                self.skips.append({"epoch": key[0], "batch_idx": key[1], "step": key[2], "reason": key[3]})
-        self.replay = {(int(e["epoch"]), int(e["batch_idx"])) for e in self.skips if e["epoch"] is not None}
+            epoch, batch_idx = entry.get("epoch"), entry.get("batch_idx")
+            if epoch is not None:
+                epoch, batch_idx = int(epoch), int(batch_idx)
+            for s in entry.get("steps") or [entry["step"]]:
+                for reason in entry.get("reasons") or [entry["reason"]]:
+                    self._merge(epoch, batch_idx, int(s), str(reason))
+        self.replay = {key for key in self._skips if key[0] is not None}
 
     def _read_skip_file(self) -> dict[str, Any]:
         if self.skip_path is None or not Path(self.skip_path).is_file():
@@ -346,9 +379,16 @@ class Recovery:
         path = Path(self.skip_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"version": 1, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
-                                   "skips": self.skips}, indent=1))  # fmt: skip
+        data = {"version": SKIP_FILE_VERSION, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
+                "skips": self.skips}  # fmt: skip
+        tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path)  # atomic: a run killed mid-write leaves the previous list
+
+
+def _entry_order(entry: dict[str, Any]) -> tuple[int, int, int]:
+    """The skip list's order: by the first step, then by position (a batch without one first)."""
+    epoch, batch_idx = entry["epoch"], entry["batch_idx"]
+    return entry["step"], -1 if epoch is None else epoch, -1 if batch_idx is None else batch_idx
 
 
 def rank() -> int:

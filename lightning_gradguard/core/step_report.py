@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.primitives.keys import METRIC_PREFIX
+from lightning_gradguard.primitives.text import plural
 
 if TYPE_CHECKING:
     from lightning_gradguard.primitives.layout import OptimizerLayout
@@ -122,30 +123,66 @@ def _log10(x: float) -> float:
 
 
 def summarize_run(
-    steps: int, clip: Any, clipped_steps: int, counters: Any, kind_counts: dict[str, int], suppressed: int
+    steps: int,
+    clip: Any,
+    clipped_steps: int,
+    counters: Any,
+    kind_counts: dict[str, int],
+    suppressed: int,
+    *,
+    empty_steps: int = 0,
+    undelivered: tuple[int, int] = (0, 0),
 ) -> str:
     """The one-paragraph summary of a run (:meth:`GuardCore.summary <lightning_gradguard.GuardCore.summary>`).
 
     ``counters`` has the step policy's ``skipped_steps``, ``nonfinite_steps``, ``origins`` and
-    ``amp_overflow_steps``.
+    ``amp_overflow_steps``; ``empty_steps`` of the ``steps`` had no gradient to measure (no
+    optimizer, or every parameter frozen or unused); ``undelivered`` is the alerts the notifiers
+    (a webhook) could not deliver: (failed, dropped).
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> counters = SimpleNamespace(skipped_steps=1, nonfinite_steps=1, origins={"l1": 1}, amp_overflow_steps=0)
+        >>> summarize_run(12, None, 0, counters, {"nonfinite": 1}, 1)
+        'GradGuard summary: 12 optimizer steps guarded; no clipping configured; 1 skipped; 1 non-finite step ...
+        >>> summarize_run(12, None, 0, counters, {"nonfinite": 1}, 1)[100:]
+        '(origins: l1 x1) (1 repeated alert was rate-limited; all are in guard.events).'
+        >>> summarize_run(12, None, 0, counters, {}, 0, empty_steps=12)[:96]
+        'GradGuard summary: nothing guarded: none of the 12 steps had a gradient to measure (no optimizer'
     """
+    guarded = steps - empty_steps
+    if steps and not guarded:
+        return (
+            f"GradGuard summary: nothing guarded: none of the {plural(steps, 'step')} had a gradient to measure "
+            "(no optimizer, or every parameter frozen or unused)."
+        )
     if clip is None:
         clipped = "no clipping configured"
     else:
-        frac = clipped_steps / steps if steps else 0.0
+        frac = clipped_steps / guarded if guarded else 0.0
         clipped = f"{clipped_steps} clipped ({frac:.1%}) by {clip!r}"
     text = (
-        f"GradGuard summary: {steps} optimizer steps guarded; {clipped}; {counters.skipped_steps} skipped; "
-        f"{counters.nonfinite_steps} non-finite steps"
+        f"GradGuard summary: {plural(guarded, 'optimizer step')} guarded; {clipped}; {counters.skipped_steps} skipped; "
+        f"{plural(counters.nonfinite_steps, 'non-finite step')}"
     )
     if counters.origins:
         ranked = sorted(counters.origins.items(), key=lambda kv: -kv[1])
         text += " (origins: " + ", ".join(f"{k} x{v}" for k, v in ranked) + ")"
     if counters.amp_overflow_steps:
-        text += f"; {counters.amp_overflow_steps} fp16 overflows handled by the GradScaler"
+        text += f"; {plural(counters.amp_overflow_steps, 'fp16 overflow')} handled by the GradScaler"
     others = {k: v for k, v in kind_counts.items() if k not in ("nonfinite", "amp_overflow")}
     if others:
         text += "; events: " + ", ".join(f"{k} x{v}" for k, v in sorted(others.items()))
+    if empty_steps:
+        text += f"; {plural(empty_steps, 'step')} with no gradient to measure"
     if suppressed:
-        text += f" ({suppressed} repeated alerts were rate-limited; all are in guard.events)"
+        was = "was" if suppressed == 1 else "were"
+        text += f" ({plural(suppressed, 'repeated alert')} {was} rate-limited; all are in guard.events)"
+    failed, dropped = undelivered
+    if dropped or failed:
+        text += (
+            f"; {plural(dropped, 'alert')} never reached a person ({failed} failed to send after every retry, "
+            f"{dropped - failed} dropped: a full queue, or still queued at the end)"
+        )
     return text + "."

@@ -128,6 +128,7 @@ class TimestepTracker:
         self._calls: dict[str, int] = {}
         self._handles: list[RemovableHandle] = []
         self.tracked: list[str] = []
+        self.recurrent: list[str] = []  # every recurrent module of the watched model, tracked or not
 
     # ------------------------------------------------------------- modules
     def watch(self, model: nn.Module) -> list[str]:
@@ -135,9 +136,12 @@ class TimestepTracker:
         global _ACTIVE
         self.unwatch()
         _ACTIVE = self
+        self.recurrent = []
         for qualified, module in model.named_modules():
             qualified = _strip_wrappers(qualified)
             name = qualified or type(module).__name__.lower()
+            if isinstance(module, (nn.RNNBase, *_CELLS)):
+                self.recurrent.append(name)
             if self.only is not None and name not in self.only:
                 continue
             if isinstance(module, nn.RNNBase):

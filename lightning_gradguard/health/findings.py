@@ -193,9 +193,10 @@ def _stopped(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, An
     if not stop:
         return []
     last = stop[-1]
-    cause = str(last.get("message") or f"GradGuard stopped the run at step {last['step']}")
+    # The verdict leads with "stopped by GradGuard at step N": the message's own opening says it again.
+    cause = re.sub(r"^GradGuard(?: stopped the run at step \d+)?:\s*", "", str(last.get("message") or ""))
     return [{"kind": "stopped", "severity": "unhealthy", "what": f"stopped by GradGuard at step {last['step']}",
-             "advice": cause}]  # fmt: skip
+             "advice": cause or "the guard ended the run"}]  # fmt: skip
 
 
 def _nonfinite(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:

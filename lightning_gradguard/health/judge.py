@@ -24,8 +24,9 @@ from typing import Any
 
 from lightning_gradguard.health.findings import SEVERITIES, Evidence, findings_of, natural_key, severity_of
 from lightning_gradguard.health.replay import DEFAULTS, replay_caveat, replay_events, run_option
+from lightning_gradguard.primitives.ranges import batch_count, batch_ranges
 
-__all__ = ["KINDS", "ReportError", "RunData", "RunHealth", "judge_run"]
+__all__ = ["KINDS", "ReportError", "RunData", "RunHealth", "judge_run", "rollback_batches", "skipped_steps_of"]
 
 KINDS = (  # the findings --fail-on can name
     "exploding",
@@ -58,11 +59,14 @@ class RunHealth:
     (:mod:`~lightning_gradguard.health.findings`); ``verdict`` is one line that starts with it (or,
     when the guard stopped the run, with that); ``notes`` are what a healthy run may still want to
     know (a clipper at work, large early gradients); ``events_from`` says whether the findings come
-    from the events the live guard recorded or from a replay of the logged series (older files).
+    from the events the live guard recorded or from a replay of the logged series (older files);
+    ``logged_steps`` counts the logging steps (0: a run shorter than its ``log_every_n_steps``, judged
+    by its recorded events alone).
     """
 
     run: str
     steps: int
+    logged_steps: int = 0
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     layer_order: list[str] = field(default_factory=list)
     total_norm: dict[str, float] = field(default_factory=dict)
@@ -116,6 +120,8 @@ class RunData:
         alert_kinds: how many alerts of each kind passed the rate limit.
         recorded_events: ``events`` holds every event the live guard recorded (files of this version);
             False for older files, whose events the report replays from the logged series.
+        summary: what the guard wrote at the end of fit, ``{"steps", "log_every_n_steps"}`` (empty
+            for a run still going, killed, or older than the record).
     """
 
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -126,19 +132,27 @@ class RunData:
     nonfinite: list[dict[str, Any]] = field(default_factory=list)
     alert_kinds: dict[str, int] = field(default_factory=dict)
     recorded_events: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def judge_run(run: str, data: RunData) -> RunHealth:
     """Judge one run's gradients from its data (the same code for the CLI and the tab).
 
+    A run without a logging step (shorter than its ``log_every_n_steps``) holds no metrics; it is
+    judged by the configuration, the events and the summary the guard wrote at the end of fit.
+
     Raises:
-        ReportError: the run holds no ``gradguard/`` metrics.
+        ReportError: the run holds nothing the guard writes (no metrics, configuration or events).
     """
     ours = data.scalars
-    if not ours:
+    if not ours and not (data.config or data.recorded_events or data.summary):
         raise ReportError(f"{run} holds no gradguard/ metrics: was GradGuard among the Trainer's callbacks?")
-    steps = max(s for series in ours.values() for s, _ in series) + 1
-    rep = RunHealth(run=run, steps=steps)
+    if ours:
+        steps = max(s for series in ours.values() for s, _ in series) + 1
+    else:  # the events (a run still going, or killed before its summary) say how far it got at least
+        steps = max((int(e.get("step", 0)) + 1 for e in data.events), default=0)
+    steps = max(steps, int(data.summary.get("steps", 0)))
+    rep = RunHealth(run=run, steps=steps, logged_steps=max((len(series) for series in ours.values()), default=0))
     rep.layer_order = list(data.layer_order)
     rep.vanish_threshold = float(run_option(data.config, "vanish_threshold"))
     rep.total_norm = _total_norm_stats([v for _, v in ours.get("gradguard/total_norm", [])])
@@ -175,7 +189,7 @@ def judge_run(run: str, data: RunData) -> RunHealth:
         rep.findings += _unreplayed_alerts(rep, data.alert_kinds)
     rep.notes = _notes(rep, evidence)
     rep.severity = severity_of(rep.findings, rep.notes)
-    rep.verdict = _verdict(rep)
+    rep.verdict = _verdict(rep, data.summary)
     return rep
 
 
@@ -187,18 +201,64 @@ def _replay_of(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recovery(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The rollbacks (step, snapshot step, cause, batches) and the skipped steps with why: the skip list
-    as the event file holds it."""
+    """The rollbacks (step, snapshot step, cause, the batches undone as ranges ``[epoch, first, last]``
+    and their count) and the skipped steps with why: the skip list as the event file holds it."""
     rollbacks, skipped = [], []
     for e in events:
         extra = e.get("extra") or {}
         if e.get("kind") == "rollback":
+            batches = rollback_batches(extra)
             rollbacks.append({"step": e["step"], "snapshot_step": extra.get("snapshot_step"),
-                              "cause": extra.get("cause", ""),
-                              "batches": extra.get("batches_skipped", [])})  # fmt: skip
+                              "cause": extra.get("cause", ""), "batches": batches,
+                              "batch_count": batch_count(batches)})  # fmt: skip
         elif str(e.get("action", "")) == "skipped" and e.get("kind") in ("nonfinite", "spike_skipped"):
             skipped.append({"step": e["step"], "reason": "spike" if e["kind"] == "spike_skipped" else "nonfinite"})
     return rollbacks, skipped
+
+
+def rollback_batches(extra: dict[str, Any]) -> list[list[int]]:
+    """The batches a ``rollback`` event undid, as ranges ``[epoch, first, last]``: its ``batch_ranges``,
+    or, in an event of an earlier version, its flat ``batches_skipped`` list of ``[epoch, batch]`` pairs
+    (duplicates included), compressed.
+
+    Example::
+
+        >>> rollback_batches({"batches_skipped": [[0, 0], [0, 1], [0, 0], [0, 2], [1, 0]]})
+        [[0, 0, 2], [1, 0, 0]]
+        >>> rollback_batches({"batch_ranges": [[0, 0, 20]], "batch_count": 21})
+        [[0, 0, 20]]
+    """
+    if "batch_ranges" in extra:
+        return [[int(e), int(a), int(b)] for e, a, b in extra["batch_ranges"]]
+    return batch_ranges(extra.get("batches_skipped") or [])
+
+
+# a recorded event whose step was not applied: (kind, action) -> why; kind None: any action
+_SKIPPED_BY = {
+    ("nonfinite", "skipped"): "non-finite", ("nonfinite", "stopped"): "non-finite",
+    ("nonfinite", "skipped by the GradScaler"): "non-finite", ("amp_overflow", None): "fp16 overflow",
+    ("spike_skipped", "skipped"): "spike", ("rollback", "rolled back"): "rolled back",
+}  # fmt: skip
+
+
+def skipped_steps_of(events: list[dict[str, Any]]) -> dict[int, str]:
+    """The steps whose update was not applied, each with why (``non-finite``, ``spike``, ``rolled back``,
+    ``fp16 overflow``, comma-joined when several): what the tab draws as skipped instead of a value.
+
+    Example::
+
+        >>> skipped_steps_of([{"kind": "nonfinite", "step": 5, "action": "skipped"},
+        ...                   {"kind": "rollback", "step": 5, "action": "rolled back"},
+        ...                   {"kind": "nonfinite", "step": 7, "action": "warned"}])
+        {5: 'non-finite, rolled back'}
+    """
+    out: dict[int, list[str]] = {}
+    for e in events:
+        kind, action = str(e.get("kind", "")), str(e.get("action", ""))
+        why = _SKIPPED_BY.get((kind, action)) or _SKIPPED_BY.get((kind, None))
+        if why is not None and why not in out.setdefault(int(e["step"]), []):
+            out[int(e["step"])].append(why)
+    return {step: ", ".join(whys) for step, whys in sorted(out.items())}
 
 
 def _total_norm_stats(totals: list[float]) -> dict[str, float]:
@@ -242,13 +302,20 @@ def _notes(rep: RunHealth, ev: Evidence) -> list[str]:
     return notes
 
 
-def _verdict(rep: RunHealth) -> str:
+def _verdict(rep: RunHealth, summary: dict[str, Any]) -> str:
     if rep.findings:
         stop = [f for f in rep.findings if f["kind"] == "stopped"]
         rest = "; ".join(f["what"] for f in rep.findings if f["kind"] != "stopped")
         if stop:
             return f"{stop[0]['what']}: {stop[0]['advice']}" + (f" | {rep.severity}: {rest}" if rest else "")
         return f"{rep.severity}: {rest}"
+    if not rep.logged_steps:  # no norm was logged: nothing can be said of the layers
+        cadence = summary.get("log_every_n_steps")
+        why = f" (log_every_n_steps={cadence})" if cadence else ""
+        if not summary:
+            why = " yet (no end-of-fit summary: the run is still going, or was killed)"
+        return (f"{rep.severity}: {rep.steps} steps, no logging step{why}: no non-finite step; "
+                "no gradient norm was logged, so the layers are not judged")  # fmt: skip
     line = f"{rep.severity}: {rep.steps} steps, no non-finite step, no spike, vanishing or dead layer"
     return line + (f"; notes: {'; '.join(rep.notes)}" if rep.notes else "")
 

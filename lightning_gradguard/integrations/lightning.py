@@ -71,6 +71,10 @@ else:
     _Base = type("_GradGuardBase", _callback_bases(), {"__module__": __name__})
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """``self.log`` during a replay: the replay's values must not reach the run's metrics."""
+
+
 def _run_name(trainer: pl.Trainer) -> str:
     """The run's name in alerts: the first logger's name and version, else the root directory's name."""
     for logger in trainer.loggers:
@@ -283,6 +287,11 @@ class GradGuard(GuardCore, _Base):
             self.prepare(pl_module, trainer.optimizers, schedulers=schedulers, scaler=scaler, gather_profiles=gather)
         except ValueError as exc:
             raise MisconfigurationException(str(exc)) from None
+        if all(type(opt).__name__ == "_MockOptimizer" for opt in trainer.optimizers):
+            rank_zero_warn(
+                "GradGuard: the LightningModule configures no optimizer (`configure_optimizers` returned None): "
+                "there is no optimizer step to guard, measure or clip."
+            )
         if self.recovery is not None:
             self._hook_module(pl_module)
             self.recovery.begin_run()
@@ -326,8 +335,8 @@ class GradGuard(GuardCore, _Base):
             )
         if not pl_module.automatic_optimization:
             return (
-                "under manual optimization training_step calls the optimizers itself; pass your own closure to "
-                "GuardCore.step(replay_closure=...) instead"
+                "under manual optimization training_step steps the optimizers itself, so running it again on one "
+                "step's batch would train; the fault's layers and backward origin are still reported"
             )
         return None
 
@@ -370,9 +379,13 @@ class GradGuard(GuardCore, _Base):
         self.note_batch(trainer.current_epoch, batch_idx)
         self.begin_step(trainer.global_step, log=self._is_logging_step(trainer))
 
+    def _cadence(self, trainer: pl.Trainer) -> int:
+        """The logging cadence: the guard's own, else the Trainer's (set dynamically; 0 there means
+        Lightning never logs)."""
+        return self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
+
     def _is_logging_step(self, trainer: pl.Trainer, step: int | None = None) -> bool:
-        # The Trainer sets `log_every_n_steps` dynamically; 0 there means Lightning never logs.
-        n = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
+        n = self._cadence(trainer)
         return n > 0 and ((trainer.global_step if step is None else step) + 1) % n == 0
 
     @override
@@ -414,27 +427,27 @@ class GradGuard(GuardCore, _Base):
             trainer.should_stop = True
 
     def _replay_closure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[], Any] | None:
-        """``training_step`` again on the step's (last) batch, with ``self.log`` silenced and the
-        module's reassigned attributes (a carried hidden state) put back afterwards."""
+        """``training_step`` again on the step's (last) batch, with ``self.log`` silenced. The core runs it
+        with the module's attributes as they were at ``on_train_batch_start`` (a carried hidden state
+        the step has replaced since), and puts them back afterwards."""
         kept = self.__dict__.get("_replay_batch")
         if not self.replay or kept is None or self._replay_off is not None:
             return None
         batch, batch_idx = kept
 
         def closure() -> Any:
-            saved = {k: v for k, v in vars(pl_module).items() if not k.startswith("_")}
-            quiet = {name: name in vars(pl_module) for name in ("log", "log_dict")}
-            for name in quiet:
-                object.__setattr__(pl_module, name, lambda *args, **kwargs: None)
+            state = vars(pl_module)
+            own = {name: state[name] for name in ("log", "log_dict") if name in state}
+            for name in ("log", "log_dict"):
+                state[name] = _silent
             try:
                 return pl_module.training_step(batch, batch_idx)
             finally:
-                for name, own in quiet.items():
-                    if not own:
-                        object.__delattr__(pl_module, name)
-                for key, value in saved.items():
-                    if vars(pl_module).get(key) is not value:
-                        object.__setattr__(pl_module, key, value)
+                for name in ("log", "log_dict"):
+                    if name in own:
+                        state[name] = own[name]
+                    else:
+                        del state[name]
 
         return closure
 
@@ -460,7 +473,12 @@ class GradGuard(GuardCore, _Base):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.close()  # steps deferred under on_nonfinite="warn"; queued webhook messages
-        self.sink.close()  # the images in flight reach the event file before the logger closes
+        self._finish_sink(trainer)
+
+    def _finish_sink(self, trainer: pl.Trainer) -> None:
+        """The images in flight, the last events and the run's summary reach the event file before the
+        logger closes, whatever the cadence (a run shorter than ``log_every_n_steps`` logs no metric)."""
+        self.sink.finish(trainer.global_step, self._cadence(trainer), self.summary())
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -468,7 +486,7 @@ class GradGuard(GuardCore, _Base):
         # stop included) reaches the event file.
         with contextlib.suppress(GradGuardError):  # a deferred step raising again: its event is recorded
             self.close()
-        self.sink.close()
+        self._finish_sink(trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

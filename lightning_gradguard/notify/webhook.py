@@ -11,8 +11,11 @@ It never slows training and never breaks it:
 * :meth:`on_alert` only puts the message on a bounded queue (``max_queue``; when full, the message
   is dropped and counted); a daemon thread POSTs it, with a ``timeout`` per request and ``retries``
   more tries, backing off 0.5 s, 1 s, 2 s, ...;
-* a message that still fails is dropped; the first failure is logged (once), with the HTTP status or
-  the error, never the URL;
+* a message that still fails is dropped and counted in :attr:`~WebhookAlert.failed` (and in
+  :attr:`~WebhookAlert.dropped`, every message that never arrived); the first failure raises a
+  :class:`~lightning_gradguard.GradGuardWarning` (once per notifier: a mistyped or firewalled URL is
+  seen at once, not only when nothing arrives) and is logged, with the HTTP status or the error,
+  never the URL; the guard's end-of-fit summary counts failed and dropped alerts;
 * :meth:`close` (called by ``GradGuard`` when training ends or fails, and at interpreter exit) waits
   at most ``close_timeout`` seconds for the queue to drain.
 
@@ -53,6 +56,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lightning_gradguard._validate import check_int, check_number
+from lightning_gradguard.core.alerts import warn
 from lightning_gradguard.events import GradEvent
 
 __all__ = ["WebhookAlert"]
@@ -118,7 +122,8 @@ class WebhookAlert:
         self.max_queue = int(check_int("max_queue", max_queue, minimum=1))  # type: ignore[arg-type]
         self.close_timeout = float(check_number("close_timeout", close_timeout, minimum=0.0, strict=False))  # type: ignore[arg-type]
         self.sent = 0
-        self.dropped = 0
+        self.dropped = 0  # every message that never arrived: failed, a full queue, still queued at close
+        self.failed = 0  # messages whose delivery failed after every retry
         self._failed_once = False
         self._queue: queue.Queue[Any] = queue.Queue(self.max_queue)
         self._thread: threading.Thread | None = None
@@ -202,7 +207,14 @@ class WebhookAlert:
                 error = f"HTTP {exc.code}"
             except Exception as exc:  # a timeout, a refused connection: the run goes on
                 error = type(exc).__name__
+        self.failed += 1
         self.dropped += 1
         if not self._failed_once:
             self._failed_once = True
-            log.warning("GradGuard: a webhook alert failed (%s) and was dropped; later failures are not logged.", error)
+            message = (
+                f"GradGuard: a webhook alert could not be delivered ({error}) after {self.retries + 1} "
+                f"tr{'y' if self.retries == 0 else 'ies'} and was dropped: check the webhook's URL and that this "
+                "machine can reach it. Later failures are counted (WebhookAlert.failed), not repeated."
+            )
+            log.warning(message)
+            warn(message)

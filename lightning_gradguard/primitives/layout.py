@@ -190,6 +190,11 @@ class LayerMap:
             if own and module_name:
                 self._handles.append(module.register_forward_pre_hook(self._make_recorder(module_name)))
 
+    def names(self) -> tuple[list[str], list[str]]:
+        """The watched model's layer names and parameter names (``head.weight``), in declaration order."""
+        named = sorted(self._names.values(), key=lambda entry: entry[2])
+        return list(dict.fromkeys(layer for layer, *_ in named)), [full for *_, full in named]
+
     def _make_recorder(self, module_name: str):  # type: ignore[no-untyped-def]
         def record(_module: nn.Module, _args: object) -> None:
             if module_name not in self._order:

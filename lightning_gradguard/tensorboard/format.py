@@ -18,6 +18,10 @@ tag                                    value                                    
                                        rate limit), every event since the last write
 ``gradguard/layer_order``              JSON: the layers in forward order                     when it
                                                                                              changes
+``gradguard/summary``                  JSON: ``{"steps", "log_every_n_steps", "text"}``, the end of
+                                       run's optimizer steps, its logging cadence and the    fit
+                                       guard's summary, whatever the cadence (a run
+                                       shorter than it logs no metric)
 =====================================  ====================================================  =========
 
 The metrics are scalars (``gradguard/total_norm``, ``gradguard/layer/<name>``, ...: the keys of
@@ -58,6 +62,7 @@ __all__ = [
     "NONFINITE_TAG",
     "PLUGIN_NAME",
     "PROFILE_PREFIX",
+    "SUMMARY_TAG",
     "TIMESTEP_IMAGE_PREFIX",
     "RunDecoder",
     "custom_scalars_layout",
@@ -68,6 +73,7 @@ __all__ = [
     "write_layer_order",
     "write_nonfinite_text",
     "write_profile",
+    "write_summary",
 ]
 
 PLUGIN_NAME = "gradguard"
@@ -75,6 +81,7 @@ CONFIG_TAG = "gradguard/config"
 EVENTS_TAG = "gradguard/events"
 PROFILE_PREFIX = "gradguard/profile/"
 LAYER_ORDER_TAG = "gradguard/layer_order"  # JSON under the plugin; older files: a text summary
+SUMMARY_TAG = "gradguard/summary"  # JSON: the run's steps at the end of fit
 ALERTS_TAG = "gradguard/alerts"  # text, for people
 NONFINITE_TAG = "gradguard/nonfinite"  # text, for people
 FLOW_TAG = "gradguard/flow"  # image
@@ -140,6 +147,13 @@ def _row(event: GradEvent) -> dict[str, Any]:
     return row
 
 
+def write_summary(writer: Any, steps: int, log_every_n_steps: int | None, text: str | None = None) -> bool:
+    """At the end of fit (at step ``steps``): the run's optimizer steps, its logging cadence and the
+    guard's summary, so that a run that never reached a logging step still says how long it ran."""
+    value = {"steps": int(steps), "log_every_n_steps": log_every_n_steps} | ({"text": text} if text else {})
+    return _write_json(writer, SUMMARY_TAG, value, steps)
+
+
 def write_layer_order(writer: Any, order: list[str], step: int) -> bool:
     """The layers in forward order (whenever it changes)."""
     return _write_json(writer, LAYER_ORDER_TAG, order, step)
@@ -202,6 +216,7 @@ class RunDecoder:
         self.data = RunData()
         self._texts: dict[str, list[tuple[int, str]]] = {}
         self._orders: list[tuple[int, list[str]]] = []
+        self._summaries: list[tuple[int, dict[str, Any]]] = []
         self._events: list[dict[str, Any]] = []
         self._has_events = False
 
@@ -228,6 +243,8 @@ class RunDecoder:
             self.data.config = json.loads(_text_of(value))
         elif tag == LAYER_ORDER_TAG:
             self._orders.append((step, json.loads(_text_of(value))))
+        elif tag == SUMMARY_TAG:
+            self._summaries.append((step, json.loads(_text_of(value))))
 
     def finish(self) -> RunData:
         """The run's data, every series in step order."""
@@ -247,6 +264,8 @@ class RunDecoder:
             (step, json.loads(text)) for step, text in texts.get(LAYER_ORDER_TAG, [])
         ]
         data.layer_order = list(orders[-1][1]) if orders else []
+        if self._summaries:  # a resumed run wrote one per fit: the latest
+            data.summary = dict(max(self._summaries, key=lambda item: item[0])[1])
         data.recorded_events = self._has_events
         if self._has_events:
             data.nonfinite = [_nonfinite_row(e) for e in data.events if e.get("kind") == "nonfinite"]

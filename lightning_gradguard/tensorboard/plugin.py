@@ -9,12 +9,14 @@ JSON routes, under ``/data/plugin/gradguard/`` (each ``?run=<name>`` but ``runs`
 ==================  ==========================================================================
 ``runs``            the runs that hold guard data
 ``layers``          layers in forward order x logging steps: log10 of each layer's norm (null
-                    where it is not positive and finite), the raw norms, the non-finite steps and
-                    the thresholds
-``updates``         the same for the update-to-weight ratios (``track_updates``; empty without)
+                    where it is not positive and finite), the raw norms, the non-finite steps,
+                    the skipped ones (``skipped``: why, per column, or null) and the thresholds
+``updates``         the same for the update-to-weight ratios (``track_updates``; empty without);
+                    a column is skipped when the update it measured (the previous step's) was
 ``timesteps``       each tracked sequence: logging steps x timesteps of log10 norms, with each
                     step's horizon
-``events``          every event: kind, step, origin, layers, message, action
+``events``          every event: kind, step, origin, layers, message, action; a rollback's with the
+                    batches it undid as ranges (``batches``: ``0:0–0:20 (21 batches)``)
 ``report``          the verdict, severity, findings, notes and counts of ``gradguard report``,
                     from the same code
 ``static/tab.js``   the frontend
@@ -44,7 +46,8 @@ from werkzeug import wrappers
 
 from lightning_gradguard.core.timesteps import summarize_profile
 from lightning_gradguard.health.findings import natural_key
-from lightning_gradguard.health.judge import ReportError, RunData, judge_run
+from lightning_gradguard.health.judge import ReportError, RunData, judge_run, rollback_batches, skipped_steps_of
+from lightning_gradguard.primitives.ranges import format_batch_ranges
 from lightning_gradguard.tensorboard import format as tbformat
 from lightning_gradguard.tensorboard import heatmap
 from lightning_gradguard.tensorboard.eventfile import RunReader
@@ -58,6 +61,23 @@ _CACHE_SECONDS = 3.0
 
 def _log10(v: float) -> float | None:
     return math.log10(v) if math.isfinite(v) and v > 0 else None
+
+
+def _skipped_columns(steps: Any, bins: list[list[int]], skipped: dict[int, str]) -> list[str | None]:
+    """Per column, why its steps were skipped (every logged step of a bin), or None."""
+    import numpy as np
+
+    if not skipped:
+        return [None] * len(bins)
+    out: list[str | None] = []
+    for first, last in bins:
+        inside = steps[np.searchsorted(steps, first) : np.searchsorted(steps, last, side="right")].tolist()
+        whys = [skipped.get(s) for s in inside]
+        if not inside or None in whys:
+            out.append(None)
+        else:
+            out.append(", ".join(dict.fromkeys(part for why in whys if why for part in why.split(", "))))
+    return out
 
 
 class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
@@ -86,7 +106,7 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
             "/layers": self._json(self.layers),
             "/updates": self._json(self.updates),
             "/timesteps": self._json(self.timesteps),
-            "/events": self._json(lambda ctx, eid, run: self.read(ctx, eid, run).events),
+            "/events": self._json(self.events),
             "/report": self._json(self.report),
         }
 
@@ -196,11 +216,18 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
             at = np.searchsorted(steps, [s for s, _ in series[name]])
             values[i, at] = [v for _, v in series[name]]
             missing[i, at] = False
-        bad = {row["step"] for row in data.nonfinite}
-        bad |= set(steps[(~np.isfinite(values) & ~missing).any(0)].tolist())
+        skipped = skipped_steps_of(data.events)
+        if route == "updates":  # the update measured at step N is step N - 1's: its column is N
+            skipped = {s + 1: why for s, why in skipped.items()}
+        # a skipped step's update ratio is no update of the layer's (zero, or the rollback's jump): it
+        # marks nothing non-finite, and a bin of many steps shows the worst of the others
+        real = ~np.isin(steps, list(skipped)) if route == "updates" else np.ones(len(steps), dtype=bool)
+        bad = {row["step"] for row in data.nonfinite} if route == "layers" else set()
+        bad |= set(steps[(~np.isfinite(values) & ~missing & real).any(0)].tolist())
         explode = data.config.get("explode_threshold") if route == "layers" else None
-        cols = heatmap.bin_matrix(steps, values, missing, explode)
-        if len(cols["steps"]) < len(steps):  # a binned column is non-finite when any of its steps is
+        binned = len(steps) > heatmap.MAX_COLUMNS
+        cols = heatmap.bin_matrix(steps, values, missing | ~real if binned else missing, explode)
+        if binned:  # a binned column is non-finite when any of its steps is
             bad = {first for first, last in cols["bins"] if any(first <= s <= last for s in bad)}
         groups = heatmap.group_rows(names)
         for g in groups:
@@ -214,10 +241,20 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
             "log10": [[None if v is None else _log10(v) for v in row] for row in cols["norms"]],
             "groups": groups,
             "nonfinite_steps": sorted(bad),
+            "skipped": _skipped_columns(steps, cols["bins"], skipped),
             "vanish_threshold": data.config.get("vanish_threshold") if route == "layers" else None,
             "explode_threshold": explode,
         }
         self._derived[(route, run)] = (data, out)  # answered at once while the run does not grow
+        return out
+
+    def events(self, ctx: Any, eid: str, run: str) -> list[dict[str, Any]]:
+        """Every event the run recorded; a rollback's with the batches it undid as ranges, in the words
+        of ``gradguard report`` (``batches``: ``0:0–0:20 (21 batches)``), from either version's event."""
+        out = []
+        for e in self.read(ctx, eid, run).events:
+            batches = rollback_batches(e.get("extra") or {}) if e.get("kind") == "rollback" else []
+            out.append({**e, "batches": format_batch_ranges(batches)} if batches else e)
         return out
 
     def timesteps(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:

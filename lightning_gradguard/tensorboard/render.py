@@ -9,13 +9,12 @@ training goes on. Cost: one small figure per image per logging step (``benchmark
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor
 
-from lightning_gradguard.core.alerts import GradGuardWarning
+from lightning_gradguard.core.alerts import warn
 
 __all__ = ["Renderer", "render_flow", "render_timestep_heatmap"]
 
@@ -132,8 +131,7 @@ class Renderer:
         except Exception as exc:  # an image must never take training down
             if "render" not in _warned:
                 _warned.add("render")
-                warnings.warn(f"GradGuard: drawing an image failed ({exc!r}); scalars are unaffected.",
-                              GradGuardWarning, stacklevel=2)
+                warn(f"GradGuard: drawing an image failed ({exc!r}); scalars are unaffected.")
         finally:
             end = time.monotonic()
             self._next_ok = end + (end - start) / self.budget
@@ -196,9 +194,7 @@ def render_flow(
 def _warn_no_matplotlib() -> None:
     if "mpl" not in _warned:
         _warned.add("mpl")
-        warnings.warn(
+        warn(
             "GradGuard: matplotlib is not installed, so no images are written to TensorBoard "
-            "(scalars still are). `pip install lightning-gradguard[plot]` adds it.",
-            GradGuardWarning,
-            stacklevel=3,
+            "(scalars still are). `pip install lightning-gradguard[plot]` adds it."
         )

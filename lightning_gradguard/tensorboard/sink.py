@@ -105,7 +105,11 @@ class TensorBoardSink:
     * :meth:`write` (each logging step): the raw per-timestep profiles, the layer order (whenever
       it changes), the images (the timestep heatmaps and ``gradguard/flow``, one render job) and,
       with ``log_histograms``, histograms.
-    * :meth:`close` (end of training): waits for the images in flight.
+    * :meth:`close` (end of training): waits for the images in flight, and writes the events
+      recorded since the last logging step.
+    * :meth:`finish` (end of fit, whatever the cadence): :meth:`close`, then the run's summary (its
+      steps and logging cadence), so that a run shorter than ``log_every_n_steps`` still holds its
+      configuration, its events and how long it ran.
 
     Only a ``TensorBoardLogger`` on rank zero is written to; with none, every call is a no-op.
 
@@ -222,6 +226,26 @@ class TensorBoardSink:
         self.renderer.close()
         if self._writer is not None:
             self._flush_events(self._writer, self._events_step + 1)
+
+    def finish(self, steps: int, log_every_n_steps: int | None, summary: str | None = None) -> None:
+        """End of fit (also when it ended in an exception): :meth:`close`, then the summary
+        ``gradguard/summary`` (``steps`` optimizer steps, the cadence, the guard's one-paragraph
+        ``summary``), and the writer flushed, so that
+        all of it is on disk even if the process is killed before the logger closes.
+
+        Example::
+
+            >>> sink = TensorBoardSink()
+            >>> sink.finish(40, 50)   # never attached to a TensorBoardLogger: nothing to write
+        """
+        self.close()
+        writer = self._writer
+        if writer is None:
+            return
+        tbformat.write_summary(writer, steps, log_every_n_steps, summary)
+        flush = getattr(writer, "flush", None)
+        if callable(flush):
+            flush()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

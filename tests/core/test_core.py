@@ -220,3 +220,47 @@ def test_scaled_gradients_are_measured_unscaled() -> None:
     coef = 0.5 / (ref + 1e-6)
     for p, g in zip(model.parameters(), ref_grads, strict=True):
         assert torch.allclose(p.grad / 1024.0, g * coef, rtol=1e-4, atol=1e-7)
+
+
+def test_a_warning_names_the_line_that_called_step_not_the_library() -> None:
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    core = GuardCore(model, replay=False)
+    model.poison_at = 1
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    loss.backward()
+    with pytest.warns(GradGuardWarning, match="non-finite gradient") as caught:
+        line = __import__("inspect").currentframe().f_lineno + 1  # type: ignore[union-attr]
+        core.step(opt)
+    (warning,) = [w for w in caught if issubclass(w.category, GradGuardWarning)]
+    assert (warning.filename, warning.lineno) == (__file__, line)
+    with pytest.warns(GradGuardWarning, match="nothing to measure") as caught:  # another path, deeper in the core
+        line = __import__("inspect").currentframe().f_lineno + 1  # type: ignore[union-attr]
+        core.step(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1))
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+
+
+def test_names_that_match_nothing_warn_with_the_closest_name() -> None:
+    from lightning_gradguard import AGC
+
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(3, 3))
+    model.add_module("rnn", nn.GRU(3, 3))
+    model.add_module("head", nn.Linear(3, 1))
+    with pytest.warns(GradGuardWarning) as caught:
+        GuardCore(model, clip=AGC(exclude=["haed", "body*"]), track_timesteps=["rnnn"])
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == [
+        "GradGuard: AGC(clip_factor=0.01, eps=0.001, exclude=['haed', 'body*']) names 'haed', which matches no layer "
+        "or parameter of the model (did you mean 'head'?).",
+        "GradGuard: track_timesteps names 'rnnn', which matches no recurrent module of the model "
+        "(did you mean 'rnn'?).",
+    ]
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error", GradGuardWarning)
+        GuardCore(model, clip=AGC(exclude=["head", "body*", "rnn.weight_ih_l0"]), track_timesteps=["rnn"])
+
+
+def test_a_model_that_is_not_a_module_is_refused_by_name() -> None:
+    with pytest.raises(TypeError, match=r"Expected `model` to be a torch.nn.Module \(or None\), but got 'x'"):
+        GuardCore("x")  # type: ignore[arg-type]

@@ -57,6 +57,23 @@ def test_a_model_without_trainable_parameters_gets_one_warning() -> None:
         core.step(opt)  # once only
 
 
+class NoOptimizer(FaultNet):
+    def configure_optimizers(self) -> None:  # type: ignore[override]
+        return None
+
+
+def test_without_an_optimizer_the_guard_says_so_and_claims_no_guarded_step() -> None:
+    guard = GradGuard()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([guard], steps=12).fit(NoOptimizer({}))
+    assert any("configures no optimizer" in str(w.message) for w in caught)
+    assert guard.summary() == (
+        "GradGuard summary: nothing guarded: none of the 12 steps had a gradient to measure (no optimizer, or every "
+        "parameter frozen or unused)."
+    )
+
+
 def test_parameters_outside_the_optimizer_are_ignored_and_groups_work() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))

@@ -4,6 +4,7 @@ rollback, the learning-rate backoff, the device spike skip, and clear errors."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 from pathlib import Path
@@ -174,10 +175,15 @@ def test_a_streak_of_nonfinite_losses_rolls_back() -> None:
     loop.faults.update({9: "loss", 10: "loss"})
     loop.run(12)
     assert loop.rollbacks() == [(10, 8)]
-    assert loop.guard.skip_list[:2] == [
-        {"epoch": None, "batch_idx": None, "step": 9, "reason": "nonfinite"},
-        {"epoch": None, "batch_idx": None, "step": 10, "reason": "nonfinite"},
-    ]
+    # a plain loop names no batch: one entry per step, with every reason it was skipped for
+    assert loop.guard.skip_list == [
+        {"epoch": None, "batch_idx": None, "step": 8, "reason": "rolled back", "steps": [8],
+         "reasons": ["rolled back"]},
+        {"epoch": None, "batch_idx": None, "step": 9, "reason": "nonfinite", "steps": [9],
+         "reasons": ["nonfinite", "rolled back"]},
+        {"epoch": None, "batch_idx": None, "step": 10, "reason": "nonfinite", "steps": [10],
+         "reasons": ["nonfinite", "rolled back"]},
+    ]  # fmt: skip
 
 
 def test_a_confirmed_spike_rolls_back() -> None:
@@ -299,6 +305,83 @@ def test_bad_guard_arguments_for_recovery_are_refused_by_name() -> None:
         GuardCore(rollback={"every": 10})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`on_rollback` to be a callable"):
         GuardCore(on_rollback="reset")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ the skip list
+class Positioned(Loop):
+    """A Loop that names its batches: two micro-batches a step (epoch 0, batches 2·step and 2·step + 1),
+    as under gradient accumulation of 2."""
+
+    def one(self) -> Any:
+        for k in (0, 1):
+            self.guard.note_batch(0, 2 * self.step_no + k)
+        return super().one()
+
+
+def _read_as_version_1(saved: dict[str, Any]) -> tuple[int, float, set[tuple[int, int]]]:
+    """What the version that wrote version 1 read of a skip list (its ``Recovery.load_state_dict``,
+    verbatim but for the names): the rollbacks, the learning-rate scale, the batches skipped again."""
+    seen: set[tuple[Any, ...]] = set()
+    skips = []
+    for entry in saved.get("skips", []):
+        key = (entry.get("epoch"), entry.get("batch_idx"), int(entry["step"]), str(entry["reason"]))
+        if key not in seen:
+            seen.add(key)
+            skips.append({"epoch": key[0], "batch_idx": key[1], "step": key[2], "reason": key[3]})
+    replay = {(int(e["epoch"]), int(e["batch_idx"])) for e in skips if e["epoch"] is not None}
+    return int(saved.get("rollbacks", 0)), float(saved.get("lr_scale", 1.0)), replay
+
+
+def test_a_deeper_rollback_over_batches_already_undone_lists_each_batch_once(tmp_path: Path) -> None:
+    path = tmp_path / "skips.json"
+    rollback = Rollback(every=3, keep=3, max_rollbacks=5, lr_backoff=0.5, skip_file=str(path))
+    loop = Positioned(rollback=rollback, max_consecutive_skips=2)
+    for s in (10, 11, 13, 14):
+        loop.faults[s] = "nan"
+    loop.run(16)
+    assert loop.rollbacks() == [(11, 9), (14, 6)]  # the recurrence goes one snapshot older, over 9-11 again
+    first, second = [e.extra for e in loop.guard.events if e.kind == "rollback"]
+    assert (first["batch_ranges"], first["batch_count"]) == ([[0, 18, 23]], 6)  # steps 9-11, two batches each
+    assert (second["batch_ranges"], second["batch_count"]) == ([[0, 12, 29]], 18)  # steps 6-14
+    skips = loop.guard.skip_list
+    assert [(e["epoch"], e["batch_idx"]) for e in skips] == [(0, b) for b in range(12, 30)]  # each batch once
+    reasons = {e["batch_idx"]: (e["step"], e["steps"], e["reason"], e["reasons"]) for e in skips}
+    assert reasons[12] == (6, [6], "rolled back", ["rolled back"])
+    assert reasons[18] == (9, [9], "rolled back", ["rolled back"])  # undone by both rollbacks: listed once
+    assert reasons[21] == (10, [10], "nonfinite", ["nonfinite", "rolled back"])  # skipped, then undone twice
+    assert reasons[27] == (13, [13], "nonfinite", ["nonfinite", "rolled back"])
+    saved = json.loads(path.read_text())
+    assert saved["version"] == 2 and saved["skips"] == skips
+    assert loop.guard.state_dict()["recovery"]["skips"] == skips
+    # the version that wrote version 1 still reads the file: the same batches are skipped again
+    assert _read_as_version_1(saved) == (2, 0.25, {(0, b) for b in range(12, 30)})
+    resumed = GuardCore(nn.Linear(4, 1), rollback=Rollback(skip_file=str(path)))
+    resumed.load_state_dict(loop.guard.state_dict())  # the checkpoint and the file: the same list, merged
+    assert resumed.skip_list == skips and resumed.recovery is not None
+    assert resumed.recovery.replay == {(0, b) for b in range(12, 30)}
+
+
+def test_a_version_1_skip_list_is_read_and_merged_into_one_entry_per_batch(tmp_path: Path) -> None:
+    v1 = [  # issue 28's shape: batch 0:0 as non-finite, and as rolled back by two rollbacks
+        {"epoch": 0, "batch_idx": 0, "step": 0, "reason": "nonfinite"},
+        {"epoch": 0, "batch_idx": 0, "step": 0, "reason": "rolled back"},
+        {"epoch": 0, "batch_idx": 0, "step": 0, "reason": "rolled back"},
+        {"epoch": 0, "batch_idx": 1, "step": 1, "reason": "rolled back"},
+        {"epoch": None, "batch_idx": None, "step": 7, "reason": "spike"},
+    ]
+    path = tmp_path / "gradguard_skips.json"
+    path.write_text(json.dumps({"version": 1, "rollbacks": 2, "lr_scale": 0.25, "skips": v1[2:]}))
+    guard = GuardCore(nn.Linear(2, 1), rollback=Rollback(skip_file=str(path)))
+    guard.load_state_dict({"recovery": {"rollbacks": 1, "lr_scale": 0.5, "skips": v1[:3], "skip_next": 0}})
+    assert guard.recovery is not None
+    assert guard.rollbacks == 2 and guard.recovery.lr_scale == 0.25  # the file is newer than the checkpoint
+    assert guard.skip_list == [
+        {"epoch": 0, "batch_idx": 0, "step": 0, "reason": "nonfinite", "steps": [0],
+         "reasons": ["nonfinite", "rolled back"]},
+        {"epoch": 0, "batch_idx": 1, "step": 1, "reason": "rolled back", "steps": [1], "reasons": ["rolled back"]},
+        {"epoch": None, "batch_idx": None, "step": 7, "reason": "spike", "steps": [7], "reasons": ["spike"]},
+    ]  # fmt: skip
+    assert guard.recovery.replay == {(0, 0), (0, 1)}
 
 
 # ------------------------------------------------------------------ the device spike skip

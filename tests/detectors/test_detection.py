@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import pickle
@@ -17,7 +19,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradEvent, GradGuard, GradGuardError, GradGuardWarning, GuardCore, load_dump
-from lightning_gradguard.dump import restore_rng
 from tests.helpers import FaultNet, scale_grad, trainer
 
 
@@ -267,7 +268,7 @@ def test_dump_round_trips_and_replays_the_fault(tmp_path: Path) -> None:
         2,
         0,
     )
-    x, y = dump["batch"]
+    x, _ = dump["batch"]
     assert torch.isnan(x[5, 2]) and x.shape == (8, 4)
     assert set(dump["rng"]) >= {"torch", "numpy", "python"}
     # the weights and optimizer state as they were before the step
@@ -276,20 +277,19 @@ def test_dump_round_trips_and_replays_the_fault(tmp_path: Path) -> None:
         assert torch.equal(dump["model"][k], v)
     assert torch.equal(dump["optimizer"]["state"][0]["exp_avg"], opt_state["state"][0]["exp_avg"])
 
-    replay = NanRecordNet()
-    replay.load_state_dict(dump["model"])
-    opt = torch.optim.AdamW(replay.parameters())
-    opt.load_state_dict(dump["optimizer"])
-    restore_rng(dump["rng"])
-    core = GuardCore(replay, track_timesteps=False, on_nonfinite="warn", log_every_n_steps=1)
-    loss = replay.training_step((x, y), dump["batch_idx"])
-    core.observe_loss(loss)
-    loss.backward()
-    with pytest.warns(GradGuardWarning):
-        report = core.step(opt)
+    # The README's "Reproducing a bad step from a dump" block, run as it stands there.
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Reproducing a bad step from a dump") :]
+    code = section[section.index("```python\n") + 10 : section.index("\n```", section.index("```python"))]
+    code = code.replace('"dumps/gradguard-step000002-nonfinite.pt"', repr(path))
+    scope: dict[str, Any] = {"MyModel": NanRecordNet}
+    with pytest.warns(GradGuardWarning), contextlib.redirect_stdout(io.StringIO()) as out:
+        exec(compile(code, "README.md", "exec"), scope)
+    report = scope["report"]
     assert report.event is not None
     assert report.event.origin == event["origin"] == "loss"
     assert list(report.event.layers) == list(event["layers"]) == ["l0", "l1", "l2"]
+    assert out.getvalue() == "loss ('l0', 'l1', 'l2') loss\n"
 
 
 def test_max_dumps_and_one_dump_per_origin(tmp_path: Path) -> None:

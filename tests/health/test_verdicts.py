@@ -198,7 +198,8 @@ def test_a_run_the_guard_stops_leads_with_the_stop_and_loses_no_event(tmp_path: 
     assert [row["step"] for row in rep["nonfinite"]] == list(range(3, last + 1))  # every one, the last included
     assert rep["nonfinite_steps"] == 25 and rep["event_count"] == len(guard.events) == 26
     assert rep["findings"][0]["kind"] == "stopped"
-    assert rep["verdict"].startswith(f"stopped by GradGuard at step {last}: ")
+    assert rep["verdict"].startswith(f"stopped by GradGuard at step {last}: 25 consecutive skipped steps")
+    assert rep["verdict"].count(f"at step {last}") == 1  # said once, not "...: GradGuard stopped the run at step"
     assert "max_consecutive_skips=25" in rep["verdict"] and "origin 'loss'" in rep["verdict"]
     tab = _tab(tmp_path, "stopped")
     assert (tab["verdict"], tab["nonfinite_steps"], tab["events"]) == (rep["verdict"], 25, 26)

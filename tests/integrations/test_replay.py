@@ -170,4 +170,57 @@ def test_no_replay_under_sharded_strategies_or_manual_optimization_says_why() ->
     assert why("DDPStrategy") is None and why("SingleDeviceStrategy") is None
     assert "under FSDPStrategy the forward pass gathers the shards" in str(why("FSDPStrategy"))
     assert "under ModelParallelStrategy" in str(why("ModelParallelStrategy"))
-    assert "GuardCore.step(replay_closure=...)" in str(why("DDPStrategy", automatic=False))
+    manual = str(why("DDPStrategy", automatic=False))
+    assert "under manual optimization training_step steps the optimizers itself" in manual
+
+
+class Recurrence(pl.LightningModule):
+    """Truncated BPTT through a ReLU RNN whose recurrence doubles the hidden state at each timestep (the
+    word language model's RNN_RELU at lr 20, in miniature): the carried state grows ~1000x per batch,
+    finite, until the RNN's own recurrence overflows from finite inputs. ``self.hidden`` is reassigned
+    in ``training_step``, so when the guard replays that step the attribute already holds its non-finite
+    result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.RNN(3, 8, nonlinearity="relu", batch_first=True)
+        with torch.no_grad():
+            self.rnn.weight_ih_l0.fill_(0.1)
+            self.rnn.weight_hh_l0.copy_(2 * torch.eye(8))
+            self.rnn.bias_ih_l0.zero_()
+            self.rnn.bias_hh_l0.zero_()
+        self.head = nn.Linear(8, 1)
+        self.hidden: Tensor | None = None
+        self.hidden_finite_before: dict[int, bool] = {}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        if self.hidden is not None:
+            self.hidden_finite_before.setdefault(self.trainer.global_step, bool(torch.isfinite(self.hidden).all()))
+        out, hidden = self.rnn(x, self.hidden)
+        self.hidden = hidden.detach()
+        last = out[:, -1]
+        return nn.functional.mse_loss(self.head(last / last.norm(dim=1, keepdim=True)), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.rand(64, 10, 3, generator=g), torch.randn(64, 1, generator=g)), 4)
+
+
+def test_a_recurrence_that_overflows_from_finite_inputs_names_the_rnn_with_a_finite_input() -> None:
+    guard = GradGuard(log_every_n_steps=2, max_consecutive_skips=100)
+    model = Recurrence()
+    trainer([guard], steps=16).fit(model)
+    event = next(e for e in guard.events if e.kind == "nonfinite")
+    print(event.message)
+    assert model.hidden_finite_before[event.step]  # the state the faulty step began with was finite ...
+    assert not torch.isfinite(model.hidden).all()  # ... and the step replaced it with its non-finite result
+    replay = event.extra["replay"]
+    assert (replay["verdict"], replay["forward_origin"], replay["input_nonfinite"]) == (
+        "data or numerics", "rnn", False,
+    )  # fmt: skip
+    assert "the forward pass first went non-finite in rnn." in event.message

@@ -145,9 +145,10 @@ def test_the_skip_list_and_counters_survive_sigkill_and_resume(tmp_path: Path) -
     assert _resume(tmp_path, "first") == -9  # killed at step 18, after a rollback at step 13
     saved = json.loads((tmp_path / "gradguard_skips.json").read_text())
     assert saved["rollbacks"] == 1
-    assert [(e["batch_idx"], e["reason"]) for e in saved["skips"]] == [
-        (12, "nonfinite"), (13, "nonfinite"),
-        (10, "rolled back"), (11, "rolled back"), (12, "rolled back"), (13, "rolled back"),
+    assert saved["version"] == 2  # one entry per batch, with all its reasons
+    assert [(e["batch_idx"], e["steps"], e["reasons"]) for e in saved["skips"]] == [
+        (10, [10], ["rolled back"]), (11, [11], ["rolled back"]),
+        (12, [12], ["nonfinite", "rolled back"]), (13, [13], ["nonfinite", "rolled back"]),
     ]  # fmt: skip
     ckpt = tmp_path / "ckpt"
     assert _resume(tmp_path, "resume", str(ckpt / "epoch=0-step=15.ckpt"), "after") == 0
@@ -157,7 +158,7 @@ def test_the_skip_list_and_counters_survive_sigkill_and_resume(tmp_path: Path) -
     assert _resume(tmp_path, "resume", str(ckpt / "epoch=0-step=10.ckpt"), "before") == 0
     before = json.loads((tmp_path / "before.json").read_text())
     assert before["rollbacks"] == 1 and before["events"] == [] and before["global_step"] == 25
-    replayed = [(e["step"], e["batch_idx"]) for e in before["skip_list"] if e["reason"] == "skip list"]
+    replayed = [(e["step"], e["batch_idx"]) for e in before["skip_list"] if "skip list" in e["reasons"]]
     assert replayed == [(10, 10), (11, 11), (12, 12), (13, 13)]
     assert [s[1] for s in before["seen"][:4]] == [10, 11, 12, 13]  # the same batches, at the same positions
 
@@ -247,15 +248,18 @@ def test_a_rollback_is_in_tensorboard_and_in_the_report(tmp_path: Path, capsys: 
     capsys.readouterr()
     report_main(["report", str(tmp_path / "run"), "--json"])
     (rep,) = json.loads(capsys.readouterr().out)
-    assert rep["rollbacks"] == [{"step": 10, "snapshot_step": 8, "batches": [[1, 0], [1, 1], [1, 2]],
+    assert rep["rollbacks"] == [{"step": 10, "snapshot_step": 8, "batches": [[1, 0, 2]], "batch_count": 3,
                                  "cause": "2 consecutive skipped steps (max_consecutive_skips=2)"}]  # fmt: skip
     assert {"step": 9, "reason": "nonfinite"} in rep["skipped_batches"]
     assert any(f["kind"] == "rollback" and f["severity"] == "attention" for f in rep["findings"])
     report_main(["report", str(tmp_path / "run")])
     text = capsys.readouterr().out
-    assert "rollback at step 10 to the snapshot of step 8" in text and "(batches 1:0, 1:1, 1:2)" in text
+    assert "  rollback at step 10 to the snapshot of step 8: 2 consecutive" in text
+    assert "\n    batches undone: 1:0–1:2 (3 batches)\n" in text
     skips = json.loads((tmp_path / "gradguard_skips.json").read_text())  # beside the logs (default_root_dir)
-    assert {(e["step"], e["reason"]) for e in skips["skips"]} >= {(9, "nonfinite"), (8, "rolled back")}
+    assert [(e["step"], e["reasons"]) for e in skips["skips"]] == [
+        (8, ["rolled back"]), (9, ["nonfinite", "rolled back"]), (10, ["nonfinite", "rolled back"]),
+    ]  # fmt: skip
 
 
 def test_a_fresh_run_does_not_inherit_an_earlier_runs_skip_list(tmp_path: Path) -> None:
@@ -278,7 +282,9 @@ def test_under_gradient_accumulation_every_micro_batch_is_in_the_skip_list(tmp_p
     t.fit(FaultNet({3: ("loss", math.nan)}))
     (event,) = [e for e in guard.events if e.kind == "rollback"]
     assert (event.step, event.extra["snapshot_step"]) == (3, 2)
-    assert event.extra["batches_skipped"] == [[0, 4], [0, 5], [0, 6], [0, 7]]  # steps 2 and 3, two each
-    assert [(e["batch_idx"], e["reason"]) for e in guard.skip_list if e["reason"] == "nonfinite"] == [
-        (6, "nonfinite"), (7, "nonfinite"),
+    assert event.extra["batch_ranges"] == [[0, 4, 7]]  # steps 2 and 3, two micro-batches each
+    assert event.extra["batch_count"] == 4
+    assert [(e["batch_idx"], e["step"], e["reasons"]) for e in guard.skip_list] == [
+        (4, 2, ["rolled back"]), (5, 2, ["rolled back"]),
+        (6, 3, ["nonfinite", "rolled back"]), (7, 3, ["nonfinite", "rolled back"]),
     ]  # fmt: skip

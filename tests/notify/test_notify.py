@@ -199,3 +199,26 @@ def test_a_wandb_logger_gets_wandb_alerts_rate_limited() -> None:
     ]
     assert logger.alerts[0]["text"].startswith("GradGuard: non-finite gradient at step 2")
     assert isinstance(guard.alerts.notifiers[0], WandbAlert)
+
+
+def test_an_unreachable_webhook_warns_once_and_the_summary_counts_what_was_lost() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    alert = WebhookAlert(f"http://127.0.0.1:{port}/services/{SECRET}", retries=1, timeout=1.0)
+    guard = GradGuard(alert_handlers=[alert], alert_every=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer([guard], steps=6).fit(FaultNet({2: ("grad", 1, math.nan), 4: ("loss", math.nan)}))
+    failed = [str(w.message) for w in caught if "webhook" in str(w.message)]
+    assert len(failed) == 1, failed  # once per notifier, not once per alert
+    assert failed[0].startswith("GradGuard: a webhook alert could not be delivered (URLError) after 2 tries")
+    assert SECRET not in failed[0] and issubclass(next(w for w in caught if "webhook" in str(w.message)).category,
+                                                  GradGuardWarning)  # fmt: skip
+    assert (alert.sent, alert.failed, alert.dropped) == (0, 2, 2)
+    assert guard.summary().endswith(
+        "; 2 alerts never reached a person (2 failed to send after every retry, 0 dropped: a full queue, or still "
+        "queued at the end)."
+    )

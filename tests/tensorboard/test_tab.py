@@ -112,6 +112,7 @@ def test_the_routes_return_what_the_run_logged(server: str, tab_logs: tuple[Path
             else:
                 assert value is None
     assert layers["nonfinite_steps"] == [NAN_STEP]
+    assert layers["skipped"] == [("non-finite" if s == NAN_STEP else None) for s in layers["steps"]]
     assert layers["vanish_threshold"] == pytest.approx(1e-8) and layers["explode_threshold"] is None
 
     updates = _get(f"{api}/updates?run=faulty")  # track_updates: the update-to-weight ratios, same matrix
@@ -124,6 +125,10 @@ def test_the_routes_return_what_the_run_logged(server: str, tab_logs: tuple[Path
             else:
                 assert value is None  # the skipped step's update: zero
     assert updates["vanish_threshold"] is None
+    # the update logged at step N is step N - 1's: the skipped step's is the column after it, and it is
+    # skipped, not non-finite (the gradients were, the update was not made)
+    assert updates["skipped"] == [("non-finite" if s == NAN_STEP + 1 else None) for s in updates["steps"]]
+    assert updates["nonfinite_steps"] == []
 
     seq = _get(f"{api}/timesteps?run=faulty")["sequences"]["rnn"]
     profiles = {e.step: tensor_util.make_ndarray(e.tensor_proto) for e in acc.Tensors("gradguard/profile/rnn")}
@@ -178,6 +183,54 @@ def _plugin_for(logdir: Path, guarded: bool = False) -> Any:
     mux.Reload()
     provider = data_provider.MultiplexerDataProvider(mux, str(logdir))
     return GradGuardPlugin(base_plugin.TBContext(data_provider=provider, logdir=str(logdir)))
+
+
+def test_a_rollback_event_carries_its_batches_as_the_report_prints_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorboard.plugins import base_plugin
+
+    from lightning_gradguard.cli import render_text
+    from lightning_gradguard.health.judge import RunData
+    from lightning_gradguard.tensorboard.plugin import GradGuardPlugin
+
+    def rollback(step: int, **extra: Any) -> dict[str, Any]:
+        return {"kind": "rollback", "step": step, "action": "rolled back", "message": "m",
+                "extra": {"cause": "c", "snapshot_step": 0, **extra}}  # fmt: skip
+
+    events = [
+        rollback(20, batches_skipped=[[0, b] for b in range(21)] + [[0, b] for b in range(17)]),  # the version before
+        rollback(40, batch_ranges=[[0, 21, 40]], batch_count=20),
+        rollback(50),  # no batch named
+    ]
+    data = RunData(scalars={"gradguard/total_norm": [(0, 1.0)]}, events=events, recorded_events=True)
+    plugin = GradGuardPlugin(base_plugin.TBContext(data_provider=None))
+    monkeypatch.setattr(plugin, "read", lambda ctx, eid, run: data)
+    served = plugin.events(None, "", "run")
+    assert [e.get("batches") for e in served] == ["0:0–0:20 (21 batches)", "0:21–0:40 (20 batches)", None]
+    report = render_text(judge_run("run", data))
+    assert all(f"    batches undone: {e['batches']}\n" in report for e in served[:2])  # the same words
+    assert data.events == events and "batches" not in events[0]  # the run's data is left as read
+
+
+def test_a_binned_update_heatmap_leaves_the_skipped_steps_zero_updates_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorboard.plugins import base_plugin
+
+    from lightning_gradguard.health.judge import RunData
+    from lightning_gradguard.tensorboard.heatmap import MAX_COLUMNS
+    from lightning_gradguard.tensorboard.plugin import GradGuardPlugin
+
+    skipped = {99, 100, 101, 199}  # the update of step s is logged at step s + 1: zero
+    ratios = [(s, 0.0 if s - 1 in skipped else 0.01 + s * 1e-5) for s in range(1, 701)]  # 700 columns: binned by 3
+    events = [{"kind": "nonfinite", "step": s, "action": "skipped", "message": "m"} for s in sorted(skipped)]
+    data = RunData(scalars={"gradguard/update_ratio/l0": ratios}, events=events, recorded_events=True)
+    plugin = GradGuardPlugin(base_plugin.TBContext(data_provider=None))
+    monkeypatch.setattr(plugin, "read", lambda ctx, eid, run: data)
+    out = plugin.updates(None, "", "run")
+    assert len(out["steps"]) == 700 // 3 + 1 <= MAX_COLUMNS
+    by_bin = {tuple(b): (norm, why) for b, norm, why in zip(out["bins"], out["norms"][0], out["skipped"], strict=True)}
+    assert by_bin[(100, 102)] == (None, "non-finite")  # every step of the bin skipped: drawn as skipped
+    assert by_bin[(199, 201)] == (0.01 + 199 * 1e-5, None)  # one of three: the worst of the other two, not 0
+    assert [why for why in out["skipped"] if why] == ["non-finite"] and out["nonfinite_steps"] == []
+    assert 0.0 not in out["norms"][0]  # no bin shows a skipped step's zero as a dead layer's
 
 
 def test_report_still_reads_profiles_written_as_text_by_0_2_0(tmp_path: Path) -> None:
@@ -238,6 +291,25 @@ def test_the_tab_renders_in_headless_chromium(server: str, tmp_path: Path) -> No
     assert 'class="gg-verdict unhealthy"' in dom
     assert 'class="gg-timestep-map" data-sequence="rnn"' in dom and 'class="gg-horizon"' in dom
     assert f'data-step="{NAN_STEP}"' in dom.split('id="gg-flow-map"', 1)[1]  # the NaN step marked on the map
+    # the skipped step in its own colour and class in both heatmaps, never "zero (dead)"; in the gradient
+    # flow its cells keep the non-finite colour (where the fault was), in the updates the skipped one
+    flow_map, updates_map = flow.split('id="gg-flow-map"', 1)[1], updates.split('id="gg-updates-map"', 1)[1]
+
+    def skipped_cells(svg: str) -> list[str]:
+        return re.findall(r'<rect [^>]*class="gg-cell gg-skipped"[^>]*>', svg.split("</svg>", 1)[0])
+
+    assert len(skipped_cells(flow_map)) == 3 and all(
+        f"· step {NAN_STEP} · ‖g‖ = non-finite · step skipped (non-finite)" in c and 'fill="#d62728"' in c
+        for c in skipped_cells(flow_map)
+    )
+    assert len(skipped_cells(updates_map)) == 3 and all(
+        f"· step {NAN_STEP + 1} · ‖ΔW‖/‖W‖ = 0 · the update of step {NAN_STEP} skipped (non-finite)" in c
+        and 'fill="#c5b0d5"' in c
+        for c in skipped_cells(updates_map)
+    )
+    assert "gg-zero" not in updates_map and "zero gradient (dead)" not in updates  # the only zero: the skipped
+    for section in (flow, updates):  # the legend of each heatmap names the colour
+        assert '<span class="gg-swatch" style="background: #c5b0d5"></span>skipped</span>' in section
 
 
 def test_a_local_logdir_and_the_data_provider_give_the_tab_the_same_data(tab_logs: tuple[Path, GradGuard]) -> None:

@@ -5,7 +5,8 @@
 // the plugin's JSON routes (lightning_gradguard/tensorboard/plugin.py), relative to the iframe's base URL.
 //
 // Views: the report's verdict; the gradient-flow heatmap (layers x logging steps, log10 norm,
-// non-finite steps marked, the thresholds in the legend) with the events on the same time axis;
+// non-finite steps marked, skipped steps in their own colour, the thresholds in the legend) with the
+// events on the same time axis, and the same for the update-to-weight ratios (track_updates);
 // one per-timestep heatmap per tracked sequence (timesteps x logging steps, with the horizon
 // line); the events table, whose rows jump to their step. Every cell shows its value on hover.
 
@@ -18,6 +19,9 @@ const NONFINITE = '#d62728';
 const VANISHING = '#1a1a1a';
 const EXPLODING = '#ff7f0e';
 const ZERO = '#8c564b';  // an exactly-zero gradient (a dead layer's colour): a value, never "missing"
+// A skipped step (non-finite, a spike, rolled back, an fp16 overflow): its update is zero because it was
+// skipped, not because the layer is dead. A non-finite cell keeps its own colour: it shows where the fault was.
+const SKIPPED = '#c5b0d5';
 const MISSING = '#f5f5f5';  // the layer logged nothing at that step
 const KIND_COLOURS = {
   nonfinite: NONFINITE, amp_overflow: '#9467bd', exploding: EXPLODING, spike: '#e377c2',
@@ -90,6 +94,7 @@ async function show(run, body, tip) {
   if (updates && updates.layers && updates.layers.length) {  // track_updates: beside the gradient flow
     body.appendChild(flowView(updates, events || [], tip, {
       id: 'gg-updates', title: 'Update-to-weight ratio: layers × steps (log10 ‖ΔW‖/‖W‖ of the update before each step)',
+      quantity: '‖ΔW‖/‖W‖', zero: 'zero update', updates: true,
     }).node);
   }
   body.appendChild(timestepView(timesteps || {sequences: {}}, tip));
@@ -137,7 +142,7 @@ function flowView(data, events, tip, opts = {}) {
   let jumpTo = () => {};
   const draw = () => {
     holder.textContent = '';
-    const drawn = drawFlow(data, events, tip, groups, expanded, id, (k) => {
+    const drawn = drawFlow(data, events, tip, groups, expanded, id, opts, (k) => {
       if (expanded.has(k)) expanded.delete(k); else expanded.add(k);
       draw();
     });
@@ -148,7 +153,7 @@ function flowView(data, events, tip, opts = {}) {
   const scale = colourScale(data.log10);
   const vanish = data.vanish_threshold ? Math.log10(data.vanish_threshold) : null;
   const explode = data.explode_threshold ? Math.log10(data.explode_threshold) : null;
-  section.appendChild(legend(scale, vanish, explode, data));
+  section.appendChild(legend(scale, vanish, explode, data, opts));
   return {node: section, jumpTo: (step) => jumpTo(step)};
 }
 
@@ -163,8 +168,10 @@ function flowRows(data, groups, expanded) {
   return rows;
 }
 
-function drawFlow(data, events, tip, groups, expanded, id, toggle) {
+function drawFlow(data, events, tip, groups, expanded, id, opts, toggle) {
   const {steps} = data;
+  const skipped = data.skipped || [];  // per column: why its step(s) were skipped, or null
+  const quantity = opts.quantity || '‖g‖';
   const rows = flowRows(data, groups, expanded);
   const vanish = data.vanish_threshold ? Math.log10(data.vanish_threshold) : null;
   const explode = data.explode_threshold ? Math.log10(data.explode_threshold) : null;
@@ -185,8 +192,10 @@ function drawFlow(data, events, tip, groups, expanded, id, toggle) {
         class: 'gg-nonfinite-mark', 'data-step': s}));
     }
   });
-  const span = (j) => (data.bins && data.bins[j] && data.bins[j][0] !== data.bins[j][1]
-    ? `steps ${data.bins[j][0]}–${data.bins[j][1]}` : `step ${steps[j]}`);
+  const binned = (j) => data.bins && data.bins[j] && data.bins[j][0] !== data.bins[j][1];
+  const span = (j) => (binned(j) ? `steps ${data.bins[j][0]}–${data.bins[j][1]}` : `step ${steps[j]}`);
+  const skipNote = (j) => (binned(j) ? `every ${opts.updates ? 'update' : 'step'} skipped (${skipped[j]})`
+    : opts.updates ? `the update of step ${steps[j] - 1} skipped (${skipped[j]})` : `step skipped (${skipped[j]})`);
   rows.forEach((r, n) => {
     const y = top + n * cellH;
     const group = r.kind === 'group';
@@ -206,17 +215,20 @@ function drawFlow(data, events, tip, groups, expanded, id, toggle) {
       const raw = src.norms[j];
       let fill = v === null ? MISSING : scale(v);
       let cls = 'gg-cell';
-      if (raw === 0) { fill = ZERO; cls = 'gg-cell gg-zero'; }
-      else if (raw === null && v === null && bad.has(steps[j])) fill = NONFINITE;
+      const nonfinite = raw === null && v === null && bad.has(steps[j]);
+      if (skipped[j]) { fill = nonfinite ? NONFINITE : SKIPPED; cls = 'gg-cell gg-skipped'; }
+      else if (raw === 0) { fill = ZERO; cls = 'gg-cell gg-zero'; }
+      else if (nonfinite) fill = NONFINITE;
       else if (v !== null && vanish !== null && v < vanish) fill = VANISHING;
       else if (v !== null && explode !== null && v > explode) fill = EXPLODING;
       let value = raw === null ? (bad.has(steps[j]) ? 'non-finite' : 'no value') : fmt(raw);
       if (!group && data.lo && data.lo[r.i][j] !== null) {
         value += ` (min ${fmt(data.lo[r.i][j])}, median ${fmt(data.mid[r.i][j])}, max ${fmt(data.hi[r.i][j])})`;
       }
+      const note = (group ? ' (the worst in the group)' : '') + (skipped[j] ? ` · ${skipNote(j)}` : '');
       row.appendChild(svgEl('rect', {
         x: labelW + j * cellW, y, width: cellW, height: cellH - 1, fill, class: cls,
-        'data-tip': `${r.name} · ${span(j)} · ‖g‖ = ${value}${group ? ' (the worst in the group)' : ''}`}));
+        'data-tip': `${r.name} · ${span(j)} · ${quantity} = ${value}${note}`}));
     });
     svg.appendChild(row);
   });
@@ -227,7 +239,9 @@ function drawFlow(data, events, tip, groups, expanded, id, toggle) {
   for (const e of events) {
     svg.appendChild(svgEl('circle', {
       cx: x(e.step), cy: stripY + 8, r: 4, fill: KIND_COLOURS[e.kind] || '#555', class: 'gg-event-mark',
-      'data-step': e.step, 'data-tip': `step ${e.step} · ${e.kind}${e.origin ? ' · origin ' + e.origin : ''}`}));
+      'data-step': e.step,
+      'data-tip': `step ${e.step} · ${e.kind}${e.origin ? ' · origin ' + e.origin : ''}` +
+                  (e.batches ? ` · batches undone: ${e.batches}` : '')}));
   }
   const axisY = stripY + stripH + 10;
   for (const j of ticks(steps.length)) svg.appendChild(svgText(labelW + j * cellW + cellW / 2, axisY, steps[j], 'middle'));
@@ -310,7 +324,8 @@ function eventsView(events, jumpTo) {
       el('td', {class: 'gg-kind', style: `color: ${KIND_COLOURS[e.kind] || '#555'}`}, [e.kind]),
       el('td', {}, [e.origin || '']),
       el('td', {}, [(e.layers || []).join(', ')]),
-      el('td', {}, [e.message || '']),
+      el('td', {}, [e.message || '',
+                    ...(e.batches ? [el('div', {class: 'gg-batches'}, [`batches undone: ${e.batches}`])] : [])]),
     ]);
     row.onclick = () => {
       for (const r of table.querySelectorAll('tr.selected')) r.classList.remove('selected');
@@ -323,7 +338,7 @@ function eventsView(events, jumpTo) {
   return section;
 }
 
-function legend(scale, vanish, explode, data) {
+function legend(scale, vanish, explode, data, opts = {}) {
   const box = el('div', {class: 'gg-legend'});
   const bar = svgEl('svg', {width: 180, height: 26, class: 'gg-colourbar'});
   for (let k = 0; k < 60; k++) {
@@ -334,7 +349,8 @@ function legend(scale, vanish, explode, data) {
   box.append(el('span', {}, ['log10 norm ']), bar);
   if (data) {
     box.appendChild(swatch(NONFINITE, 'non-finite'));
-    box.appendChild(swatch(ZERO, 'zero gradient (dead)'));
+    box.appendChild(swatch(ZERO, opts.zero || 'zero gradient (dead)'));
+    box.appendChild(swatch(SKIPPED, 'skipped'));
     box.appendChild(swatch(MISSING, 'not logged'));
     if (vanish !== null) box.appendChild(swatch(VANISHING, `vanishing: below vanish_threshold = ${fmt(data.vanish_threshold)}`));
     if (explode !== null) box.appendChild(swatch(EXPLODING, `exploding: above explode_threshold = ${fmt(data.explode_threshold)}`));
