@@ -62,15 +62,26 @@ class GradGuardWarning(UserWarning):
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # lightning_gradguard/
+# The frameworks between the user's code and the guard's hooks: a warning raised in a Lightning hook
+# names the user's ``trainer.fit(...)`` line, not Lightning's loop.
+_FRAMEWORKS = ("pytorch_lightning", "lightning", "lightning_fabric", "torch")
 
 
 def warn(message: str, category: type[Warning] = GradGuardWarning) -> None:
-    """``warnings.warn`` located at the first caller outside this package: the line of the user's loop
-    that called :meth:`GuardCore.step <lightning_gradguard.GuardCore.step>` (or the framework's,
-    under a Trainer), never a line of lightning_gradguard, however deep the call that warns."""
+    """``warnings.warn`` located at the user's line: the first caller outside this package and the
+    frameworks that call it (Lightning, Fabric, torch): the line of a plain loop that called
+    :meth:`GuardCore.step <lightning_gradguard.GuardCore.step>`, or the ``trainer.fit(...)`` line under a
+    Trainer, never a line of lightning_gradguard however deep the call that warns."""
+    skip = [_PACKAGE]
+    for name in _FRAMEWORKS:
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if path:
+            skip.append(os.path.dirname(os.path.abspath(path)) + os.sep)
+    prefixes = tuple(skip)
     frame = sys._getframe(0)
     level = 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(prefixes):
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)

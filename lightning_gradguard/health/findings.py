@@ -30,6 +30,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lightning_gradguard.primitives.text import plural
+
 __all__ = ["SEVERITIES", "Evidence", "block_of", "findings_of", "natural_key", "severity_of", "summarise_layers"]
 
 SEVERITIES = ("healthy", "healthy with notes", "attention", "unhealthy")
@@ -218,7 +220,7 @@ def _nonfinite(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, 
         origins = sorted({str(e.get("origin")) for e in grads})
         parts.append(f"non-finite gradients at {_steps(grads)}, beginning in {', '.join(origins)}")
         advice.append("replay the first one from a dump (GradGuard(dump_dir=...)) and look at its origin layer")
-    what = f"{len(bad)} non-finite steps ({skipped} skipped): " + "; ".join(parts)
+    what = f"{plural(len(bad), 'non-finite step')} ({skipped} skipped): " + "; ".join(parts)
     return [{"kind": "nonfinite", "severity": "unhealthy", "what": what + ev.caveat, "advice": "; ".join(advice)}]
 
 
@@ -299,11 +301,18 @@ def _recovered(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, 
     back = [e for e in events if e["kind"] == "rollback"]
     if back:
         first = back[0].get("extra") or {}
-        times = f"{len(back)} time{'s' if len(back) > 1 else ''}"
+        times = plural(len(back), "time")
         where = f"step {back[0]['step']} to the snapshot of step {first.get('snapshot_step', '?')}"
         what = f"rolled back {times} (first at {where}: {first.get('cause', 'unknown cause')})"
+        stopped = any(e["kind"] == "stopped" and e["step"] >= back[-1]["step"] for e in events)
+        survived = (
+            "the rollbacks did not save the run (it stopped after the last one): what the fault lives in "
+            "survives a rollback, such as a carried state (reset it in on_gradguard_rollback) or the data; "
+            if stopped
+            else "the run survived a persistent fault; "
+        )
         advice = (
-            "the run survived a persistent fault; the batches it undid are in the skip list "
+            f"{survived}the batches it undid are in the skip list "
             "(gradguard_skips.json beside the logs): look at the first fault before the first rollback"
         )
         out.append({"kind": "rollback", "severity": "attention", "what": what, "advice": advice})

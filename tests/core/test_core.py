@@ -264,3 +264,17 @@ def test_names_that_match_nothing_warn_with_the_closest_name() -> None:
 def test_a_model_that_is_not_a_module_is_refused_by_name() -> None:
     with pytest.raises(TypeError, match=r"Expected `model` to be a torch.nn.Module \(or None\), but got 'x'"):
         GuardCore("x")  # type: ignore[arg-type]
+
+
+def test_under_a_trainer_a_warning_names_the_fit_line() -> None:
+    import pytorch_lightning as pl
+
+    from tests.helpers import FaultNet, trainer
+
+    t = trainer([__import__("lightning_gradguard").GradGuard()], steps=3)
+    model: pl.LightningModule = FaultNet({1: ("grad", 1, math.nan)})
+    with pytest.warns(GradGuardWarning, match="non-finite gradient at step 1") as caught:
+        line = __import__("inspect").currentframe().f_lineno + 1  # type: ignore[union-attr]
+        t.fit(model)
+    ours = [w for w in caught if issubclass(w.category, GradGuardWarning)]
+    assert [(w.filename, w.lineno) for w in ours] == [(__file__, line)]

@@ -65,3 +65,17 @@ def test_rollbacks_are_reported_as_ranges_in_short_lines() -> None:
     ]
     assert max(len(line) for line in lines) < 160
     assert "  skipped steps: 0–4 (nonfinite); 30 (spike)" in text.splitlines()
+
+
+def test_rollbacks_that_did_not_save_the_run_are_not_called_survived() -> None:
+    """The word language model of issue 28: ten rollbacks to step 0, then 'the run did not recover'
+    (its NaN carried hidden state outlives every rollback). The advice must not say it survived."""
+    stop = {"kind": "stopped", "step": 34, "origin": None, "layers": [], "value": None, "action": "raised",
+            "message": "GradGuard: the run did not recover: 3 non-finite losses in a row at step 34, after 10 "
+                       "rollbacks (max_rollbacks=10).", "extra": {}}  # fmt: skip
+    rollbacks = [_rollback(s, 0) for s in (4, 7, 10)]
+    survived = {f["kind"]: f["advice"] for f in _judged(rollbacks).findings}["rollback"]
+    stopped = {f["kind"]: f["advice"] for f in _judged([*rollbacks, stop]).findings}["rollback"]
+    assert survived.startswith("the run survived a persistent fault;")
+    assert stopped.startswith("the rollbacks did not save the run (it stopped after the last one)")
+    assert "survived" not in stopped and "on_gradguard_rollback" in stopped
