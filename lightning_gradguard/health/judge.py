@@ -25,6 +25,7 @@ from typing import Any
 from lightning_gradguard.health.findings import SEVERITIES, Evidence, findings_of, natural_key, severity_of
 from lightning_gradguard.health.replay import DEFAULTS, replay_caveat, replay_events, run_option
 from lightning_gradguard.primitives.ranges import batch_count, batch_ranges
+from lightning_gradguard.primitives.text import plural
 
 __all__ = ["KINDS", "ReportError", "RunData", "RunHealth", "judge_run", "rollback_batches", "skipped_steps_of"]
 
@@ -284,7 +285,7 @@ def _unreplayed_alerts(rep: RunHealth, alert_kinds: dict[str, int]) -> list[dict
         if kind not in have and kind not in ("nonfinite", "amp_overflow"):
             severity = "unhealthy" if kind in ("vanishing", "spike", "exploding") else "attention"
             out.append({"kind": "spiky" if kind == "spike" else kind, "severity": severity,
-                        "what": f"{count} {kind} alert{'s' if count > 1 else ''} (from the run's alert texts)",
+                        "what": f"{plural(count, kind + ' alert')} (from the run's alert texts)",
                         "advice": "see the alert texts in TensorBoard's Text tab"})  # fmt: skip
     return out
 
@@ -314,9 +315,9 @@ def _verdict(rep: RunHealth, summary: dict[str, Any]) -> str:
         why = f" (log_every_n_steps={cadence})" if cadence else ""
         if not summary:
             why = " yet (no end-of-fit summary: the run is still going, or was killed)"
-        return (f"{rep.severity}: {rep.steps} steps, no logging step{why}: no non-finite step; "
+        return (f"{rep.severity}: {plural(rep.steps, 'step')}, no logging step{why}: no non-finite step; "
                 "no gradient norm was logged, so the layers are not judged")  # fmt: skip
-    line = f"{rep.severity}: {rep.steps} steps, no non-finite step, no spike, vanishing or dead layer"
+    line = f"{rep.severity}: {plural(rep.steps, 'step')}, no non-finite step, no spike, vanishing or dead layer"
     return line + (f"; notes: {'; '.join(rep.notes)}" if rep.notes else "")
 
 
