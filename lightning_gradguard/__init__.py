@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from lightning_gradguard.integrations.lightning import GradGuard
     from lightning_gradguard.notify import WandbAlert, WebhookAlert
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AGC",
