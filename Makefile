@@ -33,9 +33,9 @@ bench: venv
 	cd benchmarks && ../$(PY) rollback_bench.py
 	cd benchmarks && ../$(PY) why_bench.py
 
-# The slow soak test (not part of `make test`).
+# The slow tests (not part of `make test`): the soak run, the demo at 2 threads.
 soak: venv
-	$(PY) -m pytest -m slow -q tests/integrations/test_soak.py
+	$(PY) -m pytest -m slow -q tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -299,8 +299,10 @@ def count_syncs(model: str, configs: list[str], steps: int = 12) -> dict[str, fl
 
 
 def count_host_reads(model: str, configs: list[str], steps: int = 12) -> dict[str, float]:
-    """Host reads per optimizer step made by lightning_gradguard's own code (``.tolist()``, ``.item()``,
-    ``bool(tensor)``...), counted on any device by wrapping those Tensor methods (tests/hostreads.py)."""
+    """Host reads per optimizer step made by lightning_gradguard's own code, on any device
+    (tests/hostreads.py): ops whose result is a host value (``.item()``, ``bool(tensor)``, ``torch.equal``...)
+    or whose size depends on the values (``nonzero``, boolean masks...), copies the host waits for, and
+    ``.tolist()``/``.numpy()``/``.cpu()``...; each with a package frame on its stack."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.hostreads import host_reads_from_the_package
 
@@ -405,8 +407,9 @@ def main() -> None:
         lines.append("")
     lines += [
         "Guard host reads per step: device-to-host reads by lightning_gradguard's own code (`.tolist()`, "
-        "`.item()`, `bool(tensor)`, ...), counted by wrapping those Tensor methods over 10 steps at the "
-        "default logging cadence (50): each is a sync on a GPU.",
+        "`.item()`, `bool(tensor)`, `torch.equal`, boolean masks, copies to the host, ...), counted by "
+        "tests/hostreads.py (a TorchDispatchMode and the Tensor methods that read without an op) over 10 "
+        "steps at the default logging cadence (50): each is a sync on a GPU.",
         "",
     ]
     b = results.get("b: Transformer")

@@ -85,6 +85,22 @@ def sync_table() -> None:
                     f"optimizer.step): non-logging {sum(nl) / len(nl):.2f} (max {max(nl)}), logging "
                     f"{sum(lg) / len(lg):.2f} (max {max(lg)})"
                 )
+    # as tests/core/test_host_reads.py: any sync of a healthy non-logging step raises, where it is made
+    guard = GuardCore(net, clip=NormClip(1.0), log_every_n_steps=None, track_timesteps=False)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.0, fused=True)
+    try:
+        for step in range(6):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            torch.cuda.set_sync_debug_mode("error" if step >= 2 else "default")
+            guard.step(opt)
+            opt.step()
+            torch.cuda.set_sync_debug_mode("default")
+        print("AdamW(fused) policy=skip: 4 non-logging steps under set_sync_debug_mode('error'): no sync")
+    except RuntimeError as err:
+        print(f"AdamW(fused) policy=skip: a sync under set_sync_debug_mode('error'): {err}")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def amp_plain_loop() -> None:

@@ -137,7 +137,12 @@ class ClipStage:
             return None
         late = HostRead(dtype=ctx.total.dtype)
         late.put_each(CLIP_VALUES, _values(outcome, ctx.total))
+        late.put_each(("clipped_on_device",), self._device_count.to(ctx.total.dtype).reshape(1))  # exact < 2**24
         late.read()
+        # the device count rides in the same read: folded into the host count, so that the logging
+        # step's clipped_fraction costs no second read
+        self._host_count += int(late["clipped_on_device"])
+        self._device_count = None
         return late
 
     @property

@@ -575,6 +575,8 @@ class GuardCore:
         if is_log:
             self._fill_metrics(report, s, late)
         self._detect(s, report, verdict)
+        if self.recovery is not None and not report.rolled_back:
+            self._maybe_capture(s, report, verdict)  # after the detectors: every statistic as of this step
         return report
 
     def flush(self) -> None:
@@ -626,7 +628,7 @@ class GuardCore:
         return StepReport(number, torch.zeros(()), skipped=True)
 
     def _recovery_end(self, optimizer: torch.optim.Optimizer, s: _Step, report: StepReport, verdict: Verdict) -> None:
-        """After the step's decision: roll back if a trigger fired, else maybe take a snapshot."""
+        """After the step's decision: roll back if a trigger fired."""
         rec = self.recovery
         assert rec is not None
         if rec.cause is not None:
@@ -637,7 +639,12 @@ class GuardCore:
             report.event = rec.rollback(s.number, rec.cause)
             report.skipped, report.rolled_back = True, True
             self.policy.consecutive_skips = 0
-            return
+
+    def _maybe_capture(self, s: _Step, report: StepReport, verdict: Verdict) -> None:
+        """A snapshot when one is due, on a healthy step: taken once the step is settled and detected,
+        so that the clipper's and the detectors' statistics all include this step."""
+        rec = self.recovery
+        assert rec is not None
         healthy = verdict.finite and not verdict.spike_high and not report.skipped
         healthy = healthy and self.policy.consecutive_skips == 0
         if healthy and not rec.suspicious and rec.due(s.number):

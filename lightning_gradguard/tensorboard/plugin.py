@@ -47,6 +47,7 @@ from werkzeug import wrappers
 from lightning_gradguard.core.timesteps import summarize_profile
 from lightning_gradguard.health.findings import natural_key
 from lightning_gradguard.health.judge import ReportError, RunData, judge_run, rollback_batches, skipped_steps_of
+from lightning_gradguard.health.replay import replay_events, run_option
 from lightning_gradguard.primitives.ranges import format_batch_ranges
 from lightning_gradguard.tensorboard import format as tbformat
 from lightning_gradguard.tensorboard import heatmap
@@ -88,7 +89,7 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
     def __init__(self, context: base_plugin.TBContext) -> None:
         self._data = context.data_provider
         self._cache: dict[tuple[str, str], tuple[float, RunData]] = {}
-        self._derived: dict[tuple[str, str], tuple[RunData, dict[str, Any]]] = {}  # (route, run): its answer
+        self._derived: dict[tuple[str, str], tuple[RunData, Any]] = {}  # (route, run): its answer
         # A local logdir is read from its event files (all the points, incrementally, fast); any other
         # (a remote filesystem) through the data provider. The local runs are read, and their heatmap and
         # verdict computed, once at start in the background, while TensorBoard loads the same files at
@@ -204,7 +205,7 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
         data = self.read(ctx, eid, run)
         known = self._derived.get((route, run))
         if known is not None and known[0] is data:
-            return known[1]
+            return known[1]  # type: ignore[no-any-return]
         series = {t[len(prefix) :]: s for t, s in data.scalars.items() if t.startswith(prefix)}
         names = [n for n in data.layer_order if n in series]
         names += sorted(set(series) - set(names), key=natural_key)
@@ -216,7 +217,7 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
             at = np.searchsorted(steps, [s for s, _ in series[name]])
             values[i, at] = [v for _, v in series[name]]
             missing[i, at] = False
-        skipped = skipped_steps_of(data.events)
+        skipped = skipped_steps_of(self._events_of(data, run))
         if route == "updates":  # the update measured at step N is step N - 1's: its column is N
             skipped = {s + 1: why for s, why in skipped.items()}
         # a skipped step's update ratio is no update of the layer's (zero, or the rollback's jump): it
@@ -242,17 +243,32 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
             "groups": groups,
             "nonfinite_steps": sorted(bad),
             "skipped": _skipped_columns(steps, cols["bins"], skipped),
-            "vanish_threshold": data.config.get("vanish_threshold") if route == "layers" else None,
+            # the threshold the verdict judged by: the run's, else the guard's default (an older file)
+            "vanish_threshold": run_option(data.config, "vanish_threshold") if route == "layers" else None,
             "explode_threshold": explode,
         }
         self._derived[(route, run)] = (data, out)  # answered at once while the run does not grow
         return out
 
+    def _events_of(self, data: RunData, run: str) -> list[dict[str, Any]]:
+        """The events the verdict is built from: the recorded ones, or for an older file that recorded
+        none, the guard's detectors replayed on its logged steps (each marked ``"replayed": true``)."""
+        if data.recorded_events:
+            return data.events
+        known = self._derived.get(("events", run))
+        if known is not None and known[0] is data:
+            return known[1]  # type: ignore[no-any-return]
+        rows = [{**e, "replayed": True} for e in replay_events(data)]
+        self._derived[("events", run)] = (data, rows)
+        return rows
+
     def events(self, ctx: Any, eid: str, run: str) -> list[dict[str, Any]]:
-        """Every event the run recorded; a rollback's with the batches it undid as ranges, in the words
-        of ``gradguard report`` (``batches``: ``0:0–0:20 (21 batches)``), from either version's event."""
+        """The events of the run (recorded, or replayed from an older file's logged steps: ``replayed``);
+        a rollback's with the batches it undid as ranges, in the words of ``gradguard report``
+        (``batches``: ``0:0–0:20 (21 batches)``), from either version's event."""
         out = []
-        for e in self.read(ctx, eid, run).events:
+        data = self.read(ctx, eid, run)
+        for e in self._events_of(data, run):
             batches = rollback_batches(e.get("extra") or {}) if e.get("kind") == "rollback" else []
             out.append({**e, "batches": format_batch_ranges(batches)} if batches else e)
         return out
@@ -277,7 +293,7 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
         data = self.read(ctx, eid, run)
         known = self._derived.get(("report", run))
         if known is not None and known[0] is data:
-            return known[1]
+            return known[1]  # type: ignore[no-any-return]
         try:
             rep = judge_run(run, data)
         except ReportError as exc:

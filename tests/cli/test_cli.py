@@ -60,7 +60,7 @@ def test_a_run_shorter_than_its_cadence_is_reported_from_its_events(
     assert f"== {tmp_path / 'faulty'} (40 steps, no logging step)\n" in out
     assert "  step 7: origin l1 (skipped), layers l0,l1\n" in out
     assert "skipped steps: 1; non-finite steps: 1\n" in out
-    assert "verdict: unhealthy: 1 non-finite steps (1 skipped): non-finite gradients at step 7, beginning in l1" in out
+    assert "verdict: unhealthy: 1 non-finite step (1 skipped): non-finite gradients at step 7, beginning in l1" in out
 
     code, out, _ = _report(capsys, str(tmp_path / "healthy"))
     assert code == 0

@@ -114,3 +114,63 @@ def test_clip_metrics_are_logged(clip: Any, threshold: float | None, units: tupl
         assert counts and all(units[0] <= c <= units[1] for c in counts.values())
     # the fraction is the share of the steps since the last log that were clipped
     assert sum(fractions.values()) * 2 == pytest.approx(guard.core.clipped_steps)
+
+
+def _autoclip_reference(norms: list[float], percentile: float, history: int) -> list[tuple[float, float]]:
+    """Seetharaman et al. (2020), Algorithm 1, over a window: the threshold is the percentile (linear
+    interpolation, numpy's default) of the last ``history`` norms, the current one included; the
+    coefficient is clip_grad_norm_'s, max_norm / (norm + 1e-6), capped at 1."""
+    import numpy as np
+
+    out = []
+    for i, g in enumerate(norms):
+        window = norms[max(0, i + 1 - history) : i + 1]
+        threshold = float(np.percentile(window, percentile))
+        out.append((min(1.0, threshold / (g + 1e-6)), threshold))
+    return out
+
+
+def _zclip_reference(norms: list[float], alpha: float, z: float, warmup: int) -> list[tuple[float, float]]:
+    """Kumar et al. (2025), the authors' zscore mode with adaptive scaling: a warm-up of ``warmup``
+    norms (mean and population variance), then z = (g - μ)/(σ + 1e-6); a spike (z > z_threshold) is
+    clipped to μ + (z_threshold²/z)·σ; μ, σ² follow the clipped norm by an EMA. The threshold logged is
+    μ + z_threshold·(σ + 1e-6) from the statistics before the step (inf during the warm-up)."""
+    buf: list[float] = []
+    mean = var = math.nan
+    out = []
+    for g in norms:
+        if len(buf) < warmup:
+            out.append((1.0, math.inf))
+            buf.append(g)
+            if len(buf) == warmup:
+                mean = sum(buf) / warmup
+                var = sum((b - mean) ** 2 for b in buf) / warmup
+            continue
+        std = math.sqrt(var)
+        score = (g - mean) / (std + 1e-6)
+        applied = mean + (z * z / score) * std if score > z else g
+        out.append((applied / (g + 1e-6) if g > applied else 1.0, mean + z * (std + 1e-6)))
+        mean = alpha * mean + (1 - alpha) * applied
+        var = alpha * var + (1 - alpha) * (applied - mean) ** 2
+    return out
+
+
+@pytest.mark.parametrize("name", ["autoclip", "zclip"])
+def test_adaptive_thresholds_under_lightning_equal_the_papers_rules(name: str) -> None:
+    """Every step's logged threshold and clip coefficient equal the paper's rule applied to the
+    pre-clip total norms (recorded by a callback before the guard, from ``.grad``)."""
+    clip = AutoClip(percentile=50.0, history=4) if name == "autoclip" else ZClip(alpha=0.9, z_threshold=2.0,
+                                                                                warmup_steps=3)  # fmt: skip
+    before, guard = GradRecorder(), GradGuard(clip=clip, log_every_n_steps=1)
+    recorder = ClipRecorder(guard)
+    trainer([before, guard, recorder], steps=10).fit(FaultNet({6: ("loss", 30.0), 8: ("loss", 10.0)}))
+    norms = [float(torch.nn.utils.get_total_norm([g.double() for g in before.grads[s] if g is not None]))
+             for s in range(10)]  # fmt: skip
+    auto = name == "autoclip"
+    expected = _autoclip_reference(norms, 50.0, 4) if auto else _zclip_reference(norms, 0.9, 2.0, 3)
+    got = [recorder.rows[s] for s in range(10)]
+    assert [c < 1.0 for c, _ in got] == [c < 1.0 for c, _ in expected]  # which steps were clipped: exactly
+    assert sum(c < 1.0 for c, _ in got) >= 2  # the spikes at steps 6 and 8, at least
+    for step, ((coef, threshold), (ref_coef, ref_threshold)) in enumerate(zip(got, expected, strict=True)):
+        assert coef == pytest.approx(ref_coef, rel=1e-5), step  # float32 norms against float64 ones
+        assert threshold == pytest.approx(ref_threshold, rel=1e-5), step

@@ -11,7 +11,7 @@ from torch import nn
 from lightning_gradguard import GradEvent, GuardCore, NormClip
 from lightning_gradguard.core.hostread import HostRead
 from lightning_gradguard.detectors import Detector, Observation
-from tests.hostreads import host_reads_from_the_package
+from tests.hostreads import host_reads
 
 
 def test_host_read_returns_values_by_name_with_one_tolist() -> None:
@@ -20,9 +20,9 @@ def test_host_read_returns_values_by_name_with_one_tolist() -> None:
     a.put("layers", torch.tensor([[3.0, 4.0]]))
     b.put("profile", torch.tensor([1.0, 2.0, 3.0]))
     assert not a.done
-    with host_reads_from_the_package() as calls:
+    with host_reads() as calls:
         HostRead.read_all([a, b])
-    assert [c.split()[0] for c in calls] == ["tolist"]
+    assert [c.what for c in calls] == ["Tensor.tolist"]
     assert a.done and b.done
     assert (a["grad_bad"], a["total"], a.vector("layers")) == (0.0, 5.0, [3.0, 4.0])
     assert b.vector("profile") == [1.0, 2.0, 3.0]
@@ -65,9 +65,9 @@ def test_one_host_read_per_healthy_step(policy: str, log: bool, expected: int) -
     guard.step(opt, log=log)  # the first step records the forward order and learns the layout
     for _ in range(3):
         _backward(model)
-        with host_reads_from_the_package() as calls:
+        with host_reads() as calls:
             report = guard.step(opt, log=log)
-        assert len(calls) == expected, calls
+        assert [c.what for c in calls] == ["Tensor.tolist"] * expected, calls  # HostRead.read_all's, if any
         assert not report.skipped
 
 
@@ -105,3 +105,24 @@ def test_a_new_detector_is_one_object_with_detect() -> None:
     assert over.seen[1].layer_norms == reports[1].layer_norms and set(over.seen[1].layer_norms) == {"0", "2"}
     assert over.seen[3].total == pytest.approx(reports[3].metrics["gradguard/total_norm"])
     assert guard.state_dict()["kinds"] == {"exploding": 4}
+
+
+def test_value_clip_costs_one_more_read_on_a_logging_step_and_its_count_stays_exact() -> None:
+    """ValueClip is applied after the read (it cannot be made NaN-safe), so a logging step reads its
+    values once more; the clipped-step count rides in that read instead of costing a third."""
+    from lightning_gradguard import ValueClip
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = GuardCore(model, clip=ValueClip(1e-4), log_every_n_steps=2)
+    reads, fractions = [], []
+    for _ in range(6):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        with host_reads() as calls:
+            report = guard.step(opt)
+        reads.append([c.what for c in calls])
+        fractions.append(report.metrics.get("gradguard/clipped_fraction"))
+    assert reads == [["Tensor.tolist"], ["Tensor.tolist"] * 2] * 3
+    assert fractions == [None, 1.0] * 3 and guard.clipped_steps == 6  # every step clipped at 1e-4

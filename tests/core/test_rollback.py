@@ -18,7 +18,7 @@ from lightning_gradguard import GuardCore, NonFiniteGradientError, RestoreError,
 from lightning_gradguard.core.spike_skip import DeviceSpikeStats
 from lightning_gradguard.detectors.spike import LogNormStats
 from tests.helpers import assert_same_state, poison, scale_grad
-from tests.hostreads import host_reads_from_the_package
+from tests.hostreads import host_reads
 
 warnings.filterwarnings("ignore", message="GradGuard")
 
@@ -147,9 +147,11 @@ def test_a_recurring_fault_goes_to_an_older_snapshot_each_time() -> None:
     # which snapshot each rollback used: the newest (9), then, recurring, the one before it (6)
     assert loop.rollbacks() == [(11, 9), (14, 6)]
     assert [e.extra["depth"] for e in loop.guard.events if e.kind == "rollback"] == [0, 1]
-    # the second rollback restored the state before step 6 exactly
+    # each rollback restored its snapshot's state exactly: the one before step 9, then before step 6
     first = next(i for i, e in enumerate(loop.guard.events) if e.kind == "rollback")
     assert loop.guard.events[first].extra["from_step"] == 11
+    assert_same_state(loop.post[11], loop.pre[9])
+    assert_same_state(loop.post[14], loop.pre[6])
 
 
 def test_the_second_rollback_restores_the_older_snapshot_exactly() -> None:
@@ -401,14 +403,14 @@ def test_a_planted_spike_is_skipped_on_the_device_bit_identically_with_no_host_r
     loop.run(7)
     stats = loop.guard.spikes.state.clone()  # type: ignore[union-attr]
     before = loop.weights_and_moments()
-    with host_reads_from_the_package() as calls:
+    with host_reads() as calls:
         report = loop.one()
     assert calls == [] and report.deferred  # skipped on the device: found_inf, no read
     assert_same_state(loop.weights_and_moments(), before)  # weights, moments and step counts bit-identical
     after = loop.guard.spikes.state  # type: ignore[union-attr]
     assert torch.equal(after[:, :3], stats[:, :3])  # left out of the statistics (n, mean, m2)
     assert after[:, 3].tolist() == [1.0, 1.0]  # one flagged step in a row
-    with host_reads_from_the_package() as calls:
+    with host_reads() as calls:
         loop.run(1)  # a healthy non-logging step: no read either
     assert calls == []
     loop.run(2)  # step 9 logs: the skip settles

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard import GuardCore
-from tests.hostreads import host_reads_from_the_package
+from tests.hostreads import host_reads
 
 warnings.filterwarnings("ignore", message="GradGuard")
 
@@ -120,7 +120,7 @@ def test_no_host_read_is_added_on_healthy_non_logging_steps() -> None:
     for step in range(9):
         opt.zero_grad()
         model(torch.randn(8, 4, generator=g)).pow(2).mean().backward()
-        with host_reads_from_the_package() as calls:
+        with host_reads() as calls:
             report = guard.step(opt, step=step)
         opt.step()
         if step in (1, 2, 3, 5, 6, 7, 8):  # step 3 copies the weights for step 4: still no read

@@ -18,7 +18,16 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import GradEvent, GradGuard, GradGuardError, GradGuardWarning, GuardCore, load_dump
+from lightning_gradguard import (
+    GradEvent,
+    GradGuard,
+    GradGuardError,
+    GradGuardWarning,
+    GuardCore,
+    NonFiniteGradientError,
+    load_dump,
+)
+from lightning_gradguard.dump import restore_rng
 from tests.helpers import FaultNet, scale_grad, trainer
 
 
@@ -178,10 +187,14 @@ def test_a_raising_handler_is_logged_once_and_training_goes_on(caplog: pytest.Lo
 
 
 def test_raise_policy_still_raises_with_handlers() -> None:
-    guard = GradGuard(on_nonfinite="raise", alert_handlers=[lambda e: None])
-    with pytest.raises(Exception, match="non-finite"), warnings.catch_warnings():
+    seen: list[str] = []
+    guard = GradGuard(on_nonfinite="raise", alert_handlers=[lambda e: seen.append(e.kind)])
+    with pytest.raises(NonFiniteGradientError, match="non-finite gradient at step 1") as info, \
+            warnings.catch_warnings():  # fmt: skip
         warnings.simplefilter("ignore", GradGuardWarning)
         trainer([guard], steps=4).fit(FaultNet({1: ("loss", math.nan)}))
+    assert info.value.event is not None and (info.value.event.step, info.value.event.origin) == (1, "loss")
+    assert seen == ["nonfinite", "stopped"]  # the handler saw the fault and the stop, then the run raised
 
 
 @pytest.mark.parametrize(
@@ -290,6 +303,49 @@ def test_dump_round_trips_and_replays_the_fault(tmp_path: Path) -> None:
     assert report.event.origin == event["origin"] == "loss"
     assert list(report.event.layers) == list(event["layers"]) == ["l0", "l1", "l2"]
     assert out.getvalue() == "loss ('l0', 'l1', 'l2') loss\n"
+
+
+class DropoutGradFault(FaultNet):
+    """Dropout before every layer, and a NaN written into l1's gradient at step 2 (the loss stays
+    finite): what the dump's RNG state restores is visible in the replayed loss."""
+
+    def __init__(self) -> None:
+        super().__init__({2: ("grad", 1, math.nan)})
+        self.drop = nn.Dropout(0.5)
+        self.losses: dict[int, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(self.drop(x))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self._trainer is not None:
+            self.losses[self.trainer.global_step] = loss.detach().clone()
+        return loss
+
+
+def test_a_dump_restores_the_rng_so_the_replayed_loss_equals_the_original_under_dropout(tmp_path: Path) -> None:
+    guard = GradGuard(dump_dir=str(tmp_path), replay=False)
+    model = DropoutGradFault()
+    with pytest.warns(GradGuardWarning):
+        trainer([guard], steps=4).fit(model)
+    (path,) = guard.dumps
+    dump = load_dump(path)
+    original = model.losses[2]
+    assert math.isfinite(float(original)) and dump["global_step"] == 2
+
+    def replayed(restore: bool) -> Tensor:
+        replay = DropoutGradFault()
+        replay.load_state_dict(dump["model"])
+        torch.manual_seed(1234)  # whatever state the replaying process is in
+        if restore:
+            restore_rng(dump["rng"])
+        with torch.no_grad():  # outside a Trainer: no fault is planted, the forward is the step's
+            x, y = dump["batch"]
+            return nn.functional.mse_loss(replay(x), y)
+
+    assert torch.equal(replayed(restore=True), original)  # the same dropout masks, bit for bit
+    assert not torch.equal(replayed(restore=False), original)  # the RNG state is what made it equal
 
 
 def test_max_dumps_and_one_dump_per_origin(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from pytorch_lightning.plugins import MixedPrecision
 from torch import Tensor, nn
 
 from lightning_gradguard import GradGuard, GradGuardWarning, NonFiniteGradientError, NormClip, ValueClip
-from tests.helpers import FaultNet, GradRecorder, MemoryLogger, assert_same_state, loader, poison, trainer
+from tests.helpers import FaultNet, GradRecorder, MemoryLogger, assert_same_state, loader, poison, snapshot, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning.*")
 
@@ -174,6 +174,8 @@ class TwoOptimizers(pl.LightningModule):
         self.disc = nn.Linear(4, 1)
         self.poison_step = poison_step
         self.seen_steps: list[int] = []
+        # global_step of each discriminator step: (weights and Adam state before, after, its gradients)
+        self.disc_steps: dict[int, tuple[Any, Any, list[Tensor]]] = {}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, _ = batch
@@ -187,7 +189,10 @@ class TwoOptimizers(pl.LightningModule):
             h = poison(h, math.nan)
         opt_d.zero_grad()
         self.manual_backward(h.mean())
+        step, before = self.trainer.global_step, snapshot(self.disc, opt_d.optimizer)
+        grads = [p.grad.detach().clone() for p in self.disc.parameters()]
         opt_d.step()
+        self.disc_steps[step] = (before, snapshot(self.disc, opt_d.optimizer), grads)
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.gen.parameters(), lr=0.01), torch.optim.Adam(self.disc.parameters(), lr=0.01)
@@ -197,13 +202,23 @@ class TwoOptimizers(pl.LightningModule):
 
 
 def test_manual_optimization_two_optimizers() -> None:
+    """Under manual optimization each ``opt.step()`` is one guarded step (global_step counts both
+    optimizers). The NaN on the discriminator's step 5 skips that step only: the discriminator's
+    weights and Adam state are exactly as before it; its other steps update; the generator trains on."""
     model = TwoOptimizers(poison_step=5)
-    guard = GradGuard()
+    guard = GradGuard(log_every_n_steps=1)
     with pytest.warns(GradGuardWarning, match="optimizer 1"):
         trainer([guard], steps=8).fit(model)
-    assert guard.core.steps == 8
+    assert guard.core.steps == 8 and guard.skipped_steps == 1
     (event,) = guard.events
-    assert (event.step, event.optimizer_idx, event.origin) == (5, 1, "disc")
+    assert (event.step, event.optimizer_idx, event.origin, event.action) == (5, 1, "disc", "skipped")
+    assert sorted(model.disc_steps) == [1, 3, 5, 7]
+    before, after, _ = model.disc_steps[5]
+    assert_same_state(after, before)  # skipped: nothing moved, not even Adam's step count
+    for step in (1, 3, 7):
+        before, after, grads = model.disc_steps[step]
+        assert not torch.equal(after[0]["weight"], before[0]["weight"])  # a healthy step trains
+        assert all(torch.isfinite(g).all() for g in grads)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

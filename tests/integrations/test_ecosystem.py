@@ -125,15 +125,39 @@ def test_fabric_example() -> None:
     assert sorted(guard.layers.forward_names(next(iter(guard.layers._layouts.values())))) == ["0", "2"]
 
 
-def test_fabric_fp16_scaled_gradients_are_measured_unscaled() -> None:
+def test_fabric_fp16_scaled_gradients_are_measured_unscaled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fabric unscales inside ``optimizer.step()``, so the guard sees gradients still multiplied by the
+    loss scale (2**16): every norm it reports must equal the reference computed from ``.grad`` at the
+    same moment, divided by the scale; the NaN loss at step 10 is one ``nonfinite`` event, origin loss,
+    which the GradScaler skips."""
     from fabric_loop import main as fabric_main
+
+    reported: list[float] = []
+    reference: list[float] = []
+    step = GuardCore.step
+
+    def recording(self: GuardCore, optimizer: Any, **kwargs: Any) -> Any:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        scale = float(kwargs["scaler"].get_scale())  # 2**16 at first
+        reference.append(float(torch.nn.utils.get_total_norm(grads)) / scale)  # before the guard touches them
+        report = step(self, optimizer, **kwargs)
+        reported.append(float(report.total_norm))
+        return report
+
+    monkeypatch.setattr(GuardCore, "step", recording)
+    from lightning_fabric.plugins.precision import MixedPrecision
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        guard = fabric_main(steps=30, nan_at=10, precision="16-mixed")
-    # under fp16 a NaN loss is an overflow the GradScaler handles, not a skip of the guard's
-    assert guard.amp_overflow_steps + guard.nonfinite_steps >= 1
-    assert 0 < guard.max_total_norm < 1e3  # measured unscaled (the loss scale is 2**16)
+        # fp16 on CPU: Fabric(precision="16-mixed") silently becomes bf16 there, with no scaler
+        guard = fabric_main(steps=30, nan_at=10, plugins=[MixedPrecision("16-mixed", "cpu")])
+    events = [(e.kind, e.step, e.origin, e.action) for e in guard.events]
+    assert events == [("nonfinite", 10, "loss", "skipped by the GradScaler")]
+    assert (guard.nonfinite_steps, guard.amp_overflow_steps, guard.skipped_steps) == (1, 0, 0)
+    finite = [(r, ref) for r, ref in zip(reported, reference, strict=True) if math.isfinite(ref)]
+    assert len(finite) == 29
+    assert [r for r, _ in finite] == pytest.approx([ref for _, ref in finite], rel=1e-5)
+    assert guard.max_total_norm == pytest.approx(max(ref for _, ref in finite), rel=1e-5)
 
 
 def test_loggers_csv_several_and_none(tmp_path: Path) -> None:
@@ -148,10 +172,12 @@ def test_loggers_csv_several_and_none(tmp_path: Path) -> None:
     trainer([GradGuard(log_every_n_steps=1)], steps=2, logger=False).fit(FaultNet())  # no logger: no error
 
 
-def test_tensorboard_extras_are_skipped_for_writers_without_them() -> None:
-    """A TensorBoardLogger whose writer lacks images/text/custom scalars (a minimal tensorboardX-like
-    writer): the scalars still go out, the extras are skipped without error."""
-    from pytorch_lightning.loggers.logger import Logger
+def test_tensorboard_extras_are_skipped_for_writers_without_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's real TensorBoardLogger over a writer that lacks images, text and custom scalars (a
+    minimal tensorboardX-like writer): the scalars still go out, the extras are skipped without error."""
+    from pytorch_lightning.loggers import TensorBoardLogger
 
     class ScalarsOnly:
         def __init__(self) -> None:
@@ -160,34 +186,15 @@ def test_tensorboard_extras_are_skipped_for_writers_without_them() -> None:
         def add_scalar(self, tag: str, value: float, step: int) -> None:
             self.scalars.append(tag)
 
-    class TensorBoardLogger(Logger):  # the name is what the guard looks for
-        def __init__(self) -> None:
-            super().__init__()
-            self.writer = ScalarsOnly()
-
-        @property
-        def name(self) -> str:
-            return "tb"
-
-        @property
-        def version(self) -> int:
-            return 0
-
-        @property
-        def experiment(self) -> ScalarsOnly:
-            return self.writer
-
-        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            for k, v in metrics.items():
-                self.writer.add_scalar(k, v, step or 0)
-
-        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        def flush(self) -> None:
             pass
 
-    logger = TensorBoardLogger()
+    writer = ScalarsOnly()
+    monkeypatch.setattr(TensorBoardLogger, "experiment", property(lambda self: writer))
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     with pytest.warns(GradGuardWarning):
         trainer([GradGuard(log_every_n_steps=1, explode_threshold=1e-9)], steps=3, logger=logger).fit(FaultNet())
-    assert "gradguard/total_norm" in logger.writer.scalars
+    assert "gradguard/total_norm" in writer.scalars and "gradguard/layer/l1" in writer.scalars
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])

@@ -4,6 +4,7 @@ is reported and never crashes the run. The messages printed here are the README'
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradEvent, GradGuard, GradGuardWarning
-from tests.helpers import Once, once, trainer
+from tests.helpers import Once, once, poison, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::lightning_gradguard.GradGuardWarning")
 
@@ -160,18 +161,60 @@ def test_a_poisoned_carried_state_names_the_rnn_with_a_nonfinite_input() -> None
     assert expected in event.message
 
 
-def test_no_replay_under_sharded_strategies_or_manual_optimization_says_why() -> None:
-    from types import SimpleNamespace
+class ManualNet(pl.LightningModule):
+    """Manual optimization, with a NaN written into l1's gradient at step 2."""
 
-    def why(strategy: str, automatic: bool = True) -> str | None:
-        trainer_ = SimpleNamespace(strategy=type(strategy, (), {})())
-        return GradGuard._why_no_replay(trainer_, SimpleNamespace(automatic_optimization=automatic))  # type: ignore[arg-type]
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.l0, self.l1 = nn.Linear(4, 8), nn.Linear(8, 1)
 
-    assert why("DDPStrategy") is None and why("SingleDeviceStrategy") is None
-    assert "under FSDPStrategy the forward pass gathers the shards" in str(why("FSDPStrategy"))
-    assert "under ModelParallelStrategy" in str(why("ModelParallelStrategy"))
-    manual = str(why("DDPStrategy", automatic=False))
-    assert "under manual optimization training_step steps the optimizers itself" in manual
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        opt = self.optimizers()
+        opt.zero_grad()  # type: ignore[union-attr]
+        h = self.l1(torch.tanh(self.l0(x)))
+        if self.trainer.global_step == 2:
+            h = poison(h, math.nan)
+        self.manual_backward(nn.functional.mse_loss(h, y))
+        opt.step()  # type: ignore[union-attr]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        return DataLoader(TensorDataset(torch.rand(32, 4), torch.rand(32, 1)), batch_size=4)
+
+
+def test_no_replay_under_manual_optimization_says_why_once(caplog: pytest.LogCaptureFixture) -> None:
+    guard = GradGuard()
+    with caplog.at_level(logging.INFO):
+        trainer([guard], steps=4).fit(ManualNet())
+    said = [r.getMessage() for r in caplog.records if "are not replayed" in r.getMessage()]
+    assert said == [
+        "GradGuard: faults are not replayed in this run: under manual optimization training_step steps the "
+        "optimizers itself, so running it again on one step's batch would train; the fault's layers and "
+        "backward origin are still reported"
+    ]
+    (event,) = guard.events
+    assert (event.step, event.origin) == (2, "l1") and "replay" not in event.extra
+
+
+def test_no_replay_under_a_sharded_strategy_says_why() -> None:
+    """The real strategies, as the Trainer builds them (no fit needed to ask). FSDPStrategy (FSDP1)
+    cannot be built without CUDA: its case runs in tests/integrations/test_rollback_distributed.py's
+    CUDA cases and benchmarks/gpu_checks.py."""
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    def why(**kwargs: Any) -> str | None:
+        t = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, **kwargs)
+        return GradGuard._why_no_replay(t, Net("data"))
+
+    assert why() is None and why(strategy="ddp") is None
+    assert str(why(strategy=ModelParallelStrategy())).startswith(
+        "under ModelParallelStrategy the forward pass gathers the shards with collectives"
+    )
 
 
 class Recurrence(pl.LightningModule):
@@ -224,3 +267,73 @@ def test_a_recurrence_that_overflows_from_finite_inputs_names_the_rnn_with_a_fin
         "data or numerics", "rnn", False,
     )  # fmt: skip
     assert "the forward pass first went non-finite in rnn." in event.message
+
+
+class Everything(pl.LightningModule):
+    """What a replay must leave as it found it: dropout (the RNG), a carried hidden state and a counter
+    (reassigned attributes), ``self.log`` on step and on epoch (the logged metrics), Adam's state. A NaN
+    written into the GRU's gradient once, at step 3, makes the guard replay that step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.GRU(3, 8, batch_first=True)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(8, 1)
+        self.hidden: Tensor | None = None
+        self.calls = 0
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        self.calls += 1
+        out, hidden = self.rnn(x, self.hidden)
+        self.hidden = hidden.detach()
+        if self.trainer.global_step == 3:
+            out = once(out)
+        loss = nn.functional.mse_loss(self.head(self.drop(out[:, -1])), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        self.log_dict({"hidden_norm": self.hidden.norm()}, on_step=True, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(24, 5, 3, generator=g), torch.randn(24, 1, generator=g)), 4)
+
+
+def test_a_replay_changes_nothing_a_run_without_replay_would_not() -> None:
+    """replay=True and replay=False give the same run, bit for bit: weights, optimizer state, the RNG
+    afterwards, every logged metric (the guard's and the module's own), the carried state."""
+    from tests.helpers import MemoryLogger, assert_same_state
+
+    runs = {}
+    for replay in (True, False):
+        Once.reset()
+        torch.manual_seed(123)
+        model, logger = Everything(), MemoryLogger()
+        guard = GradGuard(log_every_n_steps=1, replay=replay)
+        t = trainer([guard], steps=10, logger=logger, log_every_n_steps=1)
+        t.fit(model)
+        runs[replay] = (model, t, logger, guard, torch.get_rng_state())
+    (m1, t1, l1, g1, rng1), (m0, t0, l0, g0, rng0) = runs[True], runs[False]
+    assert "replay" in g1.events[0].extra and "replay" not in g0.events[0].extra  # one replayed, one not
+    assert_same_state(m1.state_dict(), m0.state_dict())
+    assert_same_state(t1.optimizers[0].state_dict(), t0.optimizers[0].state_dict())
+    assert torch.equal(rng1, rng0)  # the replay restored the RNG stream it borrowed
+    assert m1.hidden is not None and m0.hidden is not None and torch.equal(m1.hidden, m0.hidden)
+    assert m1.calls == m0.calls == 10
+    assert _nan_safe(l1.rows) == _nan_safe(l0.rows)  # every logged value, the module's own included
+    assert _nan_safe(dict(t1.callback_metrics)) == _nan_safe(dict(t0.callback_metrics))
+
+
+def _nan_safe(value: Any) -> Any:
+    """Plain values in which NaN compares equal to NaN (the faulty step logs NaN norms)."""
+    if isinstance(value, dict):
+        return {k: _nan_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_safe(v) for v in value]
+    if isinstance(value, Tensor):
+        value = float(value)
+    return "nan" if isinstance(value, float) and math.isnan(value) else value

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gradguard import GradEvent, GradGuard, GradGuardWarning, NonFiniteGradientError, Rollback
 from lightning_gradguard.cli import main as report_main
 from tests.helpers import assert_same_state, scale_grad, trainer
-from tests.hostreads import host_reads_from_the_package
+from tests.hostreads import host_reads
 
 RESUME = Path(__file__).resolve().parents[1] / "resume_run.py"
 pytestmark = pytest.mark.filterwarnings("ignore::lightning_gradguard.GradGuardWarning")
@@ -213,7 +213,7 @@ class CountedGuard(GradGuard):
     reads: dict[int, list[str]]
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        with host_reads_from_the_package() as calls:
+        with host_reads() as calls:
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
         self.reads[trainer.global_step] = list(calls)
 

@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard, GradGuardWarning
 from lightning_gradguard.cli import main as report_main
+from tests.browser import browser_or_skip
 from tests.helpers import get_json, tensorboard_server, trainer
-from tests.tensorboard.test_tab import _plugin_for, chromium
+from tests.tensorboard.test_tab import _plugin_for
 
 DEPTH = 300
 DEAD = "layers.150"  # its output is multiplied by 0: an exactly-zero gradient
@@ -155,7 +156,7 @@ def deep_server(deep: tuple[Path, GradGuard]) -> Iterator[str]:
 def _dom(server: str, tmp_path: Path, query: str = "") -> str:
     url = f"{server}/data/plugin_entry.html?name=gradguard&run=deep{query}"
     proc = subprocess.run(
-        [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        [browser_or_skip(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--dump-dom", url],
         capture_output=True, text=True, timeout=180,
@@ -164,6 +165,7 @@ def _dom(server: str, tmp_path: Path, query: str = "") -> str:
     return proc.stdout
 
 
+@pytest.mark.browser
 def test_the_browser_draws_groups_that_expand_and_a_zero_cell(deep_server: str, tmp_path: Path) -> None:
     dom = _dom(deep_server, tmp_path)
     groups = re.findall(r'<g class="gg-group" data-group="([^"]+)" data-size="(\d+)" data-expanded="0"', dom)

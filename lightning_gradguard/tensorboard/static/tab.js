@@ -311,7 +311,12 @@ function timestepView(data, tip) {
 
 function eventsView(events, jumpTo) {
   const section = el('section', {id: 'gg-events'});
+  const replayed = events.length && events.every((e) => e.replayed);
   section.appendChild(el('h2', {}, [`Events (${events.length})`]));
+  if (replayed) {
+    section.appendChild(el('p', {class: 'gg-note gg-replayed'},
+        ['An older event file that recorded no event: these are the guard\'s detectors replayed on its logged steps.']));
+  }
   if (!events.length) {
     section.appendChild(el('p', {class: 'gg-note'}, ['No event was recorded.']));
     return section;
