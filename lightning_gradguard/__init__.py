@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     )
     from lightning_gradguard.core import GuardCore, StepReport
     from lightning_gradguard.core.alerts import GradGuardWarning
+    from lightning_gradguard.core.component import GuardComponent, Setup, StepContext
     from lightning_gradguard.core.recovery import Rollback
     from lightning_gradguard.core.snapshot import RestoreError
     from lightning_gradguard.core.timesteps import track_timesteps
@@ -52,12 +53,15 @@ __all__ = [
     "GradGuard",
     "GradGuardError",
     "GradGuardWarning",
+    "GuardComponent",
     "GuardCore",
     "LayerNormClip",
     "NonFiniteGradientError",
     "NormClip",
     "RestoreError",
     "Rollback",
+    "Setup",
+    "StepContext",
     "StepReport",
     "ValueClip",
     "WandbAlert",
@@ -82,6 +86,9 @@ _HOMES = {
     "Rollback": "lightning_gradguard.core.recovery",
     "RestoreError": "lightning_gradguard.core.snapshot",
     "GradGuardWarning": "lightning_gradguard.core.alerts",
+    "GuardComponent": "lightning_gradguard.core.component",
+    "Setup": "lightning_gradguard.core.component",
+    "StepContext": "lightning_gradguard.core.component",
     "track_timesteps": "lightning_gradguard.core.timesteps",
     "load_dump": "lightning_gradguard.dump",
     "GradGuardError": "lightning_gradguard.errors",

@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["EventKind", "GradEvent"]
+__all__ = ["KINDS", "EventKind", "GradEvent"]
 
-EventKind = Literal[
+# The kinds the built-in stages and components record; a component of yours records its own (any
+# short word): ``EventKind`` is a ``str`` at run time, this list is the documentation of the built-in.
+KindLiteral = Literal[
     "nonfinite",
     "amp_overflow",
     "exploding",
@@ -28,6 +30,8 @@ EventKind = Literal[
     "update_spike",
     "moment_collapse",
 ]
+KINDS: tuple[str, ...] = KindLiteral.__args__  # type: ignore[attr-defined]
+EventKind = str
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class GradEvent:
             total norm or loss far above its rolling statistics, ``skip_spikes``; ``extra["zscore"]``), or
             ``"update_spike"`` / ``"moment_collapse"`` (``track_updates``: the update-to-weight ratio
             far above its recent values; a layer's smallest Adam √v fallen by decades while its
-            gradient did not).
+            gradient did not), or a component's own kind (``docs/writing-a-component.md``).
         step: the optimizer step (``trainer.global_step`` as ``training_step`` saw it).
         layers: the layers concerned: for ``nonfinite`` every layer whose gradient is non-finite,
             in forward order; for ``spike`` the layers that grew most against their own recent

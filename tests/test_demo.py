@@ -90,11 +90,11 @@ def _section(readme: str, heading: str) -> str:
     ("heading", "script", "module"),
     [
         ("## Demo output", "vanishing_gradients.py", demo_script),
-        ("### Clipping the exploding RNN", "clipping_comparison.py", clipping_comparison),
+        ("## Clipping the exploding RNN", "clipping_comparison.py", clipping_comparison),
     ],
 )
 def test_readme_tables_are_the_scripts_output(heading: str, script: str, module: Any) -> None:
-    section = _section((ROOT / "README.md").read_text(encoding="utf-8"), heading)
+    section = _section((ROOT / "docs" / "demo.md").read_text(encoding="utf-8"), heading)
     assert f"{script} --markdown" in section
     header = module.format_table([], markdown=True)
     assert header in section

@@ -123,7 +123,7 @@ def test_shared_primitives_sit_below_every_stage() -> None:
 
 # ------------------------------------------------------------------------------ options, declared once
 def _readme_options() -> dict[str, tuple[str, str]]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "options.md").read_text()
     section = text[text.index("## Options and defaults") :]
     section = section[: section.index("\n## ", 5)]
     rows = {}
@@ -202,12 +202,3 @@ def test_the_repository_refers_to_no_file_outside_itself() -> None:
             text = path.read_text(errors="replace")
             found += [f"{name}: {o}" for o in outside if o in text]
     assert found == []
-
-
-def test_the_readme_recovering_a_run_block_runs_as_pasted() -> None:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Recovering a run") :]
-    code = section[section.index("```python\n") + 10 : section.index("\n```", section.index("```python"))]
-    scope: dict[str, object] = {}
-    exec(compile(code, "README.md", "exec"), scope)  # a NameError here is what a user pasting it would get
-    assert repr(scope["guard"].rollback_options).startswith("Rollback(every=100, keep=2")  # type: ignore[attr-defined]

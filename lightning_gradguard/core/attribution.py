@@ -25,6 +25,7 @@ pass (``capture_rng``: a few kilobytes copied on the host).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,11 +35,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard.core.component import GuardComponent, Setup, StepContext
 from lightning_gradguard.dump import capture_rng, restore_rng
+from lightning_gradguard.events import GradEvent
 from lightning_gradguard.primitives.layout import strip_wrappers
 
 __all__ = [
-    "TRANSIENT", "VERDICTS", "Replay", "attribute", "keep_attributes", "replay_once", "replaying_from", "where_am_i",
+    "TRANSIENT", "VERDICTS", "Replay", "ReplayAttribution", "attribute", "describe", "keep_attributes",
+    "replay_once", "replaying_from", "where_am_i",
 ]  # fmt: skip
 
 TRANSIENT, PRECISION, DATA, FAILED = "transient", "precision", "data or numerics", "replay failed"
@@ -444,3 +448,78 @@ def _where(result: dict[str, Any]) -> str:
     if result.get("input_nonfinite"):
         return text + " (its input was already non-finite: the data or a carried state)"
     return text
+
+
+class ReplayAttribution(GuardComponent):
+    """``replay=True``: the guard's ``replay`` component. ``begin_step`` keeps the RNG state and
+    references to the watched model's attributes; the first ``nonfinite`` and the first
+    ``spike_skipped`` event of a run are replayed (:func:`attribute`) before they are emitted, and
+    their verdict goes into the event's ``extra["replay"]`` and message. Under data parallelism every
+    rank replays its own batch and the verdicts are gathered (a collective on a faulty step, which
+    every rank settles together), naming the faulty ranks.
+
+    ``local_grad_fault`` (set by a DDP communication hook, see the Lightning adapter) says whether
+    this rank's own gradients were non-finite before the all-reduce averaged them.
+    """
+
+    name = "replay"
+    order = 50
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self.local_grad_fault: Tensor | None = None
+        self._rng: dict[str, Any] | None = None  # the RNG state before the step's forward pass
+        self._attrs: dict[str, Any] | None = None  # the model's attributes then (references)
+        self._replayed: set[str] = set()  # the kinds already replayed (the first of each)
+
+    def setup(self, setup: Setup) -> None:
+        self.model = setup.model
+
+    def begin_step(self, step: int, logging: bool) -> None:
+        self._rng = capture_rng()
+        self._attrs = keep_attributes(self.model)
+
+    def register(self, ctx: StepContext) -> None:
+        if ctx.replay_closure is not None:
+            ctx.extra["replay"] = (ctx.replay_closure, ctx.replay_precision, self._rng, self._attrs)
+
+    def flags_reduced(self, ctx: StepContext, flags: dict[str, Tensor]) -> None:
+        own, self.local_grad_fault = self.local_grad_fault, None
+        grad, loss = ctx.local("grad_bad"), ctx.local("loss_bad")
+        if grad is not None and loss is not None:  # under data parallelism: this rank's own faults
+            mine = grad if own is None else own.to(grad.device, torch.float32)
+            ctx.extra["local_bad"] = torch.stack([mine, loss])
+
+    def enrich(self, ctx: StepContext, event: GradEvent) -> GradEvent:
+        if event.kind not in ("nonfinite", "spike_skipped") or event.kind in self._replayed or ctx.deferred:
+            return event
+        self._replayed.add(event.kind)
+        kept = ctx.extra.get("replay")
+        if kept is None:
+            return event
+        closure, precision, rng, attrs = kept
+        if attrs is not None and self.model is not None:
+            closure = replaying_from(self.model, attrs, closure)
+        spike = float(event.value) if event.kind == "spike_skipped" else None
+        mine = attribute(closure, ctx.layout.params, model=self.model, rng=rng, precision=precision,
+                         spike_norm=spike)  # fmt: skip
+        local = ctx.extra.get("local_bad")
+        mine["local_fault"] = bool(local.sum() > 0) if local is not None else True
+        result = gather_verdicts(mine)
+        extra = {**event.extra, "replay": result}
+        return dataclasses.replace(event, message=f"{event.message} {describe(result)}", extra=extra)
+
+
+def gather_verdicts(mine: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's replay, gathered (a collective: every rank replays the same step); the verdict of
+    the run is a rank's that reproduced the fault, else ``transient``, naming the faulty ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return {**mine, "faulty_ranks": [mine["rank"]]}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    reproduced = [r for r in everyone if r["verdict"] != "transient"]
+    chosen = reproduced[0] if reproduced else next((r for r in everyone if r["local_fault"]), mine)
+    faulty = [r["rank"] for r in everyone if r["local_fault"]]
+    return {**chosen, "faulty_ranks": faulty, "ranks": everyone}

@@ -14,6 +14,7 @@ step's host read by name (:data:`CLIP_VALUES`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -65,11 +66,7 @@ class ClipStage:
         if id(layout) not in self._checked:
             self.check(layout)
         if m.inv_scale is not None and self.clip.deferred:
-            raise GradGuardError(
-                f"GradGuard: {self.clip!r} cannot clip gradients that are still scaled by the GradScaler "
-                "(a fused optimizer unscales inside step()). Use NormClip, or call scaler.unscale_(optimizer) "
-                "before the guard."
-            )
+            raise GradGuardError(self._scaled_refusal())
         params, layer_of, names = layout.subset(m.owners)
         return ClipContext(
             m.grads,
@@ -90,6 +87,28 @@ class ClipStage:
             global_norms=m.global_norms if m.sharded else None,
             _index={"layer": layout.index(m.owners, m.norms.device)[0]},
         )
+
+    def _scaled_refusal(self) -> str:
+        return (
+            f"GradGuard cannot apply {self.clip!r} to gradients that are still scaled by the GradScaler (a fused "
+            "optimizer unscales inside step(), after the guard). Use NormClip, which is exact on scaled gradients, "
+            "a non-fused optimizer, or call scaler.unscale_(optimizer) before the guard."
+        )
+
+    def check_scaled(self, optimizers: Sequence[torch.optim.Optimizer], scaler: Any) -> None:
+        """Refuse, before the first step, a deferred clipper (ValueClip) with a GradScaler and a fused
+        optimizer: its gradients are still scaled when the guard sees them. The same rule as the
+        step's own check, said once.
+
+        Raises:
+            ValueError: naming the clipper and what to use instead.
+        """
+        if scaler is None or self.clip is None or not self.clip.deferred:
+            return
+        if not bool(getattr(scaler, "is_enabled", lambda: True)()):
+            return
+        if any(getattr(opt, "_step_supports_amp_scaling", False) for opt in optimizers):
+            raise ValueError(self._scaled_refusal())
 
     def check(self, layout: OptimizerLayout) -> None:
         """Let the clipper refuse the optimizer's parameter placements (before the first step).

@@ -3,8 +3,9 @@
 Two halves, on either side of the step's one host read:
 
 * on the device, :func:`device_flags` makes three flags (non-finite gradient, non-finite loss,
-  fp16 overflow), which the step sums across ranks with the caller's ``reduce``, so that every rank
-  reads the same flags and takes the same decision (a NaN on one rank only skips the step everywhere);
+  fp16 overflow), which the step sums across ranks with the caller's ``reduce`` together with the
+  components' named flags (``spike_skip``, ``spike_high``, a user's), so that every rank reads the
+  same flags and takes the same decision (a NaN on one rank only skips the step everywhere);
 * on the host, :class:`StepPolicy` acts on the flags it reads: ``"skip"`` sets every gradient of the
   optimizer to None (torch optimizers then leave weights and state alone), ``"stop"`` skips and asks
   the loop to stop, ``"raise"`` raises :class:`~lightning_gradguard.errors.NonFiniteGradientError`,
@@ -17,8 +18,9 @@ instead: ``optimizer.found_inf`` is the step's flag, and the fused kernel leaves
 state and the step counters untouched when it is 1. Nothing is read on the host, so a healthy step
 needs no sync; the step's event and counters settle with the next logging step's read.
 
-The policy owns the step counters (skipped, non-finite, fp16 overflows, consecutive skips, origins)
-and the message text of ``nonfinite`` and ``amp_overflow`` events.
+The policy owns the step counters (skipped, non-finite, fp16 overflows, consecutive skips, origins, and
+the steps skipped on each component's flag) and the message text of ``nonfinite`` and
+``amp_overflow`` events; a component that raised a skip flag words its own event.
 """
 
 from __future__ import annotations
@@ -45,21 +47,19 @@ __all__ = ["FLAGS", "DeviceSkip", "OnNonFinite", "StepPolicy", "Verdict", "can_s
 
 OnNonFinite = Literal["skip", "warn", "raise", "stop"]
 POLICIES = ("skip", "warn", "raise", "stop")
-# Names in the step's HostRead, and the device_flags order. The two spike flags are set by the guard
-# when a device spike check is on (skip_spikes, or a rollback on confirmed spikes); zero otherwise.
-FLAGS = ("grad_bad", "loss_bad", "amp_bad", "spike_skip", "spike_high")
-_GRAD_BAD, _LOSS_BAD, _SPIKE_SKIP = FLAGS.index("grad_bad"), FLAGS.index("loss_bad"), FLAGS.index("spike_skip")
+# The core's flags: names in the step's HostRead, and the device_flags order. Components add their
+# own by name (StepContext.flag).
+FLAGS = ("grad_bad", "loss_bad", "amp_bad")
 _ACTIONS = {"skip": "skipped", "stop": "stopped", "raise": "raised", "warn": "warned"}
 SCALER_SKIPPED = "skipped by the GradScaler"  # the action of a non-finite loss under fp16
 
 
 def device_flags(m: Measurement, loss_finite: Tensor | None) -> list[Tensor]:
-    """[gradient non-finite, loss non-finite, fp16 overflow, spike skip, spike high], in :data:`FLAGS`
-    order, as 0-d float32 tensors on the device (no host sync); the spike flags are zero here (the
-    guard sets them). The step stacks them with its other values; under DDP the stack is summed across
-    ranks, so that every rank reads the same flags."""
+    """[gradient non-finite, loss non-finite, fp16 overflow], in :data:`FLAGS` order, as 0-d float32
+    tensors on the device (no host sync). The step stacks them with its other values; under DDP the
+    stack is summed across ranks, so that every rank reads the same flags."""
     one = device_constant(1.0, m.zero.device)
-    bad = [torch.where(m.finite, m.zero, one), m.zero, m.zero, m.zero, m.zero]
+    bad = [torch.where(m.finite, m.zero, one), m.zero, m.zero]
     if m.shared_flags is not None:  # already summed over every rank with the sharded norms
         bad[1], bad[2] = m.shared_flags[0], m.shared_flags[1]
         if m.inv_scale is not None and m.amp_found is not None:
@@ -86,8 +86,9 @@ def can_skip_on_device(optimizer: torch.optim.Optimizer) -> bool:
 
 
 class DeviceSkip:
-    """Skips a non-finite step on the device: ``optimizer.found_inf`` = the step's flag (0-d float32,
-    1.0 for a non-finite gradient or loss on any rank), removed again by a step post-hook.
+    """Skips a step on the device: ``optimizer.found_inf`` = the step's skip flag (0-d float32, 1.0 for
+    a non-finite gradient or loss, or a component's skip flag, on any rank), removed again by a step
+    post-hook.
 
     Example::
 
@@ -95,7 +96,7 @@ class DeviceSkip:
         >>> p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.full((2,), float("nan"))
         >>> opt = torch.optim.AdamW([p], fused=True)
         >>> skip = DeviceSkip()
-        >>> skip.arm(opt, torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]))
+        >>> skip.arm(opt, torch.tensor(1.0))
         >>> opt.step()
         >>> p.tolist(), hasattr(opt, "found_inf"), opt.state[p]["step"].item()
         ([1.0, 1.0], False, 0.0)
@@ -105,9 +106,9 @@ class DeviceSkip:
         self._armed: dict[int, Tensor] = {}
         self._hooks: dict[int, RemovableHandle] = {}
 
-    def arm(self, optimizer: torch.optim.Optimizer, flags: Tensor) -> None:
-        """Set ``found_inf`` from the stacked (and reduced) :func:`device_flags` (no host sync)."""
-        found = (flags[_GRAD_BAD] + flags[_LOSS_BAD] + flags[_SPIKE_SKIP]).clamp(max=1.0).to(torch.float32)
+    def arm(self, optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
+        """Set ``found_inf`` from the step's skip flag (the reduced sum of the flags that skip; no host sync)."""
+        found = skip.clamp(max=1.0).to(torch.float32)
         key = id(optimizer)
         if key not in self._hooks:
             self._hooks[key] = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.disarm(opt))
@@ -139,16 +140,19 @@ class Verdict:
     grad_bad: bool
     loss_bad: bool
     amp_bad: bool
-    spike_skip: bool = False  # a finite step above its rolling statistics by skip_spikes: skipped
-    spike_high: bool = False  # above them by the rollback's spike_zscore: counts towards a confirmed spike
-    spike_z: float = 0.0
+    skips: tuple[str, ...] = ()  # the components' skip flags raised (on any rank), in their order
 
     @classmethod
-    def of(cls, read: HostRead) -> Verdict:
+    def of(cls, read: HostRead, skip_flags: Sequence[str] = ()) -> Verdict:
         return cls(
             read["grad_bad"] > 0, read["loss_bad"] > 0, read["amp_bad"] > 0,
-            read["spike_skip"] > 0, read["spike_high"] > 0, read.get("spike_z", 0.0),
+            tuple(name for name in skip_flags if read[name] > 0),
         )  # fmt: skip
+
+    @property
+    def skipped_by_flag(self) -> bool:
+        """A finite step that a component's flag skips."""
+        return bool(self.skips) and self.finite
 
     @property
     def finite(self) -> bool:
@@ -187,6 +191,8 @@ class StepPolicy:
         on_nonfinite: ``"skip"``, ``"warn"``, ``"raise"`` or ``"stop"``.
         max_consecutive_skips: the skipped step that makes this many in a row raises.
         layers: the layer map, for the forward order that names a fault's origin.
+        recover: called with the cause when ``max_consecutive_skips`` is reached; True when it takes
+            over (a rollback), and then nothing is raised.
 
     Example::
 
@@ -195,7 +201,13 @@ class StepPolicy:
         (False, True)
     """
 
-    def __init__(self, on_nonfinite: OnNonFinite, max_consecutive_skips: int, layers: LayerMap) -> None:
+    def __init__(
+        self,
+        on_nonfinite: OnNonFinite,
+        max_consecutive_skips: int,
+        layers: LayerMap,
+        recover: Callable[[str], bool] | None = None,
+    ) -> None:
         self.on_nonfinite = on_nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.layers = layers
@@ -206,10 +218,15 @@ class StepPolicy:
         self.amp_overflow_steps = 0
         self.max_total_norm = 0.0  # the largest finite total norm (host: read with each step's flags)
         self.origins: dict[str, int] = {}
-        self.spike_skipped_steps = 0
-        # Called with the cause when max_consecutive_skips is reached: True when a rollback takes
-        # over (then nothing is raised here).
-        self.recover: Callable[[str], bool] | None = None
+        self.skipped_by: dict[str, int] = {}  # steps skipped on each component's flag
+        # Called with the cause when max_consecutive_skips is reached: True when a component (a
+        # rollback) takes over (then nothing is raised here).
+        self.recover = recover
+
+    @property
+    def spike_skipped_steps(self) -> int:
+        """Finite steps skipped as spikes (the ``spike_skip`` flag of ``skip_spikes``)."""
+        return self.skipped_by.get("spike_skip", 0)
 
     def on_device(self, optimizer: torch.optim.Optimizer, is_log: bool, needs_host: bool, scaler_on: bool) -> bool:
         """Whether this step is skipped on the device (:class:`DeviceSkip`) and its read deferred:
@@ -229,11 +246,17 @@ class StepPolicy:
         return on_device or (self.on_nonfinite == "warn" and not is_log and not needs_host)
 
     def decide(
-        self, verdict: Verdict, total: float, fault: Callable[[], Fault], record: Callable[[GradEvent], GradEvent]
+        self,
+        verdict: Verdict,
+        total: float,
+        fault: Callable[[], Fault],
+        record: Callable[[GradEvent], GradEvent],
+        skip_event: Callable[[str], GradEvent | None] = lambda flag: None,
     ) -> tuple[GradEvent | None, bool]:
         """Act on one step: (the event recorded, whether the step was skipped).
 
-        ``fault`` builds the step's :class:`Fault` (only a faulty step needs it).
+        ``fault`` builds the step's :class:`Fault` (only a faulty step needs it); ``skip_event(flag)``
+        the event of a step skipped on a component's flag (worded by that component).
 
         Raises:
             NonFiniteGradientError: under ``"raise"`` on a non-finite step, or when
@@ -245,8 +268,8 @@ class StepPolicy:
             return record(self._overflow_event(where.step, total, where.optimizer_idx)), False
         if verdict.nonfinite:
             return self._nonfinite(fault(), verdict.loss_bad, record, by_scaler=verdict.amp_bad)
-        if verdict.spike_skip and verdict.finite:
-            return self._spike_skip(fault(), total, verdict.spike_z, record), True
+        if verdict.skipped_by_flag:
+            return self._flag_skip(fault(), verdict.skips[0], skip_event, record), True
         self.consecutive_skips = 0
         if math.isfinite(total):
             self.max_total_norm = max(self.max_total_norm, total)
@@ -310,20 +333,43 @@ class StepPolicy:
             event,
         )
 
-    def _spike_skip(
-        self, fault: Fault, total: float, z: float, record: Callable[[GradEvent], GradEvent]
+    def _flag_skip(
+        self,
+        fault: Fault,
+        flag: str,
+        skip_event: Callable[[str], GradEvent | None],
+        record: Callable[[GradEvent], GradEvent],
     ) -> GradEvent:
-        """A finite spike skipped (on the device already, or here: every gradient to None)."""
+        """A finite step skipped on a component's flag (on the device already, or here: every gradient
+        to None), counted here, worded by the component."""
         self._skip(fault)
-        self.spike_skipped_steps += 1
-        event = record(GradEvent(
-            "spike_skipped", step=fault.step, value=total, optimizer_idx=fault.optimizer_idx, action="skipped",
-            message=f"GradGuard: skipped step {fault.step}: its total norm {total:.4g} (or its loss) is {z:.1f} "
-            "standard deviations above its rolling statistics (skip_spikes).",
-            extra={"zscore": z},
-        ))  # fmt: skip
+        self.skipped_by[flag] = self.skipped_by.get(flag, 0) + 1
+        event = skip_event(flag) or GradEvent(
+            "skipped", step=fault.step, optimizer_idx=fault.optimizer_idx, action="skipped",
+            message=f"GradGuard: skipped step {fault.step} ({flag}).", extra={"flag": flag},
+        )  # fmt: skip
+        event = record(event)
         self._check_limit(event, record)
         return event
+
+    def restart_streak(self) -> None:
+        """The run went back to before its skips (a rollback): the run of skips starts again."""
+        self.consecutive_skips = 0
+
+    def skip_unmeasured(self, params: Sequence[Tensor]) -> None:
+        """Skip a step without measuring it (a component's gate: a batch of the skip list)."""
+        for p in params:
+            p.grad = None
+        self.skipped_steps += 1
+
+    def skip_settled(self, params: Sequence[Tensor], already: bool) -> None:
+        """Skip a step after its decision (a rollback): every gradient to None, counted once, and the
+        run of skips starts again (the state goes back to before them)."""
+        for p in params:
+            p.grad = None
+        if not already:
+            self.skipped_steps += 1
+        self.restart_streak()
 
     def _nonfinite_event(self, fault: Fault, loss_bad: bool, action: str) -> GradEvent:
         """The ``nonfinite`` event: its layers in forward order and its origin (one more host read)."""
@@ -355,7 +401,7 @@ class StepPolicy:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "skipped_steps": self.skipped_steps,
             "nonfinite_steps": self.nonfinite_steps,
             "consecutive_skips": self.consecutive_skips,
@@ -363,6 +409,7 @@ class StepPolicy:
             "max_total_norm": self.max_total_norm,
             "origins": dict(self.origins),
         }
+        return {**state, "skipped_by": dict(self.skipped_by)} if self.skipped_by else state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -371,7 +418,9 @@ class StepPolicy:
         self.amp_overflow_steps = int(state.get("amp_overflow_steps", 0))
         self.max_total_norm = float(state.get("max_total_norm", 0.0))
         self.origins = {str(k): int(v) for k, v in dict(state.get("origins", {})).items()}
-        self.spike_skipped_steps = int(state.get("spike_skipped_steps", 0))
+        self.skipped_by = {str(k): int(v) for k, v in dict(state.get("skipped_by", {})).items()}
+        if state.get("spike_skipped_steps"):  # 0.3.0 kept the one flag's count at the top level
+            self.skipped_by["spike_skip"] = int(state["spike_skipped_steps"])
 
 
 def _stop_event(fault: GradEvent, cause: str, action: str) -> GradEvent:

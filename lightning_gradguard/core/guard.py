@@ -1,4 +1,4 @@
-"""The framework-free guard: one optimizer step as a short pipeline.
+"""The framework-free guard: one optimizer step as a short pipeline of stages, and components.
 
 :class:`GuardCore` imports torch only. The Lightning callback
 (:class:`lightning_gradguard.GradGuard`) is a thin adapter over it, and a plain PyTorch loop uses it
@@ -6,6 +6,7 @@ directly::
 
     guard = GuardCore(model, clip=NormClip(max_norm=1.0))
     for batch in loader:
+        guard.begin_step()                # optional: keeps the RNG state for a replay of a fault
         optimizer.zero_grad()
         loss = model(batch)
         guard.observe_loss(loss)          # optional: lets a NaN loss be named as the origin
@@ -17,27 +18,28 @@ directly::
 Under fp16 AMP call ``scaler.unscale_(optimizer)`` first, then ``guard.step(optimizer,
 scaler=scaler)``, then ``scaler.step(optimizer)``.
 
-One step, as data (``ARCHITECTURE.md`` has the diagram)::
+One step (``ARCHITECTURE.md`` has the diagram, with the components' hooks where they run)::
 
-    measure (measure.py) -> clip (clipping.py) -> read (hostread.py) -> decide (decide.py)
-        -> detect (../detectors/) -> report (step_report.py)
+    gate -> measure (measure.py) -> clip (clipping.py) -> register, flags summed across ranks
+        -> read (hostread.py) -> decide (decide.py) -> settle -> report (step_report.py)
+        -> detect (../detectors/) -> end
 
-Every stage but the read works on the device; the read is the step's one host sync, and each stage
-gets its host values back by name. :class:`GuardCore` holds the configuration and the state, and
-:meth:`GuardCore.step` only passes data from one stage to the next.
+Every stage before the read works on the device; the read is the step's one host sync, and each
+stage gets its host values back by name. A capability (rollback, the spike statistic, update
+tracking, replay, per-timestep tracking, a user's) is a :class:`~lightning_gradguard.GuardComponent`
+built from its option in ``options.py``: it plugs into these stages by its hooks, and this module
+knows none of them.
 
 Cost: every step, one ``_foreach_norm`` per (device, dtype) group, a few device reductions, the
-clip, and exactly one host sync (reading the non-finite flags, which the skip decision needs).
-On logging steps the per-layer norms are one extra scatter on the device and ride along in that same
-sync. Only a faulty step pays more (to list its non-finite layers).
+clip, and exactly one host sync (reading the flags, which the skip decision needs). On logging
+steps the per-layer norms are one extra scatter on the device and ride along in that same sync.
+Only a faulty step pays more (to list its non-finite layers).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -46,8 +48,8 @@ from torch import Tensor, nn
 from lightning_gradguard._validate import check_choice, check_handlers, check_int, check_number, check_ratio
 from lightning_gradguard.clip import Clipper
 from lightning_gradguard.core import alerts
-from lightning_gradguard.core.attribution import attribute, describe, keep_attributes, replaying_from
 from lightning_gradguard.core.clipping import CLIP_LEVEL, ClipStage
+from lightning_gradguard.core.component import GuardComponent, Setup, StepContext
 from lightning_gradguard.core.decide import (
     FLAGS,
     POLICIES,
@@ -60,58 +62,25 @@ from lightning_gradguard.core.decide import (
 )
 from lightning_gradguard.core.hostread import HostRead
 from lightning_gradguard.core.measure import Measurement, layer_norms, layer_norms_now, measure_step, weight_norms
-from lightning_gradguard.core.recovery import Recovery, Rollback, rank
+from lightning_gradguard.core.options import build_components, build_detectors
+from lightning_gradguard.core.readouts import GuardReadouts
+from lightning_gradguard.core.recovery import Rollback, rank
 from lightning_gradguard.core.snapshot import RestoreError
-from lightning_gradguard.core.spike_skip import DeviceSpikeStats
-from lightning_gradguard.core.step_report import (
-    METRIC_PREFIX,
-    StepReport,
-    layer_metrics,
-    summarize_run,
-    timestep_metrics,
-)
-from lightning_gradguard.core.timesteps import TimestepHistory, combine_profiles, make_tracker
-from lightning_gradguard.core.updates import UPDATE_KEYS, UpdateTracker
-from lightning_gradguard.detectors import Detector, Observation, default_detectors, state_of
-from lightning_gradguard.detectors.spike import LogNormStats, SpikeDetector
-from lightning_gradguard.detectors.updates import UpdateDetector
-from lightning_gradguard.dump import capture_rng
+from lightning_gradguard.core.state import GuardState
+from lightning_gradguard.core.step_report import METRIC_PREFIX, StepReport, layer_metrics
+from lightning_gradguard.detectors import Detector, Observation
 from lightning_gradguard.events import GradEvent
-from lightning_gradguard.primitives.layout import LayerMap, OptimizerLayout
-from lightning_gradguard.primitives.norms import dtensor_type
+from lightning_gradguard.primitives.layout import LayerMap
 from lightning_gradguard.primitives.text import unmatched
 
 __all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "RestoreError", "Rollback", "StepReport"]
 
 GroupBy = Literal["layer", "parameter"]
-_WATCH = ("total", "loss_scale", CLIP_LEVEL, "spike_z")  # read with the flags on every step
+_WATCH = ("total", "loss_scale", CLIP_LEVEL)  # read with the flags on every step
 _PENDING_LIMIT = 256  # deferred steps kept before a read is forced (a run that never logs)
 
 
-@dataclass(slots=True)
-class _Step:
-    """One step between its device work and its settling: what its host read and its events need.
-
-    It holds no gradient, so that steps deferred under ``on_nonfinite="warn"`` keep no memory alive.
-    """
-
-    number: int
-    optimizer_idx: int
-    layout: OptimizerLayout
-    norms: Tensor
-    owners: list[int]
-    total: Tensor
-    logged: bool
-    read: HostRead
-    deferred: bool = False  # read later (warn, or skipped on the device): its gradients are gone by then
-    layer_ids: Sequence[int] = ()  # logging steps: the layers present
-    update_ids: Sequence[int] = ()  # logging steps with track_updates: the layers measured
-    replay: tuple[Any, Any, Any, Any] | None = None  # (closure, precision, rng, attributes) of a replayable step
-    local_bad: Tensor | None = None  # under data parallelism: this rank's own flags, before the sum
-    profiles: Sequence[str] = ()  # logging steps: the tracked sequences read
-
-
-class GuardCore:
+class GuardCore(GuardReadouts, GuardState):
     """Guards the gradients of any optimizer, in any training loop.
 
     Args:
@@ -176,6 +145,8 @@ class GuardCore:
             smallest and median √v; ``update_spike`` and ``moment_collapse`` events. Costs one copy of
             the parameters on the step before each logging step. Default False. Not yet for sharded
             parameters (refused at :meth:`prepare`).
+        components: your own :class:`~lightning_gradguard.GuardComponent` instances, each plugged in
+            by its hooks beside the built-in ones (``docs/writing-a-component.md``); default none.
 
     Raises:
         ValueError: an argument is out of range; the message names it.
@@ -198,7 +169,6 @@ class GuardCore:
         >>> report.metrics["gradguard/total_norm_clipped"] <= 0.5 + 1e-6
         True
     """
-
 
     def __init__(
         self,
@@ -231,7 +201,10 @@ class GuardCore:
         on_rollback: Callable[[GradEvent], Any] | None = None,
         track_updates: bool = False,
         replay: bool = True,
+        components: Sequence[GuardComponent] | None = (),
     ) -> None:
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"Expected `model` to be a torch.nn.Module (or None), but got {model!r}.")
         if clip is not None and not isinstance(clip, Clipper):
             raise TypeError(
                 f"Expected `clip` to be a Clipper such as NormClip(max_norm=1.0), or None, but got {clip!r}."
@@ -254,72 +227,37 @@ class GuardCore:
         self.vanish_patience = int(check_int("vanish_patience", vanish_patience, minimum=1))  # type: ignore[arg-type]
         self.min_loss_scale = float(check_number("min_loss_scale", min_loss_scale, minimum=0.0, strict=False))  # type: ignore[arg-type]
         self.alert_every = int(check_int("alert_every", alert_every, minimum=1))  # type: ignore[arg-type]
-        self.alerts = alerts.AlertRouter(self.alert_every, check_handlers(alert_handlers))
-        self.emit = emit if emit is not None else self.alerts
-        self.timesteps = make_tracker(track_timesteps, self.norm_type)
         self.timestep_vanish_ratio = check_ratio("timestep_vanish_ratio", timestep_vanish_ratio)
         self.timestep_history = int(check_int("timestep_history", timestep_history, minimum=1))  # type: ignore[arg-type]
+        self.skip_spikes, self.rollback_options, self.replay = skip_spikes, rollback, replay
+        self.alerts = alerts.AlertRouter(self.alert_every, check_handlers(alert_handlers))
+        self.emit = emit if emit is not None else self.alerts
         self.layers = LayerMap(self.group_by)
         self.clipping = ClipStage(clip)
-        self.policy = StepPolicy(self.on_nonfinite, self.max_consecutive_skips, self.layers)
+        self.policy = StepPolicy(self.on_nonfinite, self.max_consecutive_skips, self.layers, self._on_skip_limit)
         self.skipper = DeviceSkip()
-        self.detectors: list[Detector] = default_detectors(
-            explode_threshold=self.explode_threshold,
-            spike_zscore=self.spike_zscore,
-            spike_warmup=self.spike_warmup,
-            vanish_threshold=self.vanish_threshold,
-            vanish_ratio=self.vanish_ratio,
-            vanish_patience=self.vanish_patience,
-            min_loss_scale=self.min_loss_scale,
+        self.detectors: list[Detector] = build_detectors(
+            explode_threshold=self.explode_threshold, spike_zscore=self.spike_zscore,
+            vanish_threshold=self.vanish_threshold, vanish_ratio=self.vanish_ratio,
+            vanish_patience=self.vanish_patience, min_loss_scale=self.min_loss_scale,
             timestep_vanish_ratio=self.timestep_vanish_ratio,
-        )
-        self.history = TimestepHistory(self.timestep_history)
-        self.skip_spikes = check_number("skip_spikes", skip_spikes, minimum=0.0, allow_none=True)
-        if rollback is not None and not isinstance(rollback, Rollback):
-            raise TypeError(
-                f"Expected `rollback` to be a Rollback such as Rollback(every=100), or None, but got {rollback!r}."
-            )
-        if on_rollback is not None and not callable(on_rollback):
-            raise TypeError(
-                f"Expected `on_rollback` to be a callable taking the rollback event, or None, but got {on_rollback!r}."
-            )
-        self.rollback_options = rollback
-        self.recovery = Recovery(rollback, self._record) if rollback is not None else None
-        if self.recovery is not None:
-            self.recovery.on_rollback = on_rollback
-            self.recovery.targets.guard_state = self._run_state
-            self.recovery.targets.load_guard_state = self._load_run_state
-            self.policy.recover = self.recovery.on_skip_limit
-        confirm = rollback.spike_zscore if rollback is not None else None
-        spikes_on = self.skip_spikes is not None or confirm is not None
-        patience = rollback.spike_patience if rollback is not None else 0
-        self.spikes = DeviceSpikeStats(self.spike_warmup, new_level=max(8, patience + 1)) if spikes_on else None
-        if not isinstance(track_updates, bool):
-            raise TypeError(f"Expected `track_updates` to be a bool, but got {track_updates!r}.")
-        self.updates = UpdateTracker(self.norm_type) if track_updates else None
-        if not isinstance(replay, bool):
-            raise TypeError(f"Expected `replay` to be a bool, but got {replay!r}.")
-        self.replay = replay
-        self._rng_before: dict[str, Any] | None = None  # the RNG state before the step's forward pass
-        self._attrs_before: dict[str, Any] | None = None  # the model's attributes then (references)
-        self._replayed: set[str] = set()  # the kinds already replayed (the first of each)
-        # Under DDP, set by a communication hook: whether this rank's own gradients, before the
-        # all-reduce averaged them, were non-finite (a replay names the faulty rank with it).
-        self.local_grad_fault: Tensor | None = None
-        self._model: nn.Module | None = None
-        if track_updates:
-            self.detectors.append(UpdateDetector(self.spike_zscore if self.spike_zscore is not None else 6.0))
-        self._loss_sum: Tensor | None = None
-        self._loss_count = 0
-        self._last_number = -1
-        # Under data parallelism: gathers every rank's profiles of a logging step (set by the adapter),
-        # so that each profile is the whole batch's and identical on every rank.
-        self.gather_profiles: Callable[[dict[str, list[float]]], list[dict[str, list[float]]]] | None = None
+        )  # fmt: skip
+        self.components: list[GuardComponent] = build_components(
+            norm_type=self.norm_type, track_timesteps=track_timesteps, timestep_history=self.timestep_history,
+            spike_zscore=self.spike_zscore, spike_warmup=self.spike_warmup, skip_spikes=skip_spikes,
+            rollback=rollback, on_rollback=on_rollback, track_updates=track_updates, replay=replay,
+            components=components,
+        )  # fmt: skip
+        self._needs_host = any(c.needs_host for c in self.components)
+        self._setup = Setup(record=self._record, guard_state=self._snapshot_state,
+                            load_guard_state=self._load_snapshot_state)  # fmt: skip
         self.kind_counts: dict[str, int] = {}
         self._events: deque[GradEvent] = deque(maxlen=self.max_events)
-        self._pending: list[_Step] = []
+        self._pending: list[StepContext] = []
         self._loss_finite: Tensor | None = None
         self._warned: set[str] = set()
+        self._last_number = -1
+        self._optimizers: list[torch.optim.Optimizer] = []  # every optimizer stepped so far
         self.steps = 0
         self.empty_steps = 0  # steps with no gradient to measure (no optimizer, every parameter frozen)
         if model is not None:
@@ -328,25 +266,17 @@ class GuardCore:
     # ------------------------------------------------------------------ setup
     def watch(self, model: nn.Module) -> None:
         """Name ``model``'s parameters by layer, record its forward order on the next forward, and
-        attach the (dormant) per-timestep hooks to its recurrent modules."""
+        set the components up with it (the per-timestep hooks, dormant until a logging step)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module (or None), but got {model!r}.")
         self.layers.watch(model)
-        self._model = model
-        if self.recovery is not None:
-            self.recovery.targets.model = model
+        self._setup.model = model
         layers, params = self.layers.names()
         excluded = self.clip.unmatched_names(layers, params) if self.clip is not None else []
         if excluded:
             self._warn_once("clip-missing", unmatched(f"{self.clip!r}", excluded, layers, "layer or parameter"))
-        if self.timesteps is not None:
-            tracked = self.timesteps.watch(model)
-            missing = sorted((self.timesteps.only or set()) - set(tracked))
-            if missing:
-                self._warn_once(
-                    "ts-missing",
-                    unmatched("track_timesteps", missing, self.timesteps.recurrent, "recurrent module"),
-                )
+        for c in self.components:
+            c.setup(self._setup)
 
     def prepare(
         self,
@@ -355,34 +285,33 @@ class GuardCore:
         *,
         schedulers: Sequence[Any] = (),
         scaler: Any = None,
-        gather_profiles: Callable[[dict[str, list[float]]], list[dict[str, list[float]]]] | None = None,
+        gather_profiles: Callable[[Any], list[Any]] | None = None,
+        log_dir: str | None = None,
     ) -> None:
         """Everything before the first step, once the model's parameters are final: :meth:`watch`
-        ``model``, let the clipper check each optimizer's placements, and (under data parallelism)
-        set how a logging step's per-timestep profiles are gathered from every rank. With
-        ``rollback``, the optimizers, ``schedulers`` and the fp16 ``scaler`` are what a snapshot holds
-        besides the model (an optimizer first seen by :meth:`step` is added then).
+        ``model``, let the clipper check each optimizer's placements, and set the components up with
+        the run's objects: the optimizers, ``schedulers`` and the fp16 ``scaler`` (what a rollback's
+        snapshot holds besides the model; an optimizer first seen by :meth:`step` is added then),
+        ``gather_profiles`` (under data parallelism, how a host object is gathered from every rank)
+        and ``log_dir`` (where the run writes its files: the skip list).
 
         Raises:
-            ValueError: the clipper cannot work on how a parameter is placed (e.g. AGC on a unit split
-                across ranks).
+            ValueError: a placement the clipper cannot work on (e.g. AGC on a unit split across ranks),
+                a fused optimizer whose scaled gradients a deferred clipper cannot clip, or a component
+                that refuses the run (``track_updates`` on sharded parameters).
         """
+        import torch.distributed as dist
+
+        self.clipping.check_scaled(optimizers, scaler)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self._setup = Setup(
+            model=model, optimizers=list(optimizers), schedulers=list(schedulers), scaler=scaler, rank=rank(),
+            world_size=world, sharded=self.sharded or _has_dtensor(model), log_dir=log_dir, gather=gather_profiles,
+            record=self._record, guard_state=self._snapshot_state, load_guard_state=self._load_snapshot_state,
+        )  # fmt: skip
         self.watch(model)
-        self.gather_profiles = gather_profiles
-        for optimizer in optimizers:
+        for optimizer in optimizers:  # once the layers are named
             self.clipping.check(self.layers.layout(optimizer))
-        dtensor = dtensor_type()
-        if self.updates is not None and (
-            self.sharded or (dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()))
-        ):
-            raise ValueError(
-                "GradGuard: track_updates=True does not support sharded parameters yet (FSDP, tensor parallel): "
-                "the update and weight norms would need the shards reduced. Use it under DDP or on one process."
-            )
-        if self.recovery is not None:
-            targets = self.recovery.targets
-            targets.optimizers, targets.schedulers, targets.scaler = list(optimizers), list(schedulers), scaler
-            self.recovery.rank = self.recovery.ring.rank = rank()
 
     def config(self) -> dict[str, Any]:
         """The options the run is guarded with, as plain values: recorded with the run (TensorBoard),
@@ -393,7 +322,7 @@ class GuardCore:
             >>> GuardCore(vanish_threshold=1e-6).config()["vanish_threshold"]
             1e-06
         """
-        return {
+        out = {
             "vanish_threshold": self.vanish_threshold,
             "explode_threshold": self.explode_threshold,
             "timestep_vanish_ratio": self.timestep_vanish_ratio,
@@ -409,35 +338,31 @@ class GuardCore:
             "skip_spikes": self.skip_spikes,
             "rollback": repr(self.rollback_options) if self.rollback_options is not None else None,
         }
+        for c in self.components:
+            out.update(c.config())
+        return out
 
     def unwatch(self) -> None:
-        """Remove every hook the guard registered on the model."""
+        """Remove every hook the guard and its components registered."""
         self.layers.unwatch()
         self.skipper.remove()
-        if self.timesteps is not None:
-            self.timesteps.unwatch()
+        for c in self.components:
+            c.teardown()
+
+    def component(self, name: str) -> GuardComponent | None:
+        """The component of this name (``"recovery"``, ``"spike"``, ``"updates"``, ``"replay"``,
+        ``"timesteps"``, or one of yours), or None."""
+        return next((c for c in self.components if c.name == name), None)
 
     def begin_step(self, step: int | None = None, log: bool | None = None) -> None:
-        """Call before the forward pass(es) of an optimizer step, to arm per-timestep tracking.
-
-        Only on logging steps are the timestep hooks armed; on other steps this costs one branch.
-        Micro-batches of one optimizer step may call it each; their profiles combine. With ``replay``
-        it also keeps the RNG state and references to the watched model's attributes (the last
-        micro-batch's, which a replay starts from: no tensor is copied).
-        """
-        if self.replay:
-            self._rng_before = capture_rng()
-            self._attrs_before = keep_attributes(self._model)
-        if self.timesteps is None:
-            return
+        """Call before the forward pass(es) of an optimizer step: the components prepare it (the
+        per-timestep hooks are armed on logging steps only; ``replay`` keeps the RNG state and
+        references to the watched model's attributes, the last micro-batch's, which a replay starts
+        from: no tensor is copied). Micro-batches of one optimizer step may call it each."""
         step = self.steps if step is None else step
-        if self.is_logging_step(step) if log is None else log:
-            if self.timesteps.armed:
-                self.timesteps.new_forward()
-            else:
-                self.timesteps.arm()
-        elif self.timesteps.armed:
-            self.timesteps.disarm()
+        logging = self.is_logging_step(step) if log is None else log
+        for c in self.components:
+            c.begin_step(step, logging)
 
     def observe_loss(self, loss: Tensor) -> None:
         """Note whether ``loss`` is finite (no host sync), so a non-finite loss is named the origin.
@@ -446,16 +371,14 @@ class GuardCore:
         """
         finite = torch.isfinite(loss.detach()).all()
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
-        if self.spikes is not None:  # the loss's own spike statistics (the mean over micro-batches)
-            value = loss.detach().float().mean()
-            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-            self._loss_count += 1
+        for c in self.components:
+            c.observe_loss(loss)
 
     def note_batch(self, epoch: int, batch_idx: int) -> None:
         """Name the batch being trained (call before its forward; micro-batches each): the skip list
         records skipped and rolled-back batches by it, and a resumed run skips them again."""
-        if self.recovery is not None:
-            self.recovery.note_batch(epoch, batch_idx)
+        for c in self.components:
+            c.note_batch(epoch, batch_idx)
 
     def rollback(self, cause: str = "requested by hand") -> GradEvent:
         """Roll back now to the newest snapshot, in place (call it between optimizer steps).
@@ -468,13 +391,14 @@ class GuardCore:
             RestoreError: no snapshot exists yet, or it cannot be restored.
             NonFiniteGradientError: ``max_rollbacks`` rollbacks were already made.
         """
-        if self.recovery is None:
+        recovery: Any = self.component("recovery")
+        if recovery is None:
             raise RuntimeError(
                 "GuardCore.rollback() needs the `rollback` option, e.g. GuardCore(rollback=Rollback(every=100))."
             )
         self.flush()
-        event = self.recovery.rollback(max(self._last_number, 0), cause, manual=True)
-        self.policy.consecutive_skips = 0
+        event: GradEvent = recovery.rollback(max(self._last_number, 0), cause, manual=True)
+        self.policy.restart_streak()
         return event
 
     def is_logging_step(self, step: int) -> bool:
@@ -528,55 +452,40 @@ class GuardCore:
             NonFiniteGradientError: under ``on_nonfinite="raise"`` on a non-finite step, or when
                 ``max_consecutive_skips`` steps in a row were skipped.
         """
-        number = self.steps if step is None else step
-        self._last_number = number
-        is_log = self.is_logging_step(number) if log is None else log
-        if self.recovery is not None:
-            why = self._recovery_begin(optimizer, number)
-            if why is not None:
-                return self._forced_skip(optimizer, number)
-        layout = self.layers.layout(optimizer)
-        m = measure_step(
-            layout, self.norm_type, sharded=self.sharded, process_group=self.process_group,
-            optimizer=optimizer, scaler=scaler, warn=self._warn_once, loss_finite=self._take_loss_flag(),
+        number = self._last_number = self.steps if step is None else step
+        logging = self.is_logging_step(number) if log is None else log
+        ctx = StepContext(
+            number, optimizer, optimizer_idx, self.layers.layout(optimizer), logging=logging,
+            log_next=self.is_logging_step(number + 1) if log_next is None else log_next,
+            replay_closure=replay_closure, replay_precision=replay_precision, record=self._record_in,
+            skip=self._skip_settled,
         )  # fmt: skip
+        if optimizer not in self._optimizers:
+            self._optimizers.append(optimizer)
+        gated = [why for c in self.components if (why := c.gate(ctx)) is not None]
+        if gated:  # a component skips the step without a look (a batch of the skip list)
+            return self._skip_unmeasured(ctx)
+        m = ctx.measurement = self._measure(ctx, scaler)
         if m is None:
             return self._nothing_to_measure(number)
-        s = _Step(number, optimizer_idx, layout, m.norms, m.owners, m.total, is_log, HostRead())
-        ctx = self.clipping.context(m, layout, self.norm_type, is_log)
-        level = self.clipping.clip_now(ctx, m, s.read)
-        flags = self._register_head(s, m, level, reduce)
-        kept = (replay_closure, replay_precision, self._rng_before, self._attrs_before)
-        s.replay = kept if replay_closure is not None else None
-        on_device = self.policy.on_device(optimizer, is_log, self.clipping.needs_host, m.loss_scale is not None)
-        if on_device:  # a non-finite step is skipped by the optimizer itself: no read needed now
-            self.skipper.arm(optimizer, flags)
-        else:
-            self.skipper.disarm(optimizer)
-        self._register_logged(s, m.loss_scale)
-        if self.updates is not None:
-            if is_log:  # the update that led into this step, then (below) the weights before this one
-                s.update_ids = self.updates.register(s.read, optimizer, layout)
-            if self.is_logging_step(number + 1) if log_next is None else log_next:
-                self.updates.keep_before(optimizer, layout)  # measured at the next (logging) step
-        if self.policy.defers(is_log, self.clipping.needs_host, on_device):
-            return self._defer(s)
+        clip = self.clipping.context(m, ctx.layout, self.norm_type, logging)
+        level = self.clipping.clip_now(clip, m, ctx.read)
+        on_device = self._register(ctx, m, level, reduce)
+        if self.policy.defers(logging, self.clipping.needs_host or self._needs_host, on_device):
+            return self._defer(ctx)
         pending, self._pending = self._pending, []
-        # The one deliberate host sync of the step: the skip decision needs the flags.
-        HostRead.read_all([s.read, *(p.read for p in pending)])
+        HostRead.read_all([ctx.read, *(p.read for p in pending)])  # the step's one deliberate host sync
         stop = [self._settle_deferred(p).should_stop for p in pending]
         self._advance()
-        report = StepReport(number, m.total, logged=is_log)
-        verdict = self._decide(s, report)
+        report = StepReport(number, m.total, logged=logging)
+        self._decide(ctx, report)
         report.should_stop = report.should_stop or any(stop)  # a step skipped on the device under "stop"
-        if self.recovery is not None:
-            self._recovery_end(optimizer, s, report, verdict)
-        late = self.clipping.clip_late(ctx, verdict.finite)
-        if is_log:
-            self._fill_metrics(report, s, late)
-        self._detect(s, report, verdict)
-        if self.recovery is not None and not report.rolled_back:
-            self._maybe_capture(s, report, verdict)  # after the detectors: every statistic as of this step
+        late = self.clipping.clip_late(clip, ctx.verdict is not None and ctx.verdict.finite)
+        if logging:
+            self._report(ctx, late)
+        self._detect(ctx)
+        for c in self.components:
+            c.end_step(ctx)
         return report
 
     def flush(self) -> None:
@@ -600,253 +509,168 @@ class GuardCore:
         finally:
             self.alerts.close(timeout)
 
-    # --------------------------------------------------------------- recovery
-    def _recovery_begin(self, optimizer: torch.optim.Optimizer, number: int) -> str | None:
-        """Before the step's measurement: the first snapshot, and a batch to skip without a look."""
-        rec = self.recovery
-        assert rec is not None
-        targets = rec.targets
-        if targets.model is None:
-            raise RuntimeError(
-                "GuardCore(rollback=...) needs the model: pass it to GuardCore(model, ...) or to prepare()."
-            )
-        if optimizer not in targets.optimizers:  # a new optimizer: every snapshot must hold it
-            targets.optimizers = [*targets.optimizers, optimizer]
-            rec.ring.clear()
-        why = rec.begin(number)
-        rec.first(number)
-        return why
-
-    def _forced_skip(self, optimizer: torch.optim.Optimizer, number: int) -> StepReport:
-        """Skip a step without measuring it (a batch after a rollback, or on the resumed skip list)."""
-        self.skipper.disarm(optimizer)
-        _drop_grads([optimizer])
-        self.policy.skipped_steps += 1
-        self._take_loss_flag()
-        self._take_loss_value()
-        self._advance()
-        return StepReport(number, torch.zeros(()), skipped=True)
-
-    def _recovery_end(self, optimizer: torch.optim.Optimizer, s: _Step, report: StepReport, verdict: Verdict) -> None:
-        """After the step's decision: roll back if a trigger fired."""
-        rec = self.recovery
-        assert rec is not None
-        if rec.cause is not None:
-            self.skipper.disarm(optimizer)
-            _drop_grads([optimizer, *rec.targets.optimizers])
-            if not report.skipped:
-                self.policy.skipped_steps += 1
-            report.event = rec.rollback(s.number, rec.cause)
-            report.skipped, report.rolled_back = True, True
-            self.policy.consecutive_skips = 0
-
-    def _maybe_capture(self, s: _Step, report: StepReport, verdict: Verdict) -> None:
-        """A snapshot when one is due, on a healthy step: taken once the step is settled and detected,
-        so that the clipper's and the detectors' statistics all include this step."""
-        rec = self.recovery
-        assert rec is not None
-        healthy = verdict.finite and not verdict.spike_high and not report.skipped
-        healthy = healthy and self.policy.consecutive_skips == 0
-        if healthy and not rec.suspicious and rec.due(s.number):
-            rec.capture(s.number)
-
-    def _replaying(self, s: _Step) -> Callable[[GradEvent], GradEvent]:
-        """The recorder of this step's events: the first ``nonfinite`` and ``spike_skipped`` event are
-        replayed first (every rank replays its own batch; the verdicts are gathered)."""
-
-        def record(event: GradEvent) -> GradEvent:
-            if event.kind not in ("nonfinite", "spike_skipped") or event.kind in self._replayed:
-                return self._record(event)
-            self._replayed.add(event.kind)
-            result = self._attribute(s, event)
-            if result is None:
-                return self._record(event)
-            extra = {**event.extra, "replay": result}
-            return self._record(dataclasses.replace(event, message=f"{event.message} {describe(result)}", extra=extra))
-
-        return record
-
-    def _attribute(self, s: _Step, event: GradEvent) -> dict[str, Any] | None:
-        if s.replay is None:
-            return None
-        closure, precision, rng, attrs = s.replay
-        if attrs is not None and self._model is not None:
-            closure = replaying_from(self._model, attrs, closure)
-        spike = float(event.value) if event.kind == "spike_skipped" else None
-        mine = attribute(closure, s.layout.params, model=self._model, rng=rng, precision=precision,
-                         spike_norm=spike)  # fmt: skip
-        mine["local_fault"] = bool(s.local_bad.sum() > 0) if s.local_bad is not None else True
-        return _gather_verdicts(mine)
-
-    def _run_state(self) -> dict[str, Any]:
-        """The guard's state a snapshot keeps: the clipper's and the detectors' statistics (its counters
-        and events go on counting through a rollback)."""
-        return {
-            "clip": self.clipping.state_dict(),
-            "detectors": {d.state_key: state_of(d) for d in self.detectors if d.state_key},
-            "spikes": self.spikes.copy_state() if self.spikes is not None else None,
-        }
-
-    def _load_run_state(self, state: dict[str, Any]) -> None:
-        self.clipping.load_state_dict(state.get("clip", {}), self.clipping.clipped_steps, self.steps)
-        saved = state.get("detectors", {})
-        for detector in self.detectors:
-            load = getattr(detector, "load_state_dict", None)
-            if detector.state_key in saved and callable(load):
-                load(saved[detector.state_key])
-        if self.spikes is not None:
-            self.spikes.set_state(state.get("spikes"))
-
     # ----------------------------------------------------------------- stages
-    def _register_head(
-        self, s: _Step, m: Measurement, level: Tensor, reduce: Callable[[Tensor], Tensor] | None
-    ) -> Tensor:
-        """Register every step's values: the flags (summed across ranks by ``reduce``), the total norm,
-        the loss scale, the clip level. One stack on one process; under DDP the flags are a stack of
-        their own (one small collective). Returns the flags vector (:data:`FLAGS` order)."""
-        bad = device_flags(m, m.loss_finite)
+    def _measure(self, ctx: StepContext, scaler: Any) -> Measurement | None:
+        flag, self._loss_finite = self._loss_finite, None
+        m = measure_step(
+            ctx.layout, self.norm_type, sharded=self.sharded, process_group=self.process_group,
+            optimizer=ctx.optimizer, scaler=scaler, warn=self._warn_once, loss_finite=flag,
+        )  # fmt: skip
+        if m is not None:
+            ctx.norms, ctx.owners, ctx.total = m.norms, m.owners, m.total
+        return m
+
+    def _register(
+        self, ctx: StepContext, m: Measurement, level: Tensor, reduce: Callable[[Tensor], Tensor] | None
+    ) -> bool:
+        """Every value the host needs, registered by name in the step's read, and the flags: the core's,
+        then the components', summed across ranks by ``reduce`` in one collective (in one stack with the
+        watched values on one process). The step is skipped on the device when it can be; returns
+        whether it is."""
+        core = dict(zip(FLAGS, device_flags(m, m.loss_finite), strict=True))
         scale = m.loss_scale.to(m.zero.device).reshape(()).float() if m.loss_scale is not None else m.zero
-        loss = self._take_loss_value()
-        z = self._spike_flags(bad, m, loss)
-        watch = [m.total.to(m.zero.device, torch.float32), scale, level, z]
-        if reduce is None or m.shared_flags is not None:  # flags the same on every rank already
-            if reduce is not None and self.spikes is not None:  # but each rank scored its own loss
-                bad[3:5] = list(reduce(torch.stack(bad[3:5])).unbind())
-            head = torch.stack([*bad, *watch])
-            s.read.put_each(FLAGS + _WATCH, head)
-            flags = head[: len(FLAGS)]
+        watch = [m.total.to(m.zero.device, torch.float32), scale, level]
+        for c in self.components:
+            raised = len(ctx._flags)
+            c.register(ctx)
+            ctx._owners.update(dict.fromkeys(list(ctx._flags)[raised:], c))  # who words each flag's skip
+        own = {**(core if m.shared_flags is None else {}), **ctx._flags}  # what still needs the sum
+        names, parts = list(own), [own[n].reshape(1) for n in own] + [v.reshape(-1) for v in ctx._reduced.values()]
+        summed = reduce(torch.cat(parts)) if reduce is not None and parts else None
+        if summed is not None:  # each rank's own flags, kept: a replay names the faulty rank
+            ctx._local = own
+            flags = {**core, **dict(zip(names, summed[: len(names)].unbind(), strict=True))}
+            at = len(names)
+            for name, value in ctx._reduced.items():
+                ctx.put(name, summed[at : at + value.numel()])
+                at += value.numel()
+            ctx.read.put_each((*flags, *_WATCH), torch.cat([torch.stack(list(flags.values())), torch.stack(watch)]))
         else:
-            own, self.local_grad_fault = self.local_grad_fault, None
-            grad_bad = bad[0] if own is None else own.to(bad[0].device, torch.float32)
-            s.local_bad = torch.stack([grad_bad, bad[1]])  # this rank's own faults (a replay names it)
-            flags = reduce(torch.stack(bad))
-            s.read.put_each(FLAGS, flags)
-            s.read.put_each(_WATCH, torch.stack(watch))
-        if self.spikes is not None:  # only steps with no flag at all (on any rank) feed the statistics
-            self.spikes.update(m.total, loss, keep=flags.sum() == 0, spiked=(flags[3] + flags[4]) > 0)
-        return flags
+            flags = {**core, **ctx._flags}
+            for name, value in ctx._reduced.items():
+                ctx.put(name, value)
+            ctx.read.put_each((*flags, *_WATCH), torch.stack([*flags.values(), *watch]))
+        skip = flags["grad_bad"] + flags["loss_bad"]
+        for name in ctx._skip_flags:
+            skip = skip + flags[name]
+        healthy = (skip + flags["amp_bad"]) == 0
+        for c in self.components:
+            c.flags_reduced(ctx, {**flags, "healthy": healthy})
+        on_device = self.policy.on_device(ctx.optimizer, ctx.logging, self.clipping.needs_host or self._needs_host,
+                                          m.loss_scale is not None)  # fmt: skip
+        if on_device:  # a faulty step is skipped by the optimizer itself: no read needed now
+            self.skipper.arm(ctx.optimizer, skip)
+        else:
+            self.skipper.disarm(ctx.optimizer)
+        if ctx.logging:
+            ctx.layer_ids, per_layer = layer_norms(m.norms, m.owners, ctx.layout, self.norm_type)
+            ctx.put("layers", per_layer)
+            if self.vanish_ratio is not None:
+                ctx.put("weights", weight_norms(m.norms, m.owners, ctx.layout, self.norm_type))
+        return on_device
 
-    def _spike_flags(self, bad: list[Tensor], m: Measurement, loss: Tensor | None) -> Tensor:
-        """Set the spike flags of ``bad`` from the device statistics (no host sync); the step's
-        z-score (the larger of the norm's and the loss's), or zero without a spike check."""
-        if self.spikes is None:
-            return m.zero
-        z = self.spikes.zscores(m.total, loss).max().to(m.zero.device)
-        one = torch.ones_like(m.zero)
-        if self.skip_spikes is not None:
-            bad[3] = torch.where(z > self.skip_spikes, one, m.zero)
-        confirm = self.rollback_options.spike_zscore if self.rollback_options is not None else None
-        if confirm is not None:
-            bad[4] = torch.where(z > confirm, one, m.zero)
-        return z
-
-    def _register_logged(self, s: _Step, loss_scale: Tensor | None) -> None:
-        """On a logging step, add the per-layer norms (and weights, and per-timestep profiles) to the read."""
-        tracker = self.timesteps
-        if not s.logged:
-            if tracker is not None and tracker.armed:
-                tracker.disarm()
-            return
-        s.layer_ids, per_layer = layer_norms(s.norms, s.owners, s.layout, self.norm_type)
-        s.read.put("layers", per_layer)
-        if self.vanish_ratio is not None:
-            s.read.put("weights", weight_norms(s.norms, s.owners, s.layout, self.norm_type))
-        if tracker is not None and tracker.armed:
-            profiles = tracker.collect(loss_scale)
-            for name, profile in profiles.items():
-                s.read.put(f"timestep/{name}", profile)
-            s.profiles = list(profiles)
-
-    def _decide(self, s: _Step, report: StepReport) -> Verdict:
-        """Act on the step's flags (skip, warn, raise, stop); record its decision event."""
-        read = s.read
-        verdict, total = Verdict.of(read), read["total"]
+    def _decide(self, ctx: StepContext, report: StepReport) -> None:
+        """Act on the step's flags (skip, warn, raise, stop): the policy decides, the components settle."""
+        read = ctx.read
+        verdict = ctx.verdict = Verdict.of(read, tuple(ctx._skip_flags))
+        ctx.report, total = report, read["total"]
         self.clipping.observe(total, verdict.finite, read[CLIP_LEVEL])
-        def fault() -> Fault:
-            params = () if s.deferred else s.layout.params  # a deferred step's gradients belong to a later one
-            return Fault(s.number, report.total_norm, s.norms, s.owners, s.layout, params, s.optimizer_idx)
 
-        record = self._record if s.deferred or not self.replay else self._replaying(s)
-        report.event, report.skipped = self.policy.decide(verdict, total, fault, record)
+        def fault() -> Fault:
+            params = () if ctx.deferred else ctx.layout.params  # a deferred step's gradients belong to a later one
+            assert ctx.norms is not None and ctx.total is not None
+            return Fault(ctx.number, report.total_norm, ctx.norms, ctx.owners, ctx.layout, params, ctx.optimizer_idx)
+
+        def skip_event(flag: str) -> GradEvent | None:  # worded by the component that raised the flag
+            owner = ctx._owners.get(flag)
+            return owner.skip_event(ctx, flag) if owner is not None else None
+
+        report.event, report.skipped = self.policy.decide(verdict, total, fault, ctx.record, skip_event)
         report.amp_overflow, report.nonfinite = verdict.amp_bad, verdict.nonfinite
         report.should_stop = verdict.nonfinite and self.on_nonfinite == "stop"
-        if self.recovery is not None:
-            why = None if not report.skipped else "spike" if verdict.spike_skip and verdict.finite else "nonfinite"
-            self.recovery.observe(s.number, verdict.loss_bad, verdict.spike_high, why)
-        return verdict
+        if report.skipped:
+            ctx.skip_reason = ctx._skip_flags[verdict.skips[0]] if verdict.skipped_by_flag else "nonfinite"
+        for c in self.components:
+            c.settle(ctx)
 
-    def _fill_metrics(self, report: StepReport, s: _Step, late: HostRead | None) -> None:
-        """Every metric of a logging step, from its host values."""
-        read, p = s.read, METRIC_PREFIX
+    def _report(self, ctx: StepContext, late: HostRead | None) -> None:
+        """Every metric of a logging step, from its host values; the components add theirs."""
+        read, report, p = ctx.read, ctx.report, METRIC_PREFIX
+        assert report is not None
         total = read["total"]
         metrics = {f"{p}total_norm": total}
         metrics.update(self.clipping.metrics(late if late is not None else read, total, self.steps, p))
-        report.layer_norms, per_layer = layer_metrics(s.layout.layer_names, s.layer_ids, read.vector("layers"))
+        report.layer_norms, per_layer = layer_metrics(ctx.layout.layer_names, ctx.layer_ids, read.vector("layers"))
         metrics.update(per_layer)
         metrics[f"{p}skipped_steps"] = float(self.policy.skipped_steps)
         metrics[f"{p}nonfinite_steps"] = float(self.policy.nonfinite_steps)
-        profiles = {name: read.vector(f"timestep/{name}") for name in s.profiles}
-        if self.gather_profiles is not None and self.timesteps is not None:  # every rank, every logging step
-            profiles = combine_profiles(self.gather_profiles(profiles), self.norm_type)
-            s.profiles = list(profiles)
-        for name, values in profiles.items():
-            self.history.add(report.step, name, values)
-            report.timesteps[name] = self.history.norms[name]
-        metrics.update(timestep_metrics({name: self.history.summaries[name] for name in s.profiles}))
-        if s.update_ids:
-            names = [s.layout.layer_names[i] for i in s.update_ids]
-            metrics[f"{p}update_ratio"] = read["update_total"]
-            for key in UPDATE_KEYS:
-                if key in read:
-                    metrics.update({f"{p}{key}/{n}": v for n, v in zip(names, read.vector(key), strict=True)})
         report.metrics = metrics
-        report.layer_order = self.layers.forward_names(s.layout)
-        report.timestep_heat = self.history.heat
-        report.layout = s.layout
+        report.layer_order = self.layers.forward_names(ctx.layout)
+        report.layout = ctx.layout
+        for c in self.components:
+            c.report(ctx)
 
-    def _detect(self, s: _Step, report: StepReport, verdict: Verdict) -> None:
+    def _detect(self, ctx: StepContext) -> None:
         """Run every detector on the step's host values; record what they find."""
-        read, layout = s.read, s.layout
-        finite = verdict.finite and not verdict.spike_skip  # a skipped spike feeds no statistics
+        read, layout, report, verdict = ctx.read, ctx.layout, ctx.report, ctx.verdict
+        assert report is not None and verdict is not None
+        finite = verdict.finite and not verdict.skipped_by_flag  # a step skipped on a flag feeds no statistics
+        norms, owners = ctx.norms, ctx.owners
         obs = Observation(
-            s.number, s.optimizer_idx, read["total"], finite, verdict.nonfinite, read["loss_scale"],
-            logged=s.logged, layer_norms=report.layer_norms,
-            layers_now=lambda: layer_norms_now(s.norms, s.owners, layout, self.norm_type),
+            ctx.number, ctx.optimizer_idx, read["total"], finite, verdict.nonfinite, read["loss_scale"],
+            logged=ctx.logging, layer_norms=report.layer_norms,
+            layers_now=lambda: layer_norms_now(norms, owners, layout, self.norm_type),  # type: ignore[arg-type]
         )  # fmt: skip
-        if s.logged:
+        if ctx.logging:
             if "weights" in read:
-                names = (layout.layer_names[i] for i in s.layer_ids)
+                names = (layout.layer_names[i] for i in ctx.layer_ids)
                 obs.weight_norms = dict(zip(names, read.vector("weights"), strict=True))
-            obs.unused = [] if verdict.nonfinite else layout.unused(s.layer_ids)
-            obs.timestep_summaries = {name: self.history.summaries[name] for name in s.profiles}
-            if s.update_ids:
-                measured = [layout.layer_names[i] for i in s.update_ids]
-                obs.updates = {
-                    "total": read["update_total"],
-                    "layers": dict(zip(measured, read.vector("update_ratio"), strict=True)),
-                    "sqrt_v_min": dict(zip(measured, read.vector("sqrt_v_min"), strict=True))
-                    if "sqrt_v_min" in read
-                    else {},
-                }
-        for detector in self.detectors:
+            obs.unused = [] if verdict.nonfinite else layout.unused(ctx.layer_ids)
+        for c in self.components:
+            c.observe(ctx, obs)
+        for detector in [*self.detectors, *(d for c in self.components for d in c.detectors())]:
             for event in detector.detect(obs):
-                self._record(event)
+                ctx.record(event)
                 if detector.headline:
                     report.event = event
 
-    def _settle_deferred(self, s: _Step) -> StepReport:
-        report = StepReport(s.number, s.total.float())  # as read: the float32 total
-        self._detect(s, report, self._decide(s, report))
+    def _settle_deferred(self, ctx: StepContext) -> StepReport:
+        report = StepReport(ctx.number, ctx.total.float() if ctx.total is not None else torch.zeros(()))
+        self._decide(ctx, report)
+        self._detect(ctx)
+        for c in self.components:
+            c.end_step(ctx)
         return report
 
-    def _defer(self, s: _Step) -> StepReport:
+    def _defer(self, ctx: StepContext) -> StepReport:
         """Keep the step's read for later: nothing on the host depends on it now (no sync)."""
-        s.deferred = True
-        self._pending.append(s)
+        ctx.deferred, ctx.measurement = True, None  # no gradient kept alive
+        self._pending.append(ctx)
         self._advance()
         if len(self._pending) >= _PENDING_LIMIT:  # bound the memory of a run that never logs
             self.flush()
-        return StepReport(s.number, s.total, deferred=True)
+        return StepReport(ctx.number, ctx.total if ctx.total is not None else torch.zeros(()), deferred=True)
+
+    def _skip_unmeasured(self, ctx: StepContext) -> StepReport:
+        """Skip a step without measuring it (a component's gate: a batch after a rollback, or on the
+        resumed skip list)."""
+        self.skipper.disarm(ctx.optimizer)
+        self.policy.skip_unmeasured(ctx.layout.params)
+        self._loss_finite = None
+        self._advance()
+        return StepReport(ctx.number, torch.zeros(()), skipped=True)
+
+    def _skip_settled(self, ctx: StepContext, cause: str, rolled_back: bool) -> None:
+        """Skip a settled step after its decision (a component's, e.g. a rollback): every optimizer's
+        gradients to None, counted once by the policy."""
+        report = ctx.report
+        assert report is not None
+        self.skipper.disarm(ctx.optimizer)
+        optimizers = [ctx.optimizer, *(o for o in self._optimizers if o is not ctx.optimizer)]
+        self.policy.skip_settled([p for opt in optimizers for g in opt.param_groups for p in g["params"]],
+                                 already=report.skipped)  # fmt: skip
+        report.skipped = True
+        report.rolled_back = report.rolled_back or rolled_back
 
     def _nothing_to_measure(self, number: int) -> StepReport:
         self._warn_once(
@@ -860,14 +684,11 @@ class GuardCore:
         self.steps += 1
         self.layers.freeze_order()
 
-    def _take_loss_flag(self) -> Tensor | None:
-        flag, self._loss_finite = self._loss_finite, None
-        return flag
-
-    def _take_loss_value(self) -> Tensor | None:
-        total, count = self._loss_sum, self._loss_count
-        self._loss_sum, self._loss_count = None, 0
-        return None if total is None else total / count
+    def _record_in(self, ctx: StepContext, event: GradEvent) -> GradEvent:
+        """Record an event of this step: each component may enrich it first (the replay's verdict)."""
+        for c in self.components:
+            event = c.enrich(ctx, event)
+        return self._record(event)
 
     def _record(self, event: GradEvent) -> GradEvent:
         self._events.append(event)
@@ -875,179 +696,18 @@ class GuardCore:
         self.emit(event)
         return event
 
+    def _on_skip_limit(self, cause: str) -> bool:
+        return any(c.on_skip_limit(cause) for c in self.components)
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             if alerts.is_rank_zero():
                 alerts.warn(message)
 
-    # ------------------------------------------------------------- reporting
-    @property
-    def clip(self) -> Clipper | None:
-        """The clipper, or None."""
-        return self.clipping.clip
 
-    @property
-    def spike(self) -> LogNormStats | None:
-        """The spike detector's statistics of log(total norm), or None when ``spike_zscore`` is None."""
-        found = [d.stats for d in self.detectors if isinstance(d, SpikeDetector)]
-        return found[0] if found else None
+def _has_dtensor(model: nn.Module) -> bool:
+    from lightning_gradguard.primitives.norms import dtensor_type
 
-    @property
-    def rollbacks(self) -> int:
-        """Rollbacks made so far (0 without the ``rollback`` option)."""
-        return self.recovery.rollbacks if self.recovery is not None else 0
-
-    @property
-    def skip_list(self) -> list[dict[str, Any]]:
-        """The skipped and rolled-back batches, one entry each: ``{"epoch", "batch_idx", "step", "reason",
-        "steps", "reasons"}`` (``step`` and ``reason``: the first of ``steps`` and ``reasons``)."""
-        return list(self.recovery.skips) if self.recovery is not None else []
-
-    @property
-    def spike_skipped_steps(self) -> int:
-        """Finite steps skipped as spikes (``skip_spikes``)."""
-        return self.policy.spike_skipped_steps
-
-    @property
-    def events(self) -> list[GradEvent]:
-        """The recorded events, oldest first (at most ``max_events``)."""
-        return list(self._events)
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped so far."""
-        return self.policy.skipped_steps
-
-    @property
-    def nonfinite_steps(self) -> int:
-        """Steps with a non-finite gradient or loss so far."""
-        return self.policy.nonfinite_steps
-
-    @property
-    def consecutive_skips(self) -> int:
-        """Skipped steps in a row, up to now."""
-        return self.policy.consecutive_skips
-
-    @property
-    def amp_overflow_steps(self) -> int:
-        """fp16 overflows the GradScaler handled so far."""
-        return self.policy.amp_overflow_steps
-
-    @property
-    def origins(self) -> dict[str, int]:
-        """How often each origin began a non-finite step."""
-        return self.policy.origins
-
-    @property
-    def timestep_norms(self) -> dict[str, Tensor]:
-        """Each tracked sequence's per-timestep norms at the last logging step (1-D CPU tensors)."""
-        return self.history.norms
-
-    @property
-    def timestep_summaries(self) -> dict[str, dict[str, float]]:
-        """Each tracked sequence's profile summary at the last logging step."""
-        return self.history.summaries
-
-    @property
-    def timestep_heat(self) -> dict[str, deque[tuple[int, Tensor]]]:
-        """Each tracked sequence's recent (step, profile) pairs."""
-        return self.history.heat
-
-    @property
-    def max_total_norm(self) -> float:
-        """The largest finite total norm (before clipping) seen so far."""
-        self.flush()
-        return self.policy.max_total_norm
-
-    @property
-    def clipped_steps(self) -> int:
-        """How many steps the clipper changed (a deferred clipper's count costs one host read)."""
-        self.flush()
-        return self.clipping.clipped_steps
-
-    def summary(self) -> str:
-        """A one-paragraph summary of the run so far.
-
-        Example::
-
-            >>> GuardCore().summary()
-            'GradGuard summary: 0 optimizer steps guarded; no clipping configured; 0 skipped; 0 non-finite steps.'
-        """
-        self.flush()
-        quiet = sum(self.alerts.suppressed.values())
-        return summarize_run(self.steps, self.clip, self.clipped_steps, self.policy, self.kind_counts, quiet,
-                             empty_steps=self.empty_steps, undelivered=self.alerts.undelivered())  # fmt: skip
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Counters, clipper and detector state, as plain values (the format of version 0.2.0)."""
-        self.flush()
-        detected: dict[str, Any] = {"rate": {}, "spike": {}, "layers": {}} | {
-            d.state_key: state_of(d) for d in self.detectors if d.state_key
-        }
-        # The format of 0.2.0 keeps the spike detector's per-layer EMA with the layers' state.
-        spike = detected["spike"] = dict(detected["spike"])
-        detected["layers"] = {**detected["layers"], "log_ema": spike.pop("log_ema", {})}
-        extra: dict[str, Any] = {}
-        if self.recovery is not None:
-            extra["recovery"] = self.recovery.state_dict()
-        if self.empty_steps:  # only when it happened: a run with gradients keeps 0.2.0's format
-            extra["empty_steps"] = self.empty_steps
-        if self.spikes is not None:  # only with the options: a run without them keeps 0.2.0's format
-            extra["spike_device"] = self.spikes.state_dict()
-            extra["spike_skipped_steps"] = self.policy.spike_skipped_steps
-        return {
-            "version": 1,
-            "steps": self.steps,
-            **self.policy.state_dict(),
-            "clipped_steps": self.clipped_steps,
-            "clip": self.clipping.state_dict(),
-            **detected,
-            "alerts": self.alerts.state_dict(),
-            "kinds": dict(self.kind_counts),
-            **extra,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; missing keys (older checkpoints) keep their defaults."""
-        self.steps = int(state.get("steps", self.steps))
-        self.empty_steps = int(state.get("empty_steps", 0))
-        self.policy.load_state_dict(state)
-        self.clipping.load_state_dict(state.get("clip", {}), int(state.get("clipped_steps", 0)), self.steps)
-        layers = state.get("layers", {})  # the spike detector's per-layer EMA is kept there (see state_dict)
-        state = {**state, "spike": {**state.get("spike", {}), "log_ema": layers.get("log_ema", {})}}
-        for detector in self.detectors:
-            load = getattr(detector, "load_state_dict", None)
-            if detector.state_key and callable(load):
-                load(state.get(detector.state_key, {}))
-        self.alerts.load_state_dict(state.get("alerts", {}))
-        self.kind_counts = {str(k): int(v) for k, v in dict(state.get("kinds", {})).items()}
-        if self.recovery is not None:  # a resumed run: its skip list is skipped again
-            self.recovery.load_state_dict(state.get("recovery", {}))
-        if self.spikes is not None and "spike_device" in state:
-            self.spikes.load_state_dict(state["spike_device"])
-
-
-def _gather_verdicts(mine: dict[str, Any]) -> dict[str, Any]:
-    """Every rank's replay, gathered (a collective: every rank replays the same step); the verdict of
-    the run is a rank's that reproduced the fault, else ``transient``, naming the faulty ranks."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return {**mine, "faulty_ranks": [mine["rank"]]}
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    reproduced = [r for r in everyone if r["verdict"] != "transient"]
-    chosen = reproduced[0] if reproduced else next((r for r in everyone if r["local_fault"]), mine)
-    faulty = [r["rank"] for r in everyone if r["local_fault"]]
-    return {**chosen, "faulty_ranks": faulty, "ranks": everyone}
-
-
-def _drop_grads(optimizers: Sequence[torch.optim.Optimizer]) -> None:
-    """Skip the step for these optimizers: every gradient to None (torch optimizers then do nothing)."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                p.grad = None
-
+    dtensor = dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_gradguard._validate import check_int, check_number
+from lightning_gradguard.core.component import GuardComponent, Setup, StepContext
 from lightning_gradguard.core.snapshot import RestoreError, Snapshot, SnapshotRing, Targets
 from lightning_gradguard.errors import NonFiniteGradientError
 from lightning_gradguard.events import GradEvent
@@ -126,17 +127,28 @@ class Rollback:
             raise TypeError(f"Expected `skip_file` to be True, False or a path, but got {self.skip_file!r}.")
 
 
-class Recovery:
-    """Carries out a :class:`Rollback` for the guard (which calls it at fixed points of a step).
+class Recovery(GuardComponent):
+    """Carries out a :class:`Rollback`: the guard's ``rollback`` component.
+
+    Its hooks: ``gate`` skips a batch of the resumed skip list (or one of the ``skip_batches`` after a
+    rollback) without a look, and takes the first snapshot; ``settle`` keeps the streaks, the skip
+    list, and rolls back when a trigger fired (the ``spike_high`` flag of the spike statistic counts
+    towards a confirmed spike); ``end_step`` takes a snapshot when one is due on a healthy step;
+    ``on_skip_limit`` takes over ``max_consecutive_skips``.
 
     Args:
         config: the options.
-        record: records an event (the guard's ``_record``).
+        record: records an event (the guard's; set again at :meth:`setup`).
         rank: this process's rank (names the snapshot files; rank 0 writes the skip file).
     """
 
-    def __init__(self, config: Rollback, record: Callable[[GradEvent], GradEvent], rank: int = 0) -> None:
-        self.config = config
+    name = "recovery"
+    order = 80
+
+    def __init__(
+        self, config: Rollback, record: Callable[[GradEvent], GradEvent] = lambda e: e, rank: int = 0
+    ) -> None:
+        self.options = config
         self.record = record
         self.rank = rank
         self.ring = SnapshotRing(config.keep, None if config.directory is None else str(config.directory), rank)
@@ -147,6 +159,7 @@ class Recovery:
         self._skips: dict[tuple[Any, ...], dict[str, Any]] = {}  # (epoch, batch_idx), or (None, step): entry
         self.replay: set[tuple[int, int]] = set()  # positions to skip again (a resumed run)
         self.resumed = False
+        self._saved: dict[str, Any] = {}  # the checkpoint's state of a resumed run
         self.skip_path: str | None = self._path_of(config.skip_file, None)
         self.cause: str | None = None  # a trigger waiting for the end of the step's decision
         self.skip_next = 0
@@ -157,6 +170,70 @@ class Recovery:
         self._last_used: int | None = None  # the step of the snapshot the last rollback restored
         self._batch: list[tuple[int, int]] = []  # positions noted since the last step
         self._positions: dict[int, list[tuple[int, int]]] = {}
+
+    # ------------------------------------------------------------ the hooks
+    def setup(self, setup: Setup) -> None:
+        """What a snapshot covers; the skip file beside the logs (``setup.log_dir``): a resumed run's is
+        merged with its checkpoint's list, a fresh run starts it empty."""
+        self.record = setup.record
+        targets = self.targets
+        if setup.model is not None:
+            targets.model = setup.model
+        if setup.optimizers:
+            targets.optimizers = list(setup.optimizers)
+        targets.schedulers, targets.scaler = list(setup.schedulers), setup.scaler
+        targets.guard_state, targets.load_guard_state = setup.guard_state, setup.load_guard_state
+        self.rank = self.ring.rank = setup.rank
+        if setup.log_dir is not None:
+            self.set_log_dir(setup.log_dir)
+            if self.resumed:
+                self._merge_file()
+            else:
+                self.begin_run()
+
+    def gate(self, ctx: StepContext) -> str | None:
+        """Before the step's measurement: the first snapshot, and a batch to skip without a look."""
+        targets = self.targets
+        if targets.model is None:
+            raise RuntimeError(
+                "GuardCore(rollback=...) needs the model: pass it to GuardCore(model, ...) or to prepare()."
+            )
+        if ctx.optimizer not in targets.optimizers:  # a new optimizer: every snapshot must hold it
+            targets.optimizers = [*targets.optimizers, ctx.optimizer]
+            self.ring.clear()
+        why = self.begin(ctx.number)
+        self.first(ctx.number)
+        return why
+
+    def settle(self, ctx: StepContext) -> None:
+        """After the decision: the streaks and the skip list; a rollback if a trigger fired."""
+        report, verdict = ctx.report, ctx.verdict
+        assert report is not None and verdict is not None
+        self.observe_step(ctx.number, verdict.loss_bad, ctx.raised("spike_high"), ctx.skip_reason)
+        if self.cause is None:
+            return
+        ctx.skip(self.cause, rolled_back=True)
+        ctx.headline(self.rollback(ctx.number, self.cause))
+
+    def end_step(self, ctx: StepContext) -> None:
+        """A snapshot when one is due, on a healthy step: once it is settled and detected, so that the
+        clipper's and the detectors' statistics all include it."""
+        report, verdict = ctx.report, ctx.verdict
+        if ctx.deferred or report is None or verdict is None or report.skipped:
+            return
+        healthy = verdict.finite and not ctx.raised("spike_high")
+        if healthy and not self.suspicious and self.due(ctx.number):
+            self.capture(ctx.number)
+
+    def load_legacy(self, state: dict[str, Any]) -> None:
+        if "recovery" in state:  # 0.3.0 kept it at the top level
+            self.load_state_dict(state["recovery"])
+
+    def snapshot_state(self) -> Any:
+        return None  # its counters and skip list go on through a rollback
+
+    def load_snapshot_state(self, state: Any) -> None:
+        pass
 
     # ------------------------------------------------------------ the data
     @staticmethod
@@ -169,7 +246,7 @@ class Recovery:
 
     def set_log_dir(self, root: str) -> None:
         """Where the skip file goes when ``skip_file=True`` (the adapter: the Trainer's root directory)."""
-        self.skip_path = self._path_of(self.config.skip_file, root)
+        self.skip_path = self._path_of(self.options.skip_file, root)
 
     def begin_run(self) -> None:
         """Training starts: a fresh run (nothing loaded by :meth:`load_state_dict`) starts the skip
@@ -227,14 +304,14 @@ class Recovery:
         return [{**e, "steps": list(e["steps"]), "reasons": list(e["reasons"])} for e in entries]
 
     # ------------------------------------------------------------ triggers
-    def observe(self, step: int, loss_bad: bool, spike_high: bool, skipped: str | None) -> None:
+    def observe_step(self, step: int, loss_bad: bool, spike_high: bool, skipped: str | None) -> None:
         """A settled step's flags, in order: the streaks, and the skip list (``skipped``: why it was
         skipped, or None)."""
         self._loss_streak = self._loss_streak + 1 if loss_bad else 0
         self._spike_streak = self._spike_streak + 1 if spike_high else 0
         if skipped:
             self._add_skips(step, skipped)
-        c = self.config
+        c = self.options
         if c.nonfinite_losses is not None and self._loss_streak >= c.nonfinite_losses:
             self.request(f"{self._loss_streak} non-finite losses in a row (nonfinite_losses={c.nonfinite_losses})")
         elif c.spike_zscore is not None and self._spike_streak >= c.spike_patience:
@@ -245,7 +322,7 @@ class Recovery:
 
     def on_skip_limit(self, cause: str) -> bool:
         """``max_consecutive_skips`` was reached: roll back instead of raising (when ``on_skips``)."""
-        if not self.config.on_skips:
+        if not self.options.on_skips:
             return False
         self.request(cause)
         return True
@@ -266,7 +343,7 @@ class Recovery:
             self.capture(step)
 
     def due(self, step: int) -> bool:
-        return self._last_capture is None or step - self._last_capture >= self.config.every
+        return self._last_capture is None or step - self._last_capture >= self.options.every
 
     def capture(self, step: int) -> Snapshot:
         """Take a snapshot of the state before step ``step``'s update."""
@@ -290,8 +367,8 @@ class Recovery:
                 f"GradGuard cannot roll back at step {step} ({cause}): no snapshot exists yet (the first is taken "
                 "at the first optimizer step)."
             )
-        if self.rollbacks >= self.config.max_rollbacks:
-            limit, done = self.config.max_rollbacks, self.rollbacks
+        if self.rollbacks >= self.options.max_rollbacks:
+            limit, done = self.options.max_rollbacks, self.rollbacks
             message = (
                 f"GradGuard: the run did not recover: {cause} at step {step}, after {done} "
                 f"rollback{'' if done == 1 else 's'} (max_rollbacks={limit})."
@@ -300,7 +377,7 @@ class Recovery:
                                           extra={"cause": f"max_rollbacks={limit} reached: {cause}"}))  # fmt: skip
             raise NonFiniteGradientError(message, event)
         index = len(snaps) - 1
-        within = self.config.recur_within if self.config.recur_within is not None else self.config.every
+        within = self.options.recur_within if self.options.recur_within is not None else self.options.every
         recurring = self._last_rollback is not None and step - self._last_rollback <= within and not manual
         if recurring and self._last_used is not None:
             used = [i for i, s in enumerate(snaps) if s.step == self._last_used]
@@ -308,14 +385,14 @@ class Recovery:
         snap, depth = snaps[index], len(snaps) - 1 - index
         snap.restore(self.targets)
         self.ring.drop_after(index)
-        if self.config.lr_backoff is not None:
-            self.lr_scale *= self.config.lr_backoff
+        if self.options.lr_backoff is not None:
+            self.lr_scale *= self.options.lr_backoff
         if self.lr_scale != snap.lr_scale:
             scale_lrs(self.targets.optimizers, self.targets.schedulers, self.lr_scale / snap.lr_scale)
         self.rollbacks += 1
         undone = list(range(snap.step, step + 1))  # the steps whose updates are gone
         self._add_skips(step, "rolled back", undone)
-        self.skip_next = self.config.skip_batches
+        self.skip_next = self.options.skip_batches
         self._last_rollback, self._last_capture, self._last_used = step, step, snap.step
         self._loss_streak = self._spike_streak = 0
         batches = batch_ranges(pos for s in undone for pos in self._positions.get(s, []))
@@ -324,14 +401,14 @@ class Recovery:
             message=(
                 f"GradGuard rolled back at step {step} to the snapshot of step {snap.step} ({cause}); "
                 f"the updates of steps {snap.step}-{step} undone, the data goes on forward"
-                + (f", the next {plural(self.config.skip_batches, 'batch', 'batches')} skipped"
-                   if self.config.skip_batches else "")
+                + (f", the next {plural(self.options.skip_batches, 'batch', 'batches')} skipped"
+                   if self.options.skip_batches else "")
                 + (f", learning rates x{self.lr_scale:g}" if self.lr_scale != 1.0 else "")
-                + f". Rollback {self.rollbacks} of at most {self.config.max_rollbacks}."
+                + f". Rollback {self.rollbacks} of at most {self.options.max_rollbacks}."
             ),
             action="rolled back",
             extra={"cause": cause, "from_step": step, "snapshot_step": snap.step, "batch_ranges": batches,
-                   "batch_count": batch_count(batches), "skip_next": self.config.skip_batches,
+                   "batch_count": batch_count(batches), "skip_next": self.options.skip_batches,
                    "rollbacks": self.rollbacks, "depth": depth, "lr_scale": self.lr_scale, "manual": manual},
         ))  # fmt: skip
         if self.on_rollback is not None:
@@ -349,11 +426,17 @@ class Recovery:
         entries (one per batch, step and reason) or version 2's (one per batch)."""
         saved = dict(state)
         self.resumed = True
-        from_file = self._read_skip_file()
+        self._saved = saved
+        self.skip_next = int(saved.get("skip_next", 0))
+        self._merge_file()
+
+    def _merge_file(self) -> None:
+        """The checkpoint's list and the skip file's (which may be newer: a run killed after its last
+        checkpoint), merged; the newer of the two gives the counters."""
+        saved, from_file = self._saved, self._read_skip_file()
         newer = from_file if int(from_file.get("rollbacks", 0)) > int(saved.get("rollbacks", 0)) else saved
         self.rollbacks = int(newer.get("rollbacks", 0))
         self.lr_scale = float(newer.get("lr_scale", 1.0))
-        self.skip_next = int(saved.get("skip_next", 0))
         self._skips = {}
         for entry in [*saved.get("skips", []), *from_file.get("skips", [])]:
             epoch, batch_idx = entry.get("epoch"), entry.get("batch_idx")

@@ -36,11 +36,17 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradguard.core.component import GuardComponent, Setup, StepContext
+from lightning_gradguard.core.step_report import timestep_metrics
+from lightning_gradguard.detectors.base import Observation
+from lightning_gradguard.errors import warn
 from lightning_gradguard.primitives.layout import strip_wrappers as _strip_wrappers
+from lightning_gradguard.primitives.text import unmatched
 
 __all__ = [
     "TimestepHistory",
     "TimestepTracker",
+    "TimestepTracking",
     "combine_profiles",
     "make_tracker",
     "summarize_profile",
@@ -386,3 +392,80 @@ def combine_profiles(per_rank: Sequence[dict[str, list[float]]], norm_type: floa
             combined.append((max(values) if math.isinf(p) else sum(v**p for v in values) ** (1.0 / p)) / ranks)
         out[name] = combined
     return out
+
+
+class TimestepTracking(GuardComponent):
+    """Per-timestep tracking as the guard's ``timesteps`` component: the hooks are armed by
+    ``begin_step`` on logging steps only, a logging step's profiles ride in its one read, and each
+    profile's summary is logged (``gradguard/timestep/<name>/...``), kept in a history (the heatmap)
+    and handed to the detectors (``vanishing_in_time``, ``exploding_in_time``). Under data
+    parallelism every rank's profiles of a logging step are gathered, so that each is the whole
+    batch's and the same on every rank.
+
+    Args:
+        tracker: the hooks (:func:`make_tracker`).
+        history: how many logging steps the heatmap keeps.
+    """
+
+    name = "timesteps"
+    order = 30
+
+    def __init__(self, tracker: TimestepTracker, history: int = 64) -> None:
+        self.tracker = tracker
+        self.history = TimestepHistory(history)
+        self.gather: Any = None
+        self._warned = False
+
+    def setup(self, setup: Setup) -> None:
+        self.gather = setup.gather
+        if setup.model is None:
+            return
+        tracked = self.tracker.watch(setup.model)
+        missing = sorted((self.tracker.only or set()) - set(tracked))
+        if missing and not self._warned:
+            self._warned = True
+            warn(unmatched("track_timesteps", missing, self.tracker.recurrent, "recurrent module"))
+
+    def teardown(self) -> None:
+        self.tracker.unwatch()
+
+    def begin_step(self, step: int, logging: bool) -> None:
+        tracker = self.tracker
+        if logging:
+            if tracker.armed:
+                tracker.new_forward()
+            else:
+                tracker.arm()
+        elif tracker.armed:
+            tracker.disarm()
+
+    def register(self, ctx: StepContext) -> None:
+        tracker = self.tracker
+        if not ctx.logging:
+            if tracker.armed:
+                tracker.disarm()
+            return
+        if tracker.armed:
+            m = ctx.measurement
+            profiles = tracker.collect(m.loss_scale if m is not None else None)
+            for name, profile in profiles.items():
+                ctx.put(f"timestep/{name}", profile)
+            ctx.extra["profiles"] = list(profiles)
+
+    def report(self, ctx: StepContext) -> None:
+        report = ctx.report
+        assert report is not None
+        names = ctx.extra.get("profiles", [])
+        profiles = {name: ctx.read.vector(f"timestep/{name}") for name in names}
+        if self.gather is not None:  # every rank, every logging step
+            profiles = combine_profiles(self.gather(profiles), self.tracker.norm_type)
+            names = ctx.extra["profiles"] = list(profiles)
+        for name, values in profiles.items():
+            self.history.add(report.step, name, values)
+            report.timesteps[name] = self.history.norms[name]
+        report.metrics.update(timestep_metrics({name: self.history.summaries[name] for name in names}))
+        report.timestep_heat = self.history.heat
+
+    def observe(self, ctx: StepContext, obs: Observation) -> None:
+        if obs.logged:
+            obs.timestep_summaries = {name: self.history.summaries[name] for name in ctx.extra.get("profiles", [])}

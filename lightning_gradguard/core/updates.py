@@ -18,15 +18,20 @@ nothing, except the step before a logging step: one copy of the parameters.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_gradguard.core.component import GuardComponent, Setup, StepContext
 from lightning_gradguard.core.hostread import HostRead
+from lightning_gradguard.detectors.base import Detector, Observation
+from lightning_gradguard.detectors.updates import UpdateDetector
+from lightning_gradguard.primitives.keys import METRIC_PREFIX
 from lightning_gradguard.primitives.layout import OptimizerLayout
-from lightning_gradguard.primitives.norms import combine_norms, grad_norms, group_norms
+from lightning_gradguard.primitives.norms import combine_norms, dtensor_type, grad_norms, group_norms
 
-__all__ = ["UPDATE_KEYS", "UpdateTracker"]
+__all__ = ["UPDATE_KEYS", "UpdateTracker", "UpdateTracking"]
 
 UPDATE_KEYS = ("update_ratio", "weight_norm", "sqrt_v_min", "sqrt_v_median")  # per-layer metric names
 
@@ -108,3 +113,79 @@ def _sqrt_v(
         mins.append(root.min().to(device))
         meds.append(root.median().to(device))
     return torch.stack(mins), torch.stack(meds)
+
+
+class UpdateTracking(GuardComponent):
+    """``track_updates=True``: the :class:`UpdateTracker` and its detector, as the guard's ``updates``
+    component. On a logging step its values ride in the step's one read; the step before one copies
+    the weights. ``gradguard/update_ratio`` (the total) and ``gradguard/<key>/<layer>`` for each of
+    :data:`UPDATE_KEYS` are logged; ``update_spike`` and ``moment_collapse`` events detected.
+
+    Args:
+        norm_type: the order of the norms.
+        zscore: the ``update_spike`` threshold (the guard's ``spike_zscore``, 6.0 when that is off).
+
+    Raises:
+        ValueError: at :meth:`setup`, on sharded parameters (FSDP, tensor parallel), which the norms
+            of updates and weights would need reduced.
+    """
+
+    name = "updates"
+    order = 40
+
+    def __init__(self, norm_type: float = 2.0, zscore: float = 6.0) -> None:
+        self.tracker = UpdateTracker(norm_type)
+        self.detector = UpdateDetector(zscore)
+
+    def setup(self, setup: Setup) -> None:
+        dtensor = dtensor_type()
+        model = setup.model
+        if setup.sharded or (
+            model is not None and dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
+        ):
+            raise ValueError(
+                "GradGuard: track_updates=True does not support sharded parameters yet (FSDP, tensor parallel): "
+                "the update and weight norms would need the shards reduced. Use it under DDP or on one process."
+            )
+
+    def detectors(self) -> list[Detector]:
+        return [self.detector]
+
+    def register(self, ctx: StepContext) -> None:
+        if ctx.logging:  # the update that led into this step, then (below) the weights before this one
+            ctx.extra["update_ids"] = self.tracker.register(ctx.read, ctx.optimizer, ctx.layout)
+        if ctx.log_next:
+            self.tracker.keep_before(ctx.optimizer, ctx.layout)  # measured at the next (logging) step
+
+    def report(self, ctx: StepContext) -> None:
+        ids = ctx.extra.get("update_ids")
+        if not ids or ctx.report is None:
+            return
+        read, metrics, p = ctx.read, ctx.report.metrics, METRIC_PREFIX
+        names = [ctx.layout.layer_names[i] for i in ids]
+        metrics[f"{p}update_ratio"] = read["update_total"]
+        for key in UPDATE_KEYS:
+            if key in read:
+                metrics.update({f"{p}{key}/{n}": v for n, v in zip(names, read.vector(key), strict=True)})
+
+    def observe(self, ctx: StepContext, obs: Observation) -> None:
+        ids = ctx.extra.get("update_ids")
+        if not ids or not obs.logged:
+            return
+        read = ctx.read
+        measured = [ctx.layout.layer_names[i] for i in ids]
+        obs.updates = {
+            "total": read["update_total"],
+            "layers": dict(zip(measured, read.vector("update_ratio"), strict=True)),
+            "sqrt_v_min": dict(zip(measured, read.vector("sqrt_v_min"), strict=True)) if "sqrt_v_min" in read else {},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.detector.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state)
+
+    def load_legacy(self, state: dict[str, Any]) -> None:
+        if "updates" in state:  # 0.3.0 kept the detector's state at the top level
+            self.detector.load_state_dict(state["updates"])

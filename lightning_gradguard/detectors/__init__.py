@@ -40,7 +40,6 @@ def default_detectors(
     *,
     explode_threshold: float | None,
     spike_zscore: float | None,
-    spike_warmup: int,
     vanish_threshold: float,
     vanish_ratio: float | None,
     vanish_patience: int,
@@ -50,7 +49,7 @@ def default_detectors(
     """The built-in detectors, in the order their events are recorded within a step. Each owns its state."""
     detectors: list[Detector] = [] if explode_threshold is None else [ExplodingDetector(explode_threshold)]
     if spike_zscore is not None:
-        detectors.append(SpikeDetector(spike_zscore, spike_warmup))
+        detectors.append(SpikeDetector(spike_zscore))  # scores the guard's spike statistic (core/spike.py)
     detectors += [
         LossScaleDetector(min_loss_scale),
         InTimeDetector(timestep_vanish_ratio),

@@ -11,6 +11,7 @@ Adding a detector means adding a module here and listing it in :func:`default_de
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
@@ -40,12 +41,14 @@ class Observation:
         layers_now: per-layer norms on any step, at the cost of one more host read.
         updates: logging steps with ``track_updates``: ``{"total": ‖ΔW‖/‖W‖, "layers": {layer: ratio},
             "sqrt_v_min": {layer: smallest √v}}`` (empty otherwise).
+        spike_z: the guard's z-score of log(total norm) against its spike statistic (NaN without one).
+        extra: what a component measured for its own detectors (filled by its ``observe`` hook).
     """
 
     # A plain class with slots: one is made per step, and shared empty defaults allocate nothing.
     __slots__ = (
-        "finite", "layer_norms", "layers_now", "logged", "loss_scale", "nonfinite", "optimizer_idx", "step",
-        "timestep_summaries", "total", "unused", "updates", "weight_norms",
+        "extra", "finite", "layer_norms", "layers_now", "logged", "loss_scale", "nonfinite", "optimizer_idx",
+        "spike_z", "step", "timestep_summaries", "total", "unused", "updates", "weight_norms",
     )  # fmt: skip
 
     def __init__(
@@ -78,6 +81,8 @@ class Observation:
         self.timestep_summaries = timestep_summaries
         self.layers_now = layers_now
         self.updates = updates
+        self.spike_z = math.nan
+        self.extra: dict[str, Any] = {}
 
 
 @runtime_checkable

@@ -3,7 +3,7 @@
 :class:`UpdateDetector` looks at the logging steps of ``track_updates``:
 
 * ``update_spike``: the total update-to-weight ratio ‖ΔW‖/‖W‖ is more than ``zscore`` standard
-  deviations above the EMA of its own log (the rule of :class:`~.spike.LogNormStats`, over logging
+  deviations above the EMA of its own log (the guard's one spike rule, :mod:`.spike`, over logging
   steps, with a short warm-up);
 * ``moment_collapse``: a layer's smallest √v (Adam's second moment) fell by at least ``decades``
   powers of ten below the EMA of its own log10, while the layer's gradient norm did not fall by as
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning_gradguard.detectors.base import Observation
-from lightning_gradguard.detectors.spike import LogNormStats
+from lightning_gradguard.detectors.spike import HostSpikeStats
 from lightning_gradguard.events import GradEvent
 
 __all__ = ["UpdateDetector"]
@@ -50,7 +50,7 @@ class UpdateDetector:
     def __init__(self, zscore: float = 6.0, warmup: int = 5, decades: float = 2.0) -> None:
         self.zscore = zscore
         self.decades = decades
-        self.stats = LogNormStats(warmup)
+        self.stats = HostSpikeStats(warmup, new_level=0)
         self.log_v: dict[str, float] = {}  # each layer's EMA of log10(min √v)
         self.log_g: dict[str, float] = {}  # each layer's EMA of log10(gradient norm)
 
@@ -60,7 +60,8 @@ class UpdateDetector:
             return []
         events = []
         ratios: Mapping[str, float] = updates.get("layers", {})
-        z = self.stats.score(float(updates.get("total", math.nan)))
+        total = float(updates.get("total", math.nan))
+        z = self.stats.score(math.log(total) if math.isfinite(total) and total > 0 else math.nan)
         if z == z and z > self.zscore:
             top = sorted((n for n in ratios if math.isfinite(ratios[n])), key=lambda n: -ratios[n])[:3]
             events.append(GradEvent(

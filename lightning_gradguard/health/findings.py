@@ -326,13 +326,32 @@ def _recovered(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, 
 
 
 def findings_of(events: Sequence[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
-    """The findings of a run's events, the guard's own stop first."""
+    """The findings of a run's events, the guard's own stop first; a component's own kinds last."""
     rows = list(events)
     spikes = [int(e["step"]) for e in rows if e["kind"] == "spike"]
     return [
         *_stopped(rows, ev), *_nonfinite(rows, ev), *_grew(rows, spikes, ev), *_spiky(rows, ev),
-        *_recovered(rows, ev), *_simple(rows, ev),
+        *_recovered(rows, ev), *_simple(rows, ev), *_components(rows, ev),
     ]  # fmt: skip
+
+
+# Every kind a finding above speaks for (the rest are a component's own, or informational).
+_KNOWN = frozenset({"stopped", "nonfinite", "amp_overflow", "exploding", "spike", "rollback", "spike_skipped",
+                    "update_spike", "moment_collapse", *_SIMPLE})  # fmt: skip
+
+
+def _components(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
+    """A component's own events (``docs/writing-a-component.md``): one finding per kind, in words of its
+    own first message, ``attention`` (the run went on: what it skipped, it counted)."""
+    out = []
+    for kind in dict.fromkeys(str(e["kind"]) for e in events if e["kind"] not in _KNOWN):
+        found = [e for e in events if e["kind"] == kind]
+        skipped = sum(1 for e in found if e.get("action") == "skipped")
+        what = f"{plural(len(found), kind + ' event')} at {_steps(found)}"
+        what += f" ({skipped} skipped)" if skipped else ""
+        out.append({"kind": kind, "severity": "attention", "what": what,
+                    "advice": f"raised by a component of the run: {found[0].get('message') or kind}"})  # fmt: skip
+    return out
 
 
 def severity_of(findings: Sequence[Mapping[str, Any]], notes: Sequence[str]) -> str:

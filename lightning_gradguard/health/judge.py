@@ -257,6 +257,8 @@ def skipped_steps_of(events: list[dict[str, Any]]) -> dict[int, str]:
     for e in events:
         kind, action = str(e.get("kind", "")), str(e.get("action", ""))
         why = _SKIPPED_BY.get((kind, action)) or _SKIPPED_BY.get((kind, None))
+        if why is None and action == "skipped":  # a component's own skip (its own kind)
+            why = kind
         if why is not None and why not in out.setdefault(int(e["step"]), []):
             out[int(e["step"])].append(why)
     return {step: ", ".join(whys) for step, whys in sorted(out.items())}

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning_gradguard.detectors import Observation, default_detectors
+from lightning_gradguard.detectors.spike import HostSpikeStats
 
 __all__ = ["DEFAULTS", "replay_caveat", "replay_events", "run_option"]
 
@@ -54,6 +55,8 @@ def replay_events(data: Any) -> list[dict[str, Any]]:
     """The events the guard's detectors raise on the run's logged steps, as event rows (the shape of
     ``RunData.events``), in step order; plus one ``nonfinite`` row per non-finite step the run logged."""
     options = {name: run_option(data.config, name) for name in DEFAULTS}
+    # the guard's one spike rule, on the logged total norms (the live guard scored every step)
+    spikes = HostSpikeStats(options.pop("spike_warmup"), threshold=options["spike_zscore"])
     detectors = default_detectors(**options)
     totals = dict(data.scalars.get("gradguard/total_norm", []))
     layers: dict[int, dict[str, float]] = {}
@@ -78,6 +81,8 @@ def replay_events(data: Any) -> list[dict[str, Any]]:
             timestep_summaries={n: s for n, s in in_time.get(step, {}).items() if "first_last_ratio" in s},
             layers_now=lambda norms=norms: dict(norms),  # type: ignore[misc]
         )  # fmt: skip
+        if not nonfinite:
+            obs.spike_z = spikes.score(math.log(total) if math.isfinite(total) and total > 0 else math.nan)
         for detector in detectors:
             for event in detector.detect(obs):
                 row = event.as_dict()

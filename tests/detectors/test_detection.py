@@ -160,13 +160,15 @@ def test_500_spikes_give_at_most_5_log_records_and_a_count(caplog: pytest.LogCap
         for i in range(500):
             step_with_norm(guard, p, opt, 1.2 * math.exp(0.05 * i))  # always above its own EMA
     spikes = [e for e in guard.events if e.kind == "spike"]
-    assert len(spikes) == len(seen) == 500
+    # a spike that lasts 8 flagged steps is a new level: the statistics start again (a warm-up of 2),
+    # so 8 of every 10 steps are spikes
+    assert len(spikes) == len(seen) == 400
     records = [r for r in caplog.records if r.name == "lightning_gradguard"]
     assert 1 <= len(records) <= 5
-    assert "99 similar alerts suppressed" in records[1].getMessage()
+    assert "79 similar alerts suppressed" in records[1].getMessage()  # the 80 spikes of steps 2..101, but one
     assert len([w for w in caught if issubclass(w.category, GradGuardWarning)]) == len(records)
-    assert guard.alerts.suppressed["spike"] == 500 - len(records)
-    assert f"{500 - len(records)} repeated alerts were rate-limited" in guard.summary()
+    assert guard.alerts.suppressed["spike"] == 400 - len(records)
+    assert f"{400 - len(records)} repeated alerts were rate-limited" in guard.summary()
 
 
 def test_a_raising_handler_is_logged_once_and_training_goes_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -290,14 +292,14 @@ def test_dump_round_trips_and_replays_the_fault(tmp_path: Path) -> None:
         assert torch.equal(dump["model"][k], v)
     assert torch.equal(dump["optimizer"]["state"][0]["exp_avg"], opt_state["state"][0]["exp_avg"])
 
-    # The README's "Reproducing a bad step from a dump" block, run as it stands there.
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Reproducing a bad step from a dump") :]
+    # The "Reproducing a bad step from a dump" block of docs/why-did-it-break.md, run as it stands there.
+    readme = (Path(__file__).resolve().parents[2] / "docs/why-did-it-break.md").read_text()
+    section = readme[readme.index("## Reproducing a bad step from a dump") :]
     code = section[section.index("```python\n") + 10 : section.index("\n```", section.index("```python"))]
     code = code.replace('"dumps/gradguard-step000002-nonfinite.pt"', repr(path))
     scope: dict[str, Any] = {"MyModel": NanRecordNet}
     with pytest.warns(GradGuardWarning), contextlib.redirect_stdout(io.StringIO()) as out:
-        exec(compile(code, "README.md", "exec"), scope)
+        exec(compile(code, "docs/why-did-it-break.md", "exec"), scope)
     report = scope["report"]
     assert report.event is not None
     assert report.event.origin == event["origin"] == "loss"

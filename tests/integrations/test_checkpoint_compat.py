@@ -62,6 +62,33 @@ def _skips_as_steps(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "recovery": {**recovery, "skips": skips}}
 
 
+# Issue 29 made the spike statistic one: the `spike` event, `skip_spikes` and a rollback's confirmed
+# spike read one z-score, of a statistic that a spike (by any of them) never enters, so that three
+# spikes in a row stay three spikes (0.3.0's event statistic took them in, and a confirmed spike could
+# not be confirmed by it). The spike events are still decided at the same steps, on the same layers;
+# their z-scores, and the statistic's own state, are what changed on purpose.
+def _spike_scores_aside(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for e in events:
+        if e["kind"] == "spike":
+            e = {**e, "value": None, "message": e["message"].split(" is ")[0]}
+        out.append(e)
+    return out
+
+
+def _statistic_aside(state: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 state without the spike statistic (its `spike` and `spike_device`)."""
+    return {k: v for k, v in state.items() if k not in ("spike", "spike_device", "version", "spike_skipped_steps")}
+
+
+def _as_version_1(state: dict[str, Any]) -> dict[str, Any]:
+    """Today's state, as version 1 laid it out: the components' states at the top level."""
+    components = state["components"]
+    flat = {k: v for k, v in state.items() if k not in ("components", "spike", "version", "skipped_by")}
+    flat.update({name: components[name] for name in ("recovery", "updates") if name in components})
+    return flat
+
+
 @pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint.*")
 @pytest.mark.parametrize("version", sorted(FIXTURES))
 def test_a_checkpoint_of_an_earlier_version_resumes_with_identical_decisions(version: str) -> None:
@@ -84,22 +111,33 @@ def test_a_checkpoint_of_an_earlier_version_resumes_with_identical_decisions(ver
     assert [(e["step"], e["extra"]["replay"]["verdict"]) for e in replayed] == [(35, "data or numerics")]
     events, recorded = _without_replay(got["events"]), _without_replay(expected["events"])  # 0.3.0 replayed too
     events, recorded = _positions_as_steps(events), _positions_as_steps(recorded)
-    got["state"], expected["state"] = _skips_as_steps(got["state"]), _skips_as_steps(expected["state"])
     decided = ("kind", "step", "origin", "layers", "action", "optimizer_idx")
     assert [{k: e[k] for k in decided} for e in events] == [{k: e[k] for k in decided} for e in recorded]
-    assert_matches_recorded(events, recorded, "events")
-    assert_matches_recorded(got["state"], expected["state"], "state")
+    assert_matches_recorded(_spike_scores_aside(events), _spike_scores_aside(recorded), "events")
+    state = _skips_as_steps(_as_version_1(got["state"]))
+    assert_matches_recorded(state, _skips_as_steps(_statistic_aside(expected["state"])), "state")
+    skipped_by = got["state"].get("skipped_by", {})  # the policy counts the steps each flag skipped
+    assert skipped_by.get("spike_skip", 0) == expected["state"].get("spike_skipped_steps", 0)
     # The summary's wording changed in 0.3.0 (plurals); every count in it is a decision.
     assert numbers_of(got["summary"]) == numbers_of(expected["summary"])
 
 
-def test_checkpoint_state_format_is_unchanged() -> None:
-    fixture = make_checkpoint
+def test_a_fresh_run_writes_the_state_by_component_and_reads_version_1() -> None:
+    """Today's format (version 2): the core's counters and statistics at the top level, as version 1
+    had them, and each component's state under ``components``; a version-1 checkpoint still loads."""
+    fixture = make_checkpoint_0_3
     ckpt = torch.load(fixture.CKPT, map_location="cpu", weights_only=False)
-    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("GradGuard")]
-    expected = json.loads(fixture.EXPECTED.read_text())["state"]
-    assert set(state) == set(expected)
-    guard, _ = fixture.run(RESUME_AT, ckpt_in=None)  # a fresh run of the same length writes the same keys
-    assert set(guard.state_dict()) == set(state)
-    assert {k: type(v) for k, v in guard.state_dict().items()} == {k: type(v) for k, v in state.items()}
+    (old,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("GradGuard")]
+    assert "components" not in old and {"recovery", "spike_device", "updates"} <= set(old)
+    guard, _ = fixture.run(RESUME_AT, ckpt_in=None)
+    state = guard.state_dict()
+    assert state["version"] == 2 and sorted(state["components"]) == ["recovery", "spike", "updates"]
+    assert set(old) - set(state) == {"recovery", "spike_device", "updates", "spike_skipped_steps"}
+    assert set(state) - set(old) == {"components"}
+    fresh = fixture.make_guard()
+    fresh.load_state_dict(old)  # version 1, by component
+    loaded = fresh.state_dict()
+    assert loaded["components"]["recovery"]["rollbacks"] == old["recovery"]["rollbacks"] == 1
+    assert loaded["components"]["spike"]["norm"][:3] == [old["spike"]["n"], old["spike"]["mean"], old["spike"]["m2"]]
+    assert loaded["components"]["spike"]["loss"] == old["spike_device"]["device_stats"][1]
     assert Path(fixture.CKPT).stat().st_size < 64_000

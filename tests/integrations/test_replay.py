@@ -207,9 +207,11 @@ def test_no_replay_under_a_sharded_strategy_says_why() -> None:
     CUDA cases and benchmarks/gpu_checks.py."""
     from pytorch_lightning.strategies import ModelParallelStrategy
 
+    from lightning_gradguard.integrations.lightning.replay import why_no_replay
+
     def why(**kwargs: Any) -> str | None:
         t = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, **kwargs)
-        return GradGuard._why_no_replay(t, Net("data"))
+        return why_no_replay(t, Net("data"))
 
     assert why() is None and why(strategy="ddp") is None
     assert str(why(strategy=ModelParallelStrategy())).startswith(

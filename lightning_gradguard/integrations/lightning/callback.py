@@ -1,5 +1,6 @@
-"""The Lightning adapter: :class:`GradGuard` is a :class:`~lightning_gradguard.GuardCore` that is also a
-Lightning ``Callback``, and translates each Trainer hook into one core call.
+"""The Lightning callback: :class:`GradGuard` is a :class:`~lightning_gradguard.GuardCore` that is also a
+Lightning ``Callback``, and translates each Trainer hook into one core call. It holds hooks only: what it
+needs of the Trainer is read by :mod:`.trainer`, replaying a step by :mod:`.replay`.
 
 It takes the core's options as they are declared on :class:`~lightning_gradguard.GuardCore` (the way
 Lightning's ``SpikeDetection`` inherits Fabric's), and adds only its own: the TensorBoard images and
@@ -20,15 +21,12 @@ Hook timing it relies on:
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
-import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
@@ -36,15 +34,13 @@ from lightning_gradguard.clip import Clipper
 from lightning_gradguard.core.guard import GuardCore, StepReport
 from lightning_gradguard.dump import Dumper
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
-from lightning_gradguard.events import GradEvent
+from lightning_gradguard.integrations.lightning import replay
+from lightning_gradguard.integrations.lightning import trainer as trainer_glue
 from lightning_gradguard.notify.wandb import WandbAlert
 from lightning_gradguard.tensorboard.sink import TensorBoardSink
 
 __all__ = ["GradGuard"]
 
-# Strategies that set the model up after the callbacks' `setup` (configure_model, wrapping): the guard
-# names layers and attaches its hooks at `on_fit_start`, once the parameters are the final ones.
-_ENGINE_OWNED = ("DeepSpeedStrategy",)
 _ADAPTER_SETS = ("model", "sharded", "process_group")  # core options the adapter takes from the Trainer
 
 
@@ -69,36 +65,6 @@ if TYPE_CHECKING:
     _Base = Callback
 else:
     _Base = type("_GradGuardBase", _callback_bases(), {"__module__": __name__})
-
-
-def _silent(*args: Any, **kwargs: Any) -> None:
-    """``self.log`` during a replay: the replay's values must not reach the run's metrics."""
-
-
-def _run_name(trainer: pl.Trainer) -> str:
-    """The run's name in alerts: the first logger's name and version, else the root directory's name."""
-    for logger in trainer.loggers:
-        name, version = getattr(logger, "name", None), getattr(logger, "version", None)
-        if name:
-            return f"{name}/{version}" if version not in (None, "") else str(name)
-    return os.path.basename(os.path.abspath(trainer.default_root_dir))
-
-
-def _profile_gatherer(trainer: pl.Trainer) -> Callable[[dict[str, list[float]]], list[dict[str, list[float]]]]:
-    """Gathers a logging step's per-timestep profiles from every data-parallel rank (host lists, once
-    per logging step): tensor-parallel ranks share their inputs, so only the data-parallel ones."""
-    import torch.distributed as dist
-
-    mesh: Any = getattr(trainer.strategy, "device_mesh", None)
-    names = getattr(mesh, "mesh_dim_names", None) or ()
-    group = mesh["data_parallel"].get_group() if "data_parallel" in names else None
-
-    def gather(local: dict[str, list[float]]) -> list[dict[str, list[float]]]:
-        out: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(out, local, group=group)
-        return out
-
-    return gather
 
 
 class GradGuard(GuardCore, _Base):
@@ -207,6 +173,7 @@ class GradGuard(GuardCore, _Base):
         self._last_report: StepReport | None = None
         self._replay_off: str | None = None  # why this run's faults are not replayed
         self._wandb: WandbAlert | None = None
+        self._own_cadence = log_every_n_steps  # None: the Trainer's, read at setup
 
     @property
     def core(self) -> GuardCore:
@@ -239,136 +206,34 @@ class GradGuard(GuardCore, _Base):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if strategy in _ENGINE_OWNED:
-            raise MisconfigurationException(
-                f"GradGuard does not support `{strategy}`: DeepSpeed owns and partitions the gradients (under "
-                "ZeRO-2/3 `p.grad` is None) and clips and skips steps inside its engine (its `gradient_clipping` "
-                "config), where no callback can see them. Use strategy='fsdp' or ModelParallelStrategy (FSDP2, "
-                "tensor parallel), which GradGuard supports with global norms, clipping and skips, or strategy='ddp'."
-            )
-        self.sharded = strategy == "FSDPStrategy"  # FSDP1's gradients are flat-view shards
-        if trainer.gradient_clip_val and self.clip is not None:
-            rank_zero_warn(
-                f"GradGuard clips with {self.clip!r} and `Trainer(gradient_clip_val={trainer.gradient_clip_val})` "
-                "is also set: gradients would be clipped twice (GradGuard first, then Lightning). "
-                "Remove one of them."
-            )
-        if not any(p.requires_grad for p in pl_module.parameters()):
-            rank_zero_warn(
-                "GradGuard: the model has no trainable parameters (none, or all frozen): there is nothing to "
-                "measure, clip or guard."
-            )
-        if self.recovery is not None:  # the skip list's file, beside the logs (read back on resume)
-            self.recovery.set_log_dir(trainer.default_root_dir)
+        self.sharded = trainer_glue.check_trainer(trainer, pl_module, self.clip)
+        self.log_every_n_steps = trainer_glue.cadence(self._own_cadence, trainer)  # decided once, here
         self.sink.attach(trainer.loggers, self.alerts, trainer.is_global_zero, self.config())
-        self.alerts.run_name = _run_name(trainer)
-        self._connect_wandb(trainer)
-
-    def _connect_wandb(self, trainer: pl.Trainer) -> None:
-        """With a ``WandbLogger``, alarms also go to ``wandb.alert`` (rate-limited like the others)."""
-        notifiers = self.alerts.notifiers
-        if self._wandb in notifiers:
-            notifiers.remove(self._wandb)
-        self._wandb = None
-        found = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
-        if found and trainer.is_global_zero:
-            self._wandb = WandbAlert(getattr(found[0], "experiment", None))
-            notifiers.append(self._wandb)
+        self.alerts.run_name = trainer_glue.run_name(trainer)
+        self._wandb = trainer_glue.connect_wandb(trainer, self.alerts, self._wandb)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After configure_model and the strategy's setup: FSDP2 and tensor parallelism replace the
-        # parameters (DTensors) after the callbacks' `setup`, so naming them there would go stale.
-        gather = _profile_gatherer(trainer) if trainer.world_size > 1 else None
+        # parameters (DTensors) after the callbacks' `setup`, so naming them there would go stale. After
+        # a resume's state is loaded too: the skip file is merged with it, or started empty.
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
         try:  # e.g. AGC refuses a placement that splits its units
-            self.prepare(pl_module, trainer.optimizers, schedulers=schedulers, scaler=scaler, gather_profiles=gather)
+            self.prepare(pl_module, trainer.optimizers, schedulers=schedulers, scaler=self._scaler(trainer),
+                         gather_profiles=trainer_glue.profile_gatherer(trainer), log_dir=trainer.default_root_dir)
         except ValueError as exc:
             raise MisconfigurationException(str(exc)) from None
-        if all(type(opt).__name__ == "_MockOptimizer" for opt in trainer.optimizers):
-            rank_zero_warn(
-                "GradGuard: the LightningModule configures no optimizer (`configure_optimizers` returned None): "
-                "there is no optimizer step to guard, measure or clip."
-            )
-        if self.recovery is not None:
-            self._hook_module(pl_module)
-            self.recovery.begin_run()
-        self._replay_off = self._why_no_replay(trainer, pl_module) if self.replay else None
-        if self.replay and self._replay_off is None:
-            self._hook_ddp(trainer)
+        trainer_glue.warn_without_optimizer(trainer)
+        recovery = self.component("recovery")
+        if recovery is not None:
+            user = self.__dict__.setdefault("_user_on_rollback", getattr(recovery, "on_rollback", None))
+            trainer_glue.hook_module(recovery, pl_module, user)
+        replayer = self.component("replay")
+        self._replay_off = replay.why_no_replay(trainer, pl_module) if replayer is not None else None
+        if replayer is not None and self._replay_off is None:
+            replay.keep_local_faults(trainer, replayer)
         if self._replay_off is not None:
             rank_zero_info(f"GradGuard: faults are not replayed in this run: {self._replay_off}")
-
-    def _hook_ddp(self, trainer: pl.Trainer) -> None:
-        """Under DDP the gradients the guard sees are averaged over the ranks, so a NaN from one rank
-        is on every rank. A communication hook (the default all-reduce, plus one device-side
-        ``isfinite`` per bucket, no sync) keeps whether this rank's own gradients were finite, so that a
-        replay can name the faulty rank. Not when the strategy already has a hook of its own."""
-        strategy = trainer.strategy
-        model = getattr(strategy, "model", None)
-        if type(strategy).__name__ != "DDPStrategy" or getattr(strategy, "_ddp_comm_hook", None) is not None:
-            return
-        if not callable(getattr(model, "register_comm_hook", None)):
-            return
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        def hook(state: Any, bucket: Any) -> Any:
-            bad = (~torch.isfinite(bucket.buffer())).any()
-            seen = self.local_grad_fault
-            self.local_grad_fault = bad if seen is None else seen | bad
-            return default_hooks.allreduce_hook(state, bucket)
-
-        hook.__annotations__ = {}  # DDP checks the annotations, which postponed evaluation turns into strings
-        model.register_comm_hook(None, hook)  # type: ignore[union-attr]
-
-    @staticmethod
-    def _why_no_replay(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
-        """Where a replay cannot work: sharded strategies and manual optimization."""
-        strategy = type(trainer.strategy).__name__
-        if strategy in ("FSDPStrategy", "ModelParallelStrategy"):
-            return (
-                f"under {strategy} the forward pass gathers the shards with collectives, which a replay on one "
-                "step's batch would have to repeat on every rank in lockstep; the fault's layers and origin are "
-                "still reported"
-            )
-        if not pl_module.automatic_optimization:
-            return (
-                "under manual optimization training_step steps the optimizers itself, so running it again on one "
-                "step's batch would train; the fault's layers and backward origin are still reported"
-            )
-        return None
-
-    def _hook_module(self, pl_module: pl.LightningModule) -> None:
-        """After a rollback, the LightningModule's ``on_gradguard_rollback(event)`` (when it defines one)
-        runs after the ``on_rollback`` option's callable: the state the guard cannot see."""
-        recovery = self.recovery
-        assert recovery is not None
-        user = self.__dict__.setdefault("_user_on_rollback", recovery.on_rollback)
-        hook = getattr(pl_module, "on_gradguard_rollback", None)
-
-        def on_rollback(event: GradEvent) -> None:
-            if user is not None:
-                user(event)
-            if callable(hook):
-                hook(event)
-
-        recovery.on_rollback = on_rollback if (user is not None or callable(hook)) else None
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        clip = self.clip
-        if scaler is None or clip is None or not clip.deferred:
-            return
-        for opt in trainer.optimizers:
-            if getattr(opt, "_step_supports_amp_scaling", False):
-                raise MisconfigurationException(
-                    f"GradGuard cannot apply {clip!r} with the fused optimizer {type(opt).__name__} under fp16: "
-                    "its gradients are still scaled in on_before_optimizer_step. Use NormClip, which is exact "
-                    "on scaled gradients, or a non-fused optimizer."
-                )
 
     @override
     def on_train_batch_start(
@@ -377,16 +242,7 @@ class GradGuard(GuardCore, _Base):
         self.dumper.begin_batch(batch, batch_idx)
         self._replay_batch = (batch, batch_idx)  # a reference: a replay of this step runs on it
         self.note_batch(trainer.current_epoch, batch_idx)
-        self.begin_step(trainer.global_step, log=self._is_logging_step(trainer))
-
-    def _cadence(self, trainer: pl.Trainer) -> int:
-        """The logging cadence: the guard's own, else the Trainer's (set dynamically; 0 there means
-        Lightning never logs)."""
-        return self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
-
-    def _is_logging_step(self, trainer: pl.Trainer, step: int | None = None) -> bool:
-        n = self._cadence(trainer)
-        return n > 0 and ((trainer.global_step if step is None else step) + 1) % n == 0
+        self.begin_step(trainer.global_step)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -397,22 +253,18 @@ class GradGuard(GuardCore, _Base):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         strategy = trainer.strategy
-
-        def reduce(flags: Tensor) -> Tensor:
-            return strategy.reduce(flags, reduce_op="sum")
-
+        kept = self.__dict__.get("_replay_batch")
+        closure = replay.replay_closure(pl_module, *kept) if kept is not None and self._replay_off is None else None
         self.dumper.end_step()
         try:
             report = self.step(
                 optimizer,
                 step=trainer.global_step,
-                log=self._is_logging_step(trainer),
-                scaler=getattr(trainer.precision_plugin, "scaler", None),
+                scaler=self._scaler(trainer),
                 optimizer_idx=next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0),
-                reduce=reduce if trainer.world_size > 1 else None,
-                log_next=self._is_logging_step(trainer, trainer.global_step + 1),
-                replay_closure=self._replay_closure(trainer, pl_module),
-                replay_precision=self._replay_precision(trainer),
+                reduce=(lambda flags: strategy.reduce(flags, reduce_op="sum")) if trainer.world_size > 1 else None,
+                replay_closure=closure,
+                replay_precision=replay.replay_precision(trainer),
             )
         except NonFiniteGradientError as exc:
             self._maybe_dump(trainer, pl_module, optimizer, exc.event)
@@ -426,37 +278,9 @@ class GradGuard(GuardCore, _Base):
         if report.should_stop:
             trainer.should_stop = True
 
-    def _replay_closure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[], Any] | None:
-        """``training_step`` again on the step's (last) batch, with ``self.log`` silenced. The core runs it
-        with the module's attributes as they were at ``on_train_batch_start`` (a carried hidden state
-        the step has replaced since), and puts them back afterwards."""
-        kept = self.__dict__.get("_replay_batch")
-        if not self.replay or kept is None or self._replay_off is not None:
-            return None
-        batch, batch_idx = kept
-
-        def closure() -> Any:
-            state = vars(pl_module)
-            own = {name: state[name] for name in ("log", "log_dict") if name in state}
-            for name in ("log", "log_dict"):
-                state[name] = _silent
-            try:
-                return pl_module.training_step(batch, batch_idx)
-            finally:
-                for name in ("log", "log_dict"):
-                    if name in own:
-                        state[name] = own[name]
-                    else:
-                        del state[name]
-
-        return closure
-
     @staticmethod
-    def _replay_precision(trainer: pl.Trainer) -> Callable[[], Any] | None:
-        """The run's autocast (its precision plugin's forward context), or None for a float32 run."""
-        if str(trainer.precision) in ("32-true", "32", "64-true", "64"):
-            return None
-        return trainer.precision_plugin.forward_context  # type: ignore[no-any-return]
+    def _scaler(trainer: pl.Trainer) -> Any:
+        return getattr(trainer.precision_plugin, "scaler", None)
 
     def _maybe_dump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, event: Any) -> None:
         path = self.dumper.maybe_dump(
@@ -478,7 +302,7 @@ class GradGuard(GuardCore, _Base):
     def _finish_sink(self, trainer: pl.Trainer) -> None:
         """The images in flight, the last events and the run's summary reach the event file before the
         logger closes, whatever the cadence (a run shorter than ``log_every_n_steps`` logs no metric)."""
-        self.sink.finish(trainer.global_step, self._cadence(trainer), self.summary())
+        self.sink.finish(trainer.global_step, self.log_every_n_steps, self.summary())
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
