@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     )
     from lightning_gradguard.core import GuardCore, StepReport
     from lightning_gradguard.core.alerts import GradGuardWarning
+    from lightning_gradguard.core.checkpoints import Checkpoints
     from lightning_gradguard.core.component import GuardComponent, Setup, StepContext
     from lightning_gradguard.core.recovery import Rollback
     from lightning_gradguard.core.snapshot import RestoreError
@@ -46,6 +47,7 @@ __version__ = "0.3.0"
 __all__ = [
     "AGC",
     "AutoClip",
+    "Checkpoints",
     "ClipContext",
     "ClipOutcome",
     "Clipper",
@@ -86,6 +88,7 @@ _HOMES = {
     "Rollback": "lightning_gradguard.core.recovery",
     "RestoreError": "lightning_gradguard.core.snapshot",
     "GradGuardWarning": "lightning_gradguard.core.alerts",
+    "Checkpoints": "lightning_gradguard.core.checkpoints",
     "GuardComponent": "lightning_gradguard.core.component",
     "Setup": "lightning_gradguard.core.component",
     "StepContext": "lightning_gradguard.core.component",

@@ -137,6 +137,10 @@ def _readme_options() -> dict[str, tuple[str, str]]:
 def _default(cell: str) -> Any:
     if cell == "—":
         return inspect.Parameter.empty
+    if cell.strip("`") == "Checkpoints()":  # the one default that is an object (a frozen dataclass: equal by value)
+        from lightning_gradguard import Checkpoints
+
+        return Checkpoints()
     return ast.literal_eval(cell.strip("`"))
 
 

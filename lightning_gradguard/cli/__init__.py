@@ -41,6 +41,13 @@ between steps, or the data pipeline, any of which the fault may depend on. The l
 when the dump holds one, is quoted beside it.
 
     gradguard replay dumps/gradguard-step000123-nonfinite.pt --model my_project.models:build
+
+``gradguard check PATH...``: whether each checkpoint (Lightning's, a plain ``torch.save`` state dict,
+a distributed checkpoint's directory, or every checkpoint in a directory) is safe to resume from: its
+non-finite tensors by name, the health record the checkpoint gate wrote, a quarantine. Exit status 0
+when every one is healthy, 1 when one is not, 2 when one cannot be read (:mod:`.check`).
+
+    gradguard check checkpoints/last.ckpt || exit 1
 """
 
 from __future__ import annotations
@@ -263,8 +270,13 @@ def write_png(reports: Sequence[RunHealth], path: Path) -> None:
         med = [rep.layers[n]["median"] for n in names]
         row[0].bar(range(len(names)), [m if m > 0 else 0 for m in med], color="#4c72b0")
         row[0].set_yscale("log")
-        row[0].axhline(rep.vanish_threshold, color="#8172b2", linestyle="--", linewidth=1,
-                       label=f"vanish_threshold {rep.vanish_threshold:g}")
+        row[0].axhline(
+            rep.vanish_threshold,
+            color="#8172b2",
+            linestyle="--",
+            linewidth=1,
+            label=f"vanish_threshold {rep.vanish_threshold:g}",
+        )
         row[0].set_xticks(range(len(names)))
         row[0].set_xticklabels(names, rotation=60, ha="right", fontsize=7)
         row[0].set_title(f"{Path(rep.run).name}: median gradient norm per layer", fontsize=9)
@@ -297,20 +309,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     rp.add_argument("logdir", type=Path, help="a run's log directory, or a folder of runs")
     rp.add_argument("--json", action="store_true", help="print JSON instead of text")
     rp.add_argument("--png", type=Path, help="write the gradient-flow chart and per-timestep profiles here")
-    rp.add_argument("--fail-on", nargs="*", default=[], choices=KINDS, metavar="KIND",
-                    help=f"exit 1 when a run has a finding of these kinds ({', '.join(KINDS)})")
+    rp.add_argument(
+        "--fail-on",
+        nargs="*",
+        default=[],
+        choices=KINDS,
+        metavar="KIND",
+        help=f"exit 1 when a run has a finding of these kinds ({', '.join(KINDS)})",
+    )
     pp = sub.add_parser("replay", help="replay a dump: a data or precision fault, or one that does not reproduce")
     pp.add_argument("dump", type=Path, help="a dump written by GradGuard(dump_dir=...)")
     pp.add_argument("--model", required=True, help="MODULE:FACTORY, a callable that builds the model")
     pp.add_argument("--loss", help="MODULE:FN, called as FN(model, batch) -> loss (default: training_step)")
     pp.add_argument("--precision", choices=("bf16", "fp16"), help="also replay under this autocast")
     pp.add_argument("--json", action="store_true", help="print JSON instead of text")
+    cp = sub.add_parser(
+        "check", help="whether checkpoints are safe to resume from (exit 0 healthy, 1 not, 2 unreadable)",
+        description="Whether each checkpoint is safe to resume from: its non-finite tensors by name, the health "
+        "record the checkpoint gate wrote, a quarantine after a rollback. Lightning checkpoints, torch.save "
+        "state dicts, distributed checkpoint directories, or every checkpoint in a directory.",
+        epilog="Exit status: 0 every checkpoint healthy; 1 one is not; 2 one cannot be read, or a usage error.",
+    )  # fmt: skip
+    cp.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="a checkpoint, or a directory of them")
+    cp.add_argument("--json", action="store_true", help="print JSON instead of text")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0) if exc.code in (0, None) else 2
     if args.command == "replay":
         return _replay_command(args)
+    if args.command == "check":
+        from lightning_gradguard.cli import check
+
+        return check.main(args.paths, args.json)
     try:
         reports, unreadable = build_reports(args.logdir)
         if args.png and reports:

@@ -438,8 +438,10 @@ def _where(result: dict[str, Any]) -> str:
         span = (f"between {after} and {before}" if after and before else f"after {after}" if after
                 else f"before {before}" if before else "")  # fmt: skip
         inside = f"in the forward of {made['in']}" if made.get("in") else "in the step's own code"
-        return f"; the forward pass first went non-finite {', '.join(x for x in (span, inside) if x)} " \
-               f"({made.get('op')} of finite values)"
+        return (
+            f"; the forward pass first went non-finite {', '.join(x for x in (span, inside) if x)} "
+            f"({made.get('op')} of finite values)"
+        )
     if not origin:
         return ""
     text = f"; the forward pass first went non-finite in {origin}"
@@ -490,8 +492,10 @@ class ReplayAttribution(GuardComponent):
             mine = grad if own is None else own.to(grad.device, torch.float32)
             ctx.extra["local_bad"] = torch.stack([mine, loss])
 
-    def enrich(self, ctx: StepContext, event: GradEvent) -> GradEvent:
-        if event.kind not in ("nonfinite", "spike_skipped") or event.kind in self._replayed or ctx.deferred:
+    def enrich(self, ctx: StepContext | None, event: GradEvent) -> GradEvent:
+        if ctx is None or event.kind not in ("nonfinite", "spike_skipped") or event.kind in self._replayed:
+            return event
+        if ctx.deferred:
             return event
         self._replayed.add(event.kind)
         kept = ctx.extra.get("replay")

@@ -23,12 +23,15 @@ One step, and the hooks that run in it, in order::
     observe(ctx, obs)              fill the detectors' Observation (obs.updates, obs.extra, ...)
        -- the detectors run (a component adds its own with ``detectors()``) --
     end_step(ctx)                  the step is done (take a snapshot)
-    enrich(ctx, event) -> event    any event recorded during the step, before it is emitted
+    enrich(ctx, event) -> event    any event recorded during the step (or a manual rollback's, with
+                                   ctx None), before it is emitted
 
 and, outside a step: ``setup(setup)`` once the run's objects exist, ``teardown()``,
-``note_batch(epoch, batch_idx)``, ``on_skip_limit(cause)``, ``state_dict()``/``load_state_dict()``
-(the guard's checkpoint), ``snapshot_state()``/``load_snapshot_state()`` (a rollback's snapshot),
-``config()`` (the options recorded with the run).
+``note_batch(epoch, batch_idx)``, ``on_skip_limit(cause)``, ``checkpoint_veto()`` (a reason the
+run's state should not be saved now), ``restore_points()`` (the steps it may restore the run
+to), ``state_dict()``/``load_state_dict()`` (the guard's checkpoint),
+``snapshot_state()``/``load_snapshot_state()`` (a rollback's snapshot), ``config()`` (the options
+recorded with the run).
 
 Device work goes into :meth:`register` and :meth:`flags_reduced`, host work after the read: a
 component never reads a tensor on the host itself (the step has one read). ``docs/writing-a-component.md``
@@ -255,6 +258,16 @@ class GuardComponent:
         raise); called on every component in order until one does."""
         return False
 
+    def restore_points(self) -> list[int]:
+        """The steps this component may still restore the run to (a rollback's snapshots): the
+        checkpoint gate keeps a checkpoint from at or before the oldest."""
+        return []
+
+    def checkpoint_veto(self) -> str | None:
+        """A reason why the run's state should not be kept in a checkpoint now (a rollback pending, a
+        streak in progress), or None; asked on the host before a save (the same on every rank)."""
+        return None
+
     # ------------------------------------------------------------------ a step
     def begin_step(self, step: int, logging: bool) -> None:
         """Before the forward pass(es) of an optimizer step (each micro-batch calls it)."""
@@ -288,8 +301,9 @@ class GuardComponent:
     def end_step(self, ctx: StepContext) -> None:
         """The step is settled, detected and reported."""
 
-    def enrich(self, ctx: StepContext, event: GradEvent) -> GradEvent:
-        """An event recorded during the step, before it is emitted: return it, or a richer copy."""
+    def enrich(self, ctx: StepContext | None, event: GradEvent) -> GradEvent:
+        """An event recorded during the step (``ctx`` None: outside one, a manual rollback), before it
+        is emitted: return it, or a richer copy."""
         return event
 
     # ------------------------------------------------------------------ state

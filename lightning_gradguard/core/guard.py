@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from lightning_gradguard._validate import check_choice, check_handlers, check_int, check_number, check_ratio
 from lightning_gradguard.clip import Clipper
 from lightning_gradguard.core import alerts
+from lightning_gradguard.core.checkpoints import Checkpoints
 from lightning_gradguard.core.clipping import CLIP_LEVEL, ClipStage
 from lightning_gradguard.core.component import GuardComponent, Setup, StepContext
 from lightning_gradguard.core.decide import (
@@ -78,6 +79,7 @@ __all__ = ["METRIC_PREFIX", "GuardCore", "OnNonFinite", "RestoreError", "Rollbac
 GroupBy = Literal["layer", "parameter"]
 _WATCH = ("total", "loss_scale", CLIP_LEVEL)  # read with the flags on every step
 _PENDING_LIMIT = 256  # deferred steps kept before a read is forced (a run that never logs)
+_CHECKPOINTS = Checkpoints()  # the checkpoint gate is on by default
 
 
 class GuardCore(GuardReadouts, GuardState):
@@ -145,6 +147,9 @@ class GuardCore(GuardReadouts, GuardState):
             smallest and median √v; ``update_spike`` and ``moment_collapse`` events. Costs one copy of
             the parameters on the step before each logging step. Default False. Not yet for sharded
             parameters (refused at :meth:`prepare`).
+        checkpoints: the checkpoint gate (:class:`~lightning_gradguard.Checkpoints`, on by default): a
+            save of an unhealthy state is deferred or skipped, a rollback quarantines the checkpoints
+            it undid, a resume from a bad checkpoint is refused (``docs/checkpoints.md``); None: off.
         components: your own :class:`~lightning_gradguard.GuardComponent` instances, each plugged in
             by its hooks beside the built-in ones (``docs/writing-a-component.md``); default none.
 
@@ -201,6 +206,7 @@ class GuardCore(GuardReadouts, GuardState):
         on_rollback: Callable[[GradEvent], Any] | None = None,
         track_updates: bool = False,
         replay: bool = True,
+        checkpoints: Checkpoints | None = _CHECKPOINTS,
         components: Sequence[GuardComponent] | None = (),
     ) -> None:
         if model is not None and not isinstance(model, nn.Module):
@@ -246,7 +252,7 @@ class GuardCore(GuardReadouts, GuardState):
             norm_type=self.norm_type, track_timesteps=track_timesteps, timestep_history=self.timestep_history,
             spike_zscore=self.spike_zscore, spike_warmup=self.spike_warmup, skip_spikes=skip_spikes,
             rollback=rollback, on_rollback=on_rollback, track_updates=track_updates, replay=replay,
-            components=components,
+            checkpoints=checkpoints, components=components,
         )  # fmt: skip
         self._needs_host = any(c.needs_host for c in self.components)
         self._setup = Setup(record=self._record, guard_state=self._snapshot_state,
@@ -397,7 +403,7 @@ class GuardCore(GuardReadouts, GuardState):
                 "GuardCore.rollback() needs the `rollback` option, e.g. GuardCore(rollback=Rollback(every=100))."
             )
         self.flush()
-        event: GradEvent = recovery.rollback(max(self._last_number, 0), cause, manual=True)
+        event: GradEvent = recovery.rollback(max(self._last_number, 0), cause, manual=True, record=self.record)
         self.policy.restart_streak()
         return event
 
@@ -684,11 +690,30 @@ class GuardCore(GuardReadouts, GuardState):
         self.steps += 1
         self.layers.freeze_order()
 
-    def _record_in(self, ctx: StepContext, event: GradEvent) -> GradEvent:
+    def _record_in(self, ctx: StepContext | None, event: GradEvent) -> GradEvent:
         """Record an event of this step: each component may enrich it first (the replay's verdict)."""
         for c in self.components:
             event = c.enrich(ctx, event)
         return self._record(event)
+
+    def record(self, event: GradEvent) -> GradEvent:
+        """Record an event outside a step (an adapter's: a deferred checkpoint): the components may
+        enrich it, then it is kept and emitted as the step's events are."""
+        return self._record_in(None, event)
+
+    def restore_points(self) -> list[int]:
+        """The steps the run may still be restored to (the rollback's snapshots), oldest first."""
+        return sorted({step for c in self.components for step in c.restore_points()})
+
+    def save_vetoes(self) -> list[str]:
+        """Why the run's state should not be saved now, if any reason: a streak of skipped steps (one
+        skip is the guard at work, as a GradScaler's overflow is), or a component's (a rollback pending,
+        a non-finite loss, a spike in progress). Deferred steps are settled first (one host read when
+        any is pending): every rank gives the same answer."""
+        self.flush()
+        skips = self.policy.consecutive_skips
+        mine = [f"the last {skips} steps were skipped"] if skips >= 2 else []
+        return mine + [why for c in self.components if (why := c.checkpoint_veto()) is not None]
 
     def _record(self, event: GradEvent) -> GradEvent:
         self._events.append(event)

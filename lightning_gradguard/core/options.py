@@ -15,6 +15,7 @@ from typing import Any
 
 from lightning_gradguard._validate import check_number
 from lightning_gradguard.core.attribution import ReplayAttribution
+from lightning_gradguard.core.checkpoints import CheckpointGate, Checkpoints
 from lightning_gradguard.core.component import GuardComponent
 from lightning_gradguard.core.recovery import Recovery, Rollback
 from lightning_gradguard.core.spike import SpikeStatistic
@@ -39,6 +40,7 @@ def build_components(
     on_rollback: Callable[[GradEvent], Any] | None,
     track_updates: bool,
     replay: bool,
+    checkpoints: Checkpoints | None = None,
     components: Sequence[GuardComponent] | None = (),
 ) -> list[GuardComponent]:
     """The components of the options, and the user's, in ``order`` (ties: as listed).
@@ -60,6 +62,11 @@ def build_components(
         raise TypeError(f"Expected `track_updates` to be a bool, but got {track_updates!r}.")
     if not isinstance(replay, bool):
         raise TypeError(f"Expected `replay` to be a bool, but got {replay!r}.")
+    if checkpoints is not None and not isinstance(checkpoints, Checkpoints):
+        raise TypeError(
+            f"Expected `checkpoints` to be a Checkpoints such as Checkpoints(quarantine='rename'), or None, "
+            f"but got {checkpoints!r}."
+        )
     built: list[GuardComponent] = []
     tracker = make_tracker(track_timesteps, norm_type)
     if tracker is not None:
@@ -77,6 +84,8 @@ def build_components(
         recovery = Recovery(rollback)
         recovery.on_rollback = on_rollback
         built.append(recovery)
+    if checkpoints is not None:
+        built.append(CheckpointGate(checkpoints))
     return sorted([*built, *check_components(components, built)], key=lambda c: c.order)
 
 

@@ -145,9 +145,7 @@ class Recovery(GuardComponent):
     name = "recovery"
     order = 80
 
-    def __init__(
-        self, config: Rollback, record: Callable[[GradEvent], GradEvent] = lambda e: e, rank: int = 0
-    ) -> None:
+    def __init__(self, config: Rollback, record: Callable[[GradEvent], GradEvent] = lambda e: e, rank: int = 0) -> None:
         self.options = config
         self.record = record
         self.rank = rank
@@ -213,7 +211,7 @@ class Recovery(GuardComponent):
         if self.cause is None:
             return
         ctx.skip(self.cause, rolled_back=True)
-        ctx.headline(self.rollback(ctx.number, self.cause))
+        ctx.headline(self.rollback(ctx.number, self.cause, record=ctx.record))
 
     def end_step(self, ctx: StepContext) -> None:
         """A snapshot when one is due, on a healthy step: once it is settled and detected, so that the
@@ -224,6 +222,20 @@ class Recovery(GuardComponent):
         healthy = verdict.finite and not ctx.raised("spike_high")
         if healthy and not self.suspicious and self.due(ctx.number):
             self.capture(ctx.number)
+
+    def restore_points(self) -> list[int]:
+        return [snap.step for snap in self.ring.snapshots]
+
+    def checkpoint_veto(self) -> str | None:
+        """Not a state to keep: a rollback pending, or a streak in progress."""
+        if self.cause is not None:
+            return f"a rollback is pending ({self.cause})"
+        if self._loss_streak:
+            streak = self._loss_streak
+            return "the last loss was non-finite" if streak == 1 else f"the last {streak} losses were non-finite"
+        if self._spike_streak:
+            return f"a spike in progress ({plural(self._spike_streak, 'step')} above the rolling statistics)"
+        return None
 
     def load_legacy(self, state: dict[str, Any]) -> None:
         if "recovery" in state:  # 0.3.0 kept it at the top level
@@ -353,7 +365,9 @@ class Recovery(GuardComponent):
         return snap
 
     # ------------------------------------------------------------ rollback
-    def rollback(self, step: int, cause: str, manual: bool = False) -> GradEvent:
+    def rollback(
+        self, step: int, cause: str, manual: bool = False, record: Callable[[GradEvent], GradEvent] | None = None
+    ) -> GradEvent:
         """Restore a snapshot in place: the newest, or one older than the last used for a recurrence.
 
         Raises:
@@ -373,7 +387,7 @@ class Recovery(GuardComponent):
                 f"GradGuard: the run did not recover: {cause} at step {step}, after {done} "
                 f"rollback{'' if done == 1 else 's'} (max_rollbacks={limit})."
             )
-            event = self.record(GradEvent("stopped", step=step, message=message, action="raised",
+            event = (record or self.record)(GradEvent("stopped", step=step, message=message, action="raised",
                                           extra={"cause": f"max_rollbacks={limit} reached: {cause}"}))  # fmt: skip
             raise NonFiniteGradientError(message, event)
         index = len(snaps) - 1
@@ -396,7 +410,7 @@ class Recovery(GuardComponent):
         self._last_rollback, self._last_capture, self._last_used = step, step, snap.step
         self._loss_streak = self._spike_streak = 0
         batches = batch_ranges(pos for s in undone for pos in self._positions.get(s, []))
-        event = self.record(GradEvent(
+        event = (record or self.record)(GradEvent(
             "rollback", step=step, value=float(snap.step),
             message=(
                 f"GradGuard rolled back at step {step} to the snapshot of step {snap.step} ({cause}); "

@@ -36,6 +36,7 @@ from lightning_gradguard.dump import Dumper
 from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
 from lightning_gradguard.integrations.lightning import replay
 from lightning_gradguard.integrations.lightning import trainer as trainer_glue
+from lightning_gradguard.integrations.lightning.checkpoints import SaveGate
 from lightning_gradguard.notify.wandb import WandbAlert
 from lightning_gradguard.tensorboard.sink import TensorBoardSink
 
@@ -174,6 +175,7 @@ class GradGuard(GuardCore, _Base):
         self._replay_off: str | None = None  # why this run's faults are not replayed
         self._wandb: WandbAlert | None = None
         self._own_cadence = log_every_n_steps  # None: the Trainer's, read at setup
+        self._saves: SaveGate | None = None  # the user's ModelCheckpoints, gated (checkpoints option)
 
     @property
     def core(self) -> GuardCore:
@@ -219,8 +221,14 @@ class GradGuard(GuardCore, _Base):
         # a resume's state is loaded too: the skip file is merged with it, or started empty.
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         try:  # e.g. AGC refuses a placement that splits its units
-            self.prepare(pl_module, trainer.optimizers, schedulers=schedulers, scaler=self._scaler(trainer),
-                         gather_profiles=trainer_glue.profile_gatherer(trainer), log_dir=trainer.default_root_dir)
+            self.prepare(
+                pl_module,
+                trainer.optimizers,
+                schedulers=schedulers,
+                scaler=self._scaler(trainer),
+                gather_profiles=trainer_glue.profile_gatherer(trainer),
+                log_dir=trainer.default_root_dir,
+            )
         except ValueError as exc:
             raise MisconfigurationException(str(exc)) from None
         trainer_glue.warn_without_optimizer(trainer)
@@ -234,6 +242,10 @@ class GradGuard(GuardCore, _Base):
             replay.keep_local_faults(trainer, replayer)
         if self._replay_off is not None:
             rank_zero_info(f"GradGuard: faults are not replayed in this run: {self._replay_off}")
+        gate = self.component("checkpoints")
+        if gate is not None:
+            self._saves = SaveGate(self, gate)  # type: ignore[arg-type]
+            self._saves.attach(trainer)
 
     @override
     def on_train_batch_start(
@@ -249,9 +261,7 @@ class GradGuard(GuardCore, _Base):
         self.observe_loss(loss)
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
-    ) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         strategy = trainer.strategy
         kept = self.__dict__.get("_replay_batch")
         closure = replay.replay_closure(pl_module, *kept) if kept is not None and self._replay_off is None else None
@@ -277,6 +287,28 @@ class GradGuard(GuardCore, _Base):
             self.sink.write(trainer.loggers, report, trainer.is_global_zero)
         if report.should_stop:
             trainer.should_stop = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._saves is not None:
+            self._saves.after_batch(trainer)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._saves is not None:
+            self._saves.on_save(trainer, checkpoint)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        gate = self.component("checkpoints")
+        if gate is not None:
+            SaveGate(self, gate).on_load(trainer, pl_module, checkpoint)  # type: ignore[arg-type]
 
     @staticmethod
     def _scaler(trainer: pl.Trainer) -> Any:
@@ -318,6 +350,8 @@ class GradGuard(GuardCore, _Base):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._saves is not None and stage == "fit":
+            self._saves.finish(trainer)  # kept: a trainer.save_checkpoint after fit still gets its record
         self.sink.close()
         self.unwatch()
 
