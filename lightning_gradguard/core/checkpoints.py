@@ -293,7 +293,11 @@ class CheckpointGate(GuardComponent):
             return event
         snap, start = int(event.extra["snapshot_step"]), int(event.extra["from_step"])
         self.last_rollback = {"from_step": start, "snapshot_step": snap}
-        quarantined = self.quarantine(snap, start)
+        # A checkpoint of global step c holds the updates of steps 0..c-1, a snapshot of step S those of
+        # 0..S-1. A rollback during step F (its own update skipped) undoes S..F-1: the checkpoints in
+        # (S, F]. One by hand between steps, after the update of step F, undoes S..F: up to F + 1.
+        last = start + 1 if event.extra.get("manual") else start
+        quarantined = self.quarantine(snap, last)
         if not quarantined:
             return event
         message = f"{event.message.rstrip('.')}; quarantined the checkpoints it undid: {', '.join(quarantined)}."

@@ -270,3 +270,48 @@ def test_the_rotation_keeps_a_checkpoint_from_before_the_oldest_snapshot(tmp_pat
     snap = event.extra["snapshot_step"]
     assert [s for s in seen["at_rollback"] if s <= snap]  # a checkpoint to go back to, on disk
     assert _ckpt_steps(tmp_path, "epoch=*.ckpt") == [200]  # the held one released later: nothing piles up
+
+
+class RollbackByHand(pl.Callback):
+    """Calls ``guard.rollback()`` at the start of global step ``at`` (after the save of that step)."""
+
+    def __init__(self, guard: GradGuard, at: int) -> None:
+        self.guard, self.at = guard, at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at:
+            self.guard.rollback("a test")
+
+
+@pytest.mark.parametrize("by_hand", [False, True])
+def test_the_quarantine_takes_the_checkpoint_of_the_rollbacks_own_step(tmp_path: Path, by_hand: bool) -> None:
+    # A checkpoint of global step c holds the updates of steps 0..c-1. NaN gradients at steps 5 and 6
+    # (max_consecutive_skips=2) roll step 6 back to the snapshot of step 4: the checkpoints of steps 5
+    # and 6 hold update 4, undone. By hand at the start of step 6: updates 4 and 5 are undone, the same
+    # checkpoints. Monitored by "step" (mode max), the callback's best would be an undone one.
+    guard = GradGuard(log_every_n_steps=4, max_consecutive_skips=2, rollback=Rollback(every=4, skip_file=False))
+    saving = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, monitor="step", mode="max")
+    faults = {} if by_hand else {5: ("grad", 1, math.nan), 6: ("grad", 1, math.nan)}
+    callbacks: list[pl.Callback] = [RollbackByHand(guard, 6)] if by_hand else []
+    trainer([*callbacks, guard, saving], steps=8, enable_checkpointing=True).fit(FaultNet(faults))
+    (event,) = [e for e in guard.events if e.kind == "rollback"]
+    assert event.extra["snapshot_step"] == 4 and event.extra["from_step"] == (5 if by_hand else 6)
+    assert event.extra["quarantined"] == ["epoch=0-step=5.ckpt", "epoch=0-step=6.ckpt"]
+    assert _ckpt_steps(tmp_path) == [1, 2, 3, 4, 7, 8]
+    assert all(Path(p).exists() for p in saving.best_k_models)  # the callback forgot the quarantined
+    assert saving.best_model_path.endswith("epoch=0-step=8.ckpt")
+
+
+def test_the_screen_is_confirmed_finite_weights_whose_squares_overflow_are_healthy() -> None:
+    from lightning_gradguard.core.checkpoints import CheckpointGate
+
+    gate = CheckpointGate()
+    gate.model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        gate.model.weight.fill_(1e30)  # finite; its 2-norm overflows float32
+    assert gate.check(0, []).healthy
+    with torch.no_grad():
+        gate.model.bias[1] = math.inf
+    verdict = gate.check(0, ["a test"])
+    assert not verdict.healthy and verdict.bad == ["bias (1 non-finite value)"]
+    assert verdict.why == ["non-finite weights or optimizer state: bias (1 non-finite value)", "a test"]
