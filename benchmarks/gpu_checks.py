@@ -13,6 +13,8 @@
 5. Recovery on CUDA: host syncs of a snapshot (pinned, asynchronous: the target is 0) and of a
    healthy step with ``skip_spikes`` and ``AdamW(fused=True)`` (0); a snapshot's copy time against
    the step time; a rollback on the GPU restores the weights and the moments bit for bit.
+6. Hugging Face's Trainer with GradGuardCallback: fp16 (accelerate's GradScaler), and accelerate's FSDP2
+   under torchrun (the Trainer applies FSDP only on an accelerator): benchmarks/hf_bench.py --gpu-checks.
 
     PYTHONPATH=. python benchmarks/gpu_checks.py > gpu_checks.txt
 """
@@ -232,6 +234,17 @@ def recovery() -> None:
     print("rollback restores weights and moments bit for bit:", exact)
 
 
+def hf_trainer() -> None:
+    """Hugging Face's Trainer on the GPU (fp16, FSDP2): benchmarks/hf_bench.py --gpu-checks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().with_name("hf_bench.py")
+    proc = subprocess.run([sys.executable, str(script), "--gpu-checks"], capture_output=True, text=True, timeout=900)
+    print(proc.stdout[-4000:], proc.stderr[-2000:] if proc.returncode else "")
+
+
 def main() -> None:
     print(torch.__version__, torch.cuda.get_device_name(), "lightning", pl.__version__)
     sync_table()
@@ -239,6 +252,7 @@ def main() -> None:
     amp_lightning()
     recovery()
     fsdp1()
+    hf_trainer()
     print("done", math.pi > 3)
 
 

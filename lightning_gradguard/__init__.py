@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from lightning_gradguard.errors import GradGuardError, NonFiniteGradientError
     from lightning_gradguard.events import GradEvent
     from lightning_gradguard.integrations.lightning import GradGuard
+    from lightning_gradguard.integrations.transformers import GradGuardCallback
     from lightning_gradguard.notify import WandbAlert, WebhookAlert
 
 __version__ = "0.3.0"
@@ -53,6 +54,7 @@ __all__ = [
     "Clipper",
     "GradEvent",
     "GradGuard",
+    "GradGuardCallback",
     "GradGuardError",
     "GradGuardWarning",
     "GuardComponent",
@@ -98,6 +100,7 @@ _HOMES = {
     "NonFiniteGradientError": "lightning_gradguard.errors",
     "GradEvent": "lightning_gradguard.events",
     "GradGuard": "lightning_gradguard.integrations.lightning",
+    "GradGuardCallback": "lightning_gradguard.integrations.transformers",
     "WandbAlert": "lightning_gradguard.notify",
     "WebhookAlert": "lightning_gradguard.notify",
 }

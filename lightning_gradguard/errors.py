@@ -64,7 +64,7 @@ class GradGuardWarning(UserWarning):
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # lightning_gradguard/
 # The frameworks between the user's code and the guard's hooks: a warning raised in a Lightning hook
 # names the user's ``trainer.fit(...)`` line, not Lightning's loop.
-_FRAMEWORKS = ("pytorch_lightning", "lightning", "lightning_fabric", "torch")
+_FRAMEWORKS = ("pytorch_lightning", "lightning", "lightning_fabric", "torch", "transformers", "accelerate")
 
 
 def warn(message: str, category: type[Warning] = GradGuardWarning) -> None:

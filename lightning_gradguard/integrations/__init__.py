@@ -1,2 +1,3 @@
 """Adapters from training frameworks to the framework-free core: :mod:`.lightning` (the
-``GradGuard`` callback). Plain PyTorch and Fabric loops use :class:`~lightning_gradguard.GuardCore`."""
+``GradGuard`` callback) and :mod:`.transformers` (``GradGuardCallback``, for Hugging Face's Trainer:
+the ``[transformers]`` extra). Plain PyTorch and Fabric loops use :class:`~lightning_gradguard.GuardCore`."""
