@@ -129,6 +129,29 @@ def named_state(model: torch.nn.Module | None, optimizers: Sequence[torch.optim.
                     yield f"optimizer {i} {names.get(id(p), f'param {j}')}.{key}", value
 
 
+def _is_float(t: Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _state_tensors(model: torch.nn.Module | None, optimizers: Sequence[torch.optim.Optimizer]) -> list[Tensor]:
+    """What :func:`named_state` yields, floating tensors only, as local tensors and without names: one
+    walk over the modules, no per-tensor name (a save's check; names only for a flagged one)."""
+    from lightning_gradguard.primitives.norms import dtensor_type
+
+    out: list[Tensor] = []
+    if model is not None:
+        for module in model.modules():
+            out += [t for t in module._parameters.values() if t is not None]
+            out += [t for t in module._buffers.values() if t is not None]
+    for opt in optimizers:
+        for state in opt.state.values():
+            out += [v for v in state.values() if isinstance(v, Tensor)]
+    dtensor = dtensor_type()
+    if dtensor is not None:
+        out = [t.to_local() if isinstance(t, dtensor) else t for t in out]
+    return [t for t in out if t.is_floating_point() or t.is_complex()]
+
+
 def _local(t: Tensor) -> Tensor:
     to_local = getattr(t, "to_local", None)
     return (to_local() if callable(to_local) else t).detach()
@@ -202,9 +225,8 @@ class CheckpointGate(GuardComponent):
         non-finite value makes it non-finite. Finite values whose squares overflow float32 would too,
         so a flagged screen is confirmed by an exact count (a second reduce, only then).
         """
-        named = [(n, t) for n, t in named_state(self.model, self.optimizers)
-                 if t.is_floating_point() or t.is_complex()]  # fmt: skip
-        tensors = [t for t in (_local(t) for _, t in named) if t.numel()]
+        with torch.no_grad():
+            tensors = [t for t in _state_tensors(self.model, self.optimizers) if t.numel()]
         device = tensors[0].device if tensors else _device(self.model)
         bad = torch.zeros((), device=device)
         if tensors:
@@ -213,6 +235,7 @@ class CheckpointGate(GuardComponent):
             bad = reduce(bad.reshape(1)).reshape(())
         verdict = SaveVerdict(step, healthy=not vetoes, why=list(vetoes))
         if float(bad) > 0:  # the save's one read; what follows runs only on a flagged screen
+            named = [(n, t) for n, t in named_state(self.model, self.optimizers) if _is_float(t)]
             mine = nonfinite_tensors(named)
             exact = float(len(mine))
             if reduce is not None:
