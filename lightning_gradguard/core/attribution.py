@@ -474,6 +474,13 @@ class ReplayAttribution(GuardComponent):
         self._attrs: dict[str, Any] | None = None  # the model's attributes then (references)
         self._replayed: set[str] = set()  # the kinds already replayed (the first of each)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The model's attributes and the RNG state belong to the live run (the attributes hold the
+        # Trainer): not part of a pickle of the guard.
+        state = self.__dict__.copy()
+        state.update(model=None, _rng=None, _attrs=None)
+        return state
+
     def setup(self, setup: Setup) -> None:
         self.model = setup.model
 

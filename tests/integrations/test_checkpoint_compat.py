@@ -131,7 +131,7 @@ def test_a_fresh_run_writes_the_state_by_component_and_reads_version_1() -> None
     assert "components" not in old and {"recovery", "spike_device", "updates"} <= set(old)
     guard, _ = fixture.run(RESUME_AT, ckpt_in=None)
     state = guard.state_dict()
-    assert state["version"] == 2 and sorted(state["components"]) == ["recovery", "spike", "updates"]
+    assert state["version"] == 2 and sorted(state["components"]) == ["checkpoints", "recovery", "spike", "updates"]
     assert set(old) - set(state) == {"recovery", "spike_device", "updates", "spike_skipped_steps"}
     assert set(state) - set(old) == {"components"}
     fresh = fixture.make_guard()

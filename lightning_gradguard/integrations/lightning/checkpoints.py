@@ -121,6 +121,13 @@ class SaveGate:
             remove(trainer, path)
             self.gate.forget(path)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The gated callbacks and held removals belong to the live fit (their methods are closures):
+        # not part of a pickle of the guard.
+        state = self.__dict__.copy()
+        state["_callbacks"], state["_held"] = [], []
+        return state
+
     def finish(self, trainer: pl.Trainer) -> None:
         """The fit ended: the checkpoints held back for its snapshots go (no rollback can come)."""
         self._release(trainer, everything=True)
