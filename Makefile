@@ -28,7 +28,7 @@ demo: venv
 # Benchmarks (not part of `make test`): the step overhead (benchmarks/RESULTS.md), then the report
 # and the tab at depth (benchmarks/RESULTS-depth.md), then recovery's cost (benchmarks/RESULTS-rollback.md),
 # then the checkpoint gate's (benchmarks/RESULTS-checkpoints.md), then the guard under Hugging Face's Trainer
-# (benchmarks/RESULTS-hf.md).
+# (benchmarks/RESULTS-hf.md), then the replica check's (benchmarks/RESULTS-replicas.md).
 bench: venv
 	$(PY) benchmarks/bench.py
 	cd benchmarks && ../$(PY) depth_bench.py
@@ -36,6 +36,7 @@ bench: venv
 	cd benchmarks && ../$(PY) why_bench.py
 	cd benchmarks && ../$(PY) checkpoint_bench.py
 	$(PY) benchmarks/hf_bench.py
+	cd benchmarks && ../$(PY) replica_bench.py
 
 # The slow tests (not part of `make test`): the soak run, the demo at 2 threads.
 soak: venv

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from lightning_gradguard.core.checkpoints import Checkpoints
     from lightning_gradguard.core.component import GuardComponent, Setup, StepContext
     from lightning_gradguard.core.recovery import Rollback
+    from lightning_gradguard.core.replicas import Replicas
     from lightning_gradguard.core.snapshot import RestoreError
     from lightning_gradguard.core.timesteps import track_timesteps
     from lightning_gradguard.dump import load_dump
@@ -62,6 +63,7 @@ __all__ = [
     "LayerNormClip",
     "NonFiniteGradientError",
     "NormClip",
+    "Replicas",
     "RestoreError",
     "Rollback",
     "Setup",
@@ -88,6 +90,7 @@ _HOMES = {
     "GuardCore": "lightning_gradguard.core",
     "StepReport": "lightning_gradguard.core",
     "Rollback": "lightning_gradguard.core.recovery",
+    "Replicas": "lightning_gradguard.core.replicas",
     "RestoreError": "lightning_gradguard.core.snapshot",
     "GradGuardWarning": "lightning_gradguard.core.alerts",
     "Checkpoints": "lightning_gradguard.core.checkpoints",

@@ -8,6 +8,9 @@ run what :func:`~lightning_gradguard.health.judge.judge_run` found (the same jud
 * the clipped fraction (mean of ``gradguard/clipped_fraction``);
 * skipped and non-finite steps, each with its step and origin;
 * each tracked sequence's per-timestep ``horizon`` and ``first_last_ratio``;
+* for a data-parallel run whose events name ranks, a ``Per rank`` section (each rank's host and device,
+  its replica divergences and replay verdicts) and the ``Suspect devices`` line (``--json``:
+  ``per_rank`` and ``suspect_devices``, :mod:`~lightning_gradguard.health.ranks`);
 * a one-line verdict, and one line of advice per finding.
 
 A run shorter than its ``log_every_n_steps`` logged no metric: it is judged by the events the guard
@@ -18,9 +21,9 @@ hide the others: every readable run is reported, and each unreadable one is list
 them (``--json``: an entry ``{"run", "unreadable", "severity": "unreadable", "verdict"}``) and as one
 line on stderr.
 
-Exit status, the worst over the runs: 0 when every run is healthy, 1 when a run had non-finite steps
-or a finding whose kind ``--fail-on`` names, 2 when a run is unreadable (a CI gate must not pass a
-run it could not judge) and for usage errors (a missing directory, no event files).
+Exit status, the worst over the runs: 0 when every run is healthy, 1 when a run had non-finite steps,
+replicas that diverged, or a finding whose kind ``--fail-on`` names, 2 when a run is unreadable (a CI
+gate must not pass a run it could not judge) and for usage errors (a missing directory, no event files).
 
     gradguard report runs/                       # or: python -m lightning_gradguard report runs/
     gradguard report runs/ --json
@@ -62,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_gradguard.health.judge import KINDS, ReportError, RunHealth, judge_run
+from lightning_gradguard.health.ranks import where
 from lightning_gradguard.primitives.ranges import format_batch_ranges, format_int_ranges
 from lightning_gradguard.primitives.text import plural
 
@@ -153,6 +157,7 @@ def render_text(rep: RunHealth) -> str:
             f"timesteps '{name}': horizon {_fmt(s.get('horizon'))}, first/last {_fmt(s.get('first_last_ratio'))}, "
             f"decay/step {_fmt(s.get('decay_per_step'))}"
         )
+    lines.extend(_per_rank_lines(rep))
     lines.append(f"verdict: {rep.verdict}")
     if rep.events_from == "replayed":
         lines.append("  (an older event file: its findings are the guard's detectors replayed on the logged steps)")
@@ -161,6 +166,40 @@ def render_text(rep: RunHealth) -> str:
     for f in rep.findings:
         lines.append(f"  advice ({f['kind']}): {f['advice']}")
     return "\n".join(lines)
+
+
+def _per_rank_lines(rep: RunHealth, most: int = 20) -> list[str]:
+    """The ``Per rank`` section (only for a run whose events name ranks) and its ``Suspect devices`` line."""
+    if not rep.per_rank and not rep.suspect_devices:
+        return []
+    lines = ["Per rank:"]
+    for rank, row in rep.per_rank.items():
+        lines.append(f"  {where({'rank': rank, **row})}:")
+        said = []
+        for d in row["divergences"]:
+            shown = ", ".join(d["layers"][:4]) + (f" and {len(d['layers']) - 4} more" if len(d["layers"]) > 4 else "")
+            how = "apart from the majority" if d["majority"] else "the replicas disagree, no majority,"
+            said.append((d["step"], f"    step {d['step']}: {how} in {shown or 'unknown layers'} ({d['action']})"))
+        for r in row["replays"]:
+            faulty = "; faulty on this rank" if r["faulty"] else ""
+            whose = f" of rank {r['batch_of']}'s batch" if "batch_of" in r else ""
+            said.append((r["step"], f"    step {r['step']} ({r['kind']}): replay{whose} {r['verdict']}{faulty}"))
+        said.sort(key=lambda item: item[0])
+        lines.extend(line for _, line in said[:most])
+        if len(said) > most:
+            lines.append(f"    ... and {len(said) - most} more")
+    suspects = []
+    for s in rep.suspect_devices:
+        by: dict[str, list[int]] = {}
+        for proof in s["evidence"]:
+            verdict = str(proof.get("verdict", ""))
+            label = "diverged" if "verdict" not in proof else f"{verdict.split(':')[0]} replay"  # transient, device
+            by.setdefault(label, []).append(proof["step"])
+        proofs = ", ".join(f"{label} at step{'s' if len(steps) > 1 else ''} {format_int_ranges(steps, most=5)}"
+                           for label, steps in by.items())  # fmt: skip
+        suspects.append(f"{where(s)}: {proofs}")
+    lines.append(f"Suspect devices: {'; '.join(suspects) or 'none'}")
+    return lines
 
 
 def _load(spec: str, what: str) -> Any:
@@ -303,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report", help="a run's gradient health from its TensorBoard event files",
         description="A run's gradient health from its TensorBoard event files. Every readable run is reported; "
         "an unreadable one (a truncated or corrupt event file, a run without the guard) is listed with why.",
-        epilog="Exit status, the worst over the runs: 0 healthy; 1 non-finite steps or a --fail-on finding; "
+        epilog="Exit status, the worst over the runs: 0 healthy; 1 non-finite steps, diverged replicas or a "
+        "--fail-on finding; "
         "2 a run that cannot be read, or a usage error (a missing directory, no event files).",
     )  # fmt: skip
     rp.add_argument("logdir", type=Path, help="a run's log directory, or a folder of runs")
@@ -363,5 +403,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     + [f"  {u['run']}: {u['unreadable']}" for u in unreadable]))  # fmt: skip
         print("\n\n".join(blocks))
     failing = set(args.fail_on)
-    statuses = [1 if r.nonfinite_steps or (r.kinds() & failing) else 0 for r in reports]
+    statuses = [1 if r.fails(failing) else 0 for r in reports]
     return max(statuses + [UNREADABLE] * len(unreadable))

@@ -16,7 +16,25 @@ The verdict:
 ``data or numerics``   it reproduces in float32 too: the batch, or an operation (``log``, ``exp``, a
                        division) that breaks on it; the forward origin names the module.
 ``replay failed``      the replay itself raised (``replay failed: <reason>``); the run goes on.
+``device: rank r (…)`` under data parallelism: it reproduces on rank ``r``, but not with the same batch
+                       replayed on another rank (the *partner*): suspect that device (below).
 =====================  ===============================================================================
+
+**Which device? Replaying on another rank.** Under data parallelism the faulty rank (the DDP
+communication hook keeps each rank's own fault) also sends its batch, with its RNG state, to a
+partner, the next rank that is not itself faulty, which replays it from its own (identical) weights
+(:func:`replay_across`). The first faulty rank only: a replay on a partner costs it a few forward and
+backward passes while every other rank waits; the other faulty ranks are still named. It reproduces on the
+partner: ``data or numerics`` (or the partner's ``precision``), "reproduced on rank p"; only on the
+faulty rank: ``device: rank r (host, device)``, with a ``suspect`` in the result; nowhere:
+``transient``. A replay that raises on the partner is ``replay failed: rank p could not replay rank r's
+batch: <reason>``. Every rank takes part in each collective of the exchange, in the same order, on a
+group of its own whose collectives time out after :data:`EXCHANGE_TIMEOUT_S`. It needs a closure that
+can take another batch (:class:`ReplayClosure`); a plain closure gets no cross-rank replay, and the
+event says so.
+
+A finite spike (``spike_skipped``) is reproduced by a replay whose total gradient norm is at least
+:data:`SPIKE_REPRODUCED` (half) of the step's (``grad_norms`` beside ``spike_norm`` in the result).
 
 Healthy steps pay only for keeping a reference to the batch and the RNG state before the forward
 pass (``capture_rng``: a few kilobytes copied on the host).
@@ -26,10 +44,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import pickle
 import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -41,12 +61,32 @@ from lightning_gradguard.events import GradEvent
 from lightning_gradguard.primitives.layout import strip_wrappers
 
 __all__ = [
-    "TRANSIENT", "VERDICTS", "Replay", "ReplayAttribution", "attribute", "describe", "keep_attributes",
-    "replay_once", "replaying_from", "where_am_i",
+    "EXCHANGE_TIMEOUT_S", "SPIKE_REPRODUCED", "TRANSIENT", "VERDICTS", "Replay", "ReplayAttribution",
+    "ReplayClosure", "attribute", "conclude_cross", "describe", "exchange_group", "gather_verdicts",
+    "keep_attributes", "move_batch", "plan_cross_replay", "replay_across", "replay_batch_of", "replay_once",
+    "replaying_from", "where_am_i",
 ]  # fmt: skip
 
 TRANSIENT, PRECISION, DATA, FAILED = "transient", "precision", "data or numerics", "replay failed"
-VERDICTS = (TRANSIENT, PRECISION, DATA, FAILED)
+DEVICE = "device"  # a verdict of its own form: "device: rank r (host, device)"
+VERDICTS = (TRANSIENT, PRECISION, DATA, FAILED, DEVICE)
+
+# Every collective of a cross-rank replay's exchange (the ranks' own verdicts, the batch, the partner's
+# verdict) gives up after this long: the slowest rank's own replays (up to three forward and backward
+# passes of one step), then the partner's. A rank whose collective times out reports ``replay failed``
+# and goes on.
+EXCHANGE_TIMEOUT_S = 300.0
+# A replay reproduces a finite spike when its total gradient norm is at least this fraction of the step's.
+# Why a fraction, and why half: on one process a replay of the batch from the same weights gives the step's
+# norm to rounding, but the replay runs in float32 where the step may have run in reduced precision
+# (bfloat16 alone is ~1e-2 relative), and a replay sees one batch where the step may have accumulated
+# several. Under data parallelism over W ranks the step's norm is that of the *mean* of the ranks'
+# gradients, which by the triangle inequality is at most the largest rank's own: the rank whose batch made
+# the spike replays it at the step's norm or more (about W times it when its batch alone made it), so half
+# loses no true reproduction. A replay that does not reproduce it comes back to the run's usual norm, which
+# the skipped spike exceeded by ``skip_spikes`` standard deviations: below half of it unless the spike was
+# under twice the usual norm (then a transient spike may read as reproduced: the limit of a norm alone).
+SPIKE_REPRODUCED = 0.5
 
 
 @dataclass
@@ -62,6 +102,7 @@ class Replay:
     produced: dict[str, str | None] | None = None
     weights_nonfinite: bool = False  # that non-finite input was a parameter of the model
     error: str | None = None
+    grad_norm: float | None = None  # a spike's replay: its total gradient norm (None: not finite)
 
 
 def _tensors(obj: Any) -> Iterator[Tensor]:
@@ -285,6 +326,76 @@ def _set_attributes(state: dict[str, Any], wanted: dict[str, Any]) -> None:
 _MISSING = object()
 
 
+class ReplayClosure:
+    """A step's replay closure that can also run the step on another batch (a cross-rank replay).
+
+    ``closure()`` runs the step's forward pass on the kept batch (``closure.batch``) and returns the
+    loss; ``closure.on(batch)`` is the same closure for another batch. Pass one as
+    ``GuardCore.step(replay_closure=...)`` to have a fault on one rank replayed on another too; a plain
+    no-argument callable works as ever and gets no cross-rank replay. The Lightning adapter builds one
+    from ``training_step`` (``integrations/lightning/replay.py``).
+
+    Args:
+        step: runs the step's forward pass on a batch and returns the loss (``step(batch)``).
+        batch: the step's own batch (a reference; nothing is copied).
+
+    Example::
+
+        >>> closure = ReplayClosure(lambda batch: sum(batch), [1, 2])
+        >>> closure(), closure.on([3, 4])(), closure.batch
+        (3, 7, [1, 2])
+    """
+
+    def __init__(self, step: Callable[[Any], Any], batch: Any) -> None:
+        self.step = step
+        self.batch = batch
+
+    def __call__(self) -> Any:
+        return self.step(self.batch)
+
+    def on(self, batch: Any) -> ReplayClosure:
+        """The same step on ``batch``."""
+        return type(self)(self.step, batch)
+
+
+def _takes_batches(closure: Any) -> bool:
+    """The closure can run the step on another batch (:class:`ReplayClosure` or any object alike)."""
+    return hasattr(closure, "batch") and callable(getattr(closure, "on", None))
+
+
+def move_batch(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor in it on ``device`` (detached): tensors in lists, tuples, named tuples,
+    mappings and dataclasses, or an object with a ``.to(device)`` of its own (a tokenizer's
+    ``BatchEncoding``); anything else as it is.
+
+    Example::
+
+        >>> import torch
+        >>> moved = move_batch({"x": torch.ones(2), "ids": [torch.zeros(1), "text"]}, "cpu")
+        >>> moved["x"].device.type, moved["ids"][1]
+        ('cpu', 'text')
+    """
+    if isinstance(batch, Tensor):
+        return batch.detach().to(device)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(move_batch(x, device) for x in batch))
+    if isinstance(batch, (list, tuple)):
+        items = [move_batch(x, device) for x in batch]
+        return items if type(batch) is list else tuple(items) if type(batch) is tuple else type(batch)(items)
+    if isinstance(batch, Mapping):
+        moved = {k: move_batch(v, device) for k, v in batch.items()}
+        try:
+            return type(batch)(moved)  # type: ignore[call-arg]
+        except TypeError:
+            return moved
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        fields = {f.name: move_batch(getattr(batch, f.name), device) for f in dataclasses.fields(batch) if f.init}
+        return dataclasses.replace(batch, **fields)  # type: ignore[type-var]
+    if callable(getattr(batch, "to", None)) and not isinstance(batch, nn.Module):
+        return batch.to(device)
+    return batch
+
+
 def replay_once(
     closure: Callable[[], Any],
     params: Sequence[Tensor],
@@ -298,15 +409,15 @@ def replay_once(
 
     ``precision``: a context for the forward pass (the run's autocast); None replays in float32
     (autocast disabled). ``spike_norm``: the step was a finite spike of this total norm; the replay
-    reproduces it when its own total norm is at least half of it.
+    reproduces it when its own total norm (``grad_norm``) is at least :data:`SPIKE_REPRODUCED` of it.
     """
     found = Replay()
     saved = capture_rng()
-    if rng is not None:
-        restore_rng(rng)
     device = params[0].device.type if params else "cpu"
-    context = precision() if precision is not None else torch.autocast(device, enabled=False)
     try:
+        if rng is not None:  # in the try: another rank's RNG state may not fit this process's devices
+            restore_rng(rng)
+        context = precision() if precision is not None else torch.autocast(device, enabled=False)
         with torch.enable_grad(), _Origin(model, found).watching(), context:
             out = closure()
         loss = out["loss"] if isinstance(out, dict) else out
@@ -319,9 +430,10 @@ def replay_once(
         found.finite = found.loss_finite and _finite(present)
         if spike_norm is not None and found.finite and present:
             norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in present])))
-            found.finite = norm < 0.5 * spike_norm  # "finite" here: the spike did not reproduce
+            found.grad_norm = norm
+            found.finite = norm < SPIKE_REPRODUCED * spike_norm  # "finite" here: the spike did not reproduce
     except Exception as exc:  # a replay must never crash the run
-        found.error = f"{type(exc).__name__}: {exc}"
+        found.error = f"{_said(exc)}"
     finally:
         restore_rng(saved)
     return found
@@ -357,8 +469,10 @@ def attribute(
         spike_norm: for a finite spike, its total norm (a replay reproduces it at half of it or more).
 
     Returns:
-        ``{"verdict", "forward_origin", "input_nonfinite", "replays", "seconds", "rank", "host",
-        "device", "device_name"}`` (and ``"error"`` for a failed replay).
+        ``{"verdict", "forward_origin", "input_nonfinite", "loss_finite", "replays", "seconds", "rank",
+        "host", "device", "device_name"}``, and ``"error"`` for a failed replay; for a spike,
+        ``"spike_norm"`` (the step's total norm) and ``"grad_norms"`` (each replay's, None where it was
+        not finite).
 
     Example::
 
@@ -373,20 +487,21 @@ def attribute(
     start = time.perf_counter()
     kwargs: dict[str, Any] = {"model": model, "rng": rng, "spike_norm": spike_norm}
     first = replay_once(closure, params, precision=precision, **kwargs)
-    replays, chosen = 1, first
+    done, chosen = [first], first
     if first.error is not None:
         verdict = f"{FAILED}: {first.error}"
     elif first.finite:
         second = replay_once(closure, params, precision=precision, **kwargs)  # confirm
-        replays += 1
+        done.append(second)
         verdict, chosen = (TRANSIENT, first) if second.finite else (DATA, second)
     elif precision is not None:
         full = replay_once(closure, params, precision=None, **kwargs)
-        replays += 1
+        done.append(full)
         verdict = PRECISION if full.finite and full.error is None else DATA
         chosen = first if verdict == PRECISION else full
     else:
         verdict = DATA
+    replays = len(done)
     out = {
         "verdict": verdict,
         "forward_origin": chosen.origin,
@@ -402,6 +517,9 @@ def attribute(
         out["weights_nonfinite"] = True
     if first.error is not None:
         out["error"] = first.error
+    if spike_norm is not None:
+        out["spike_norm"] = spike_norm
+        out["grad_norms"] = [r.grad_norm for r in done]
     return out
 
 
@@ -416,17 +534,64 @@ def describe(result: dict[str, Any]) -> str:
     """
     verdict = str(result.get("verdict", ""))
     origin = _where(result)
+    cross = result.get("cross") if isinstance(result.get("cross"), dict) else None
+    partner = f"rank {cross.get('rank')}" if cross is not None else ""
+    batch = f"rank {cross.get('batch_of')}'s batch" if cross is not None else ""
+    also = f"; reproduced on {partner} with {batch}" if cross is not None and _reproduced(cross) else ""
     if verdict == TRANSIENT:
         ranks = result.get("faulty_ranks")
         on = f"rank(s) {', '.join(map(str, ranks))}" if ranks else f"rank {result.get('rank', 0)}"
         where = f"{on}, host {result.get('host')}, {result.get('device')} ({result.get('device_name')})"
         tries = result.get("replays", 2)
-        return f"Replay: transient (did not reproduce in {tries} replays): suspect the hardware on {where}."
-    if verdict == PRECISION:
-        return f"Replay: precision (reproduces in reduced precision, finite in float32){origin}."
-    if verdict == DATA:
-        return f"Replay: data or numerics (reproduces in float32){origin}."
-    return f"Replay: {verdict}."
+        nor = ""
+        if cross is not None and cross.get("verdict") == TRANSIENT:
+            nor = f", nor in {cross.get('replays')} on {partner} with {batch}"
+        text = f"Replay: transient (did not reproduce in {tries} replays{nor}): suspect the hardware on {where}"
+    elif verdict.startswith(f"{DEVICE}:"):
+        sus = result.get("suspect") or {}
+        text = (
+            f"Replay: device (reproduces on rank {sus.get('rank')}, but not with its batch on {partner}): suspect "
+            f"the device of rank {sus.get('rank')}, host {sus.get('host')}, {sus.get('device')} "
+            f"({sus.get('device_name')}){origin}"
+        )
+    elif verdict == PRECISION:
+        text = f"Replay: precision (reproduces in reduced precision, finite in float32{also}){origin}"
+    elif verdict == DATA:
+        text = f"Replay: data or numerics (reproduces in float32{also}){origin}"
+    else:
+        text = f"Replay: {verdict}"
+        ranks = result.get("ranks")
+        if cross is not None and isinstance(ranks, list) and verdict.startswith(f"{FAILED}: {partner} "):
+            r = int(cross.get("batch_of", 0))
+            text += f" (rank {r}'s own replay: {ranks[r].get('verdict')})"
+    if cross is not None and str(cross.get("verdict")).startswith(FAILED) and not verdict.startswith(FAILED):
+        text += f"; {partner} could not replay {batch}: {str(cross['verdict']).removeprefix(f'{FAILED}: ')}"
+    return f"{text}{_norms(result, cross)}{_no_cross(result)}."
+
+
+def _reproduced(result: dict[str, Any]) -> bool:
+    """The replay reproduced the fault (a verdict of precision, or data or numerics)."""
+    return result.get("verdict") in (PRECISION, DATA)
+
+
+def _norms(result: dict[str, Any], cross: dict[str, Any] | None) -> str:
+    """A spike's total gradient norm in the step and in each replay, as a clause ("" for a non-finite fault)."""
+    if result.get("spike_norm") is None:
+        return ""
+
+    def shown(norms: Any) -> str:
+        return ", ".join("non-finite" if n is None else f"{n:.4g}" for n in norms or ())
+
+    text = f"; total gradient norm {result['spike_norm']:.4g} in the step, {shown(result.get('grad_norms'))} in "
+    text += f"the replays on rank {result.get('rank', 0)}"
+    if cross is not None and cross.get("grad_norms"):
+        text += f", {shown(cross['grad_norms'])} on rank {cross.get('rank')}"
+    return text
+
+
+def _no_cross(result: dict[str, Any]) -> str:
+    why = result.get("no_cross")
+    return f"; no cross-rank replay: {why}" if why else ""
 
 
 def _where(result: dict[str, Any]) -> str:
@@ -457,8 +622,10 @@ class ReplayAttribution(GuardComponent):
     references to the watched model's attributes; the first ``nonfinite`` and the first
     ``spike_skipped`` event of a run are replayed (:func:`attribute`) before they are emitted, and
     their verdict goes into the event's ``extra["replay"]`` and message. Under data parallelism every
-    rank replays its own batch and the verdicts are gathered (a collective on a faulty step, which
-    every rank settles together), naming the faulty ranks.
+    rank replays its own batch, the verdicts are gathered (a collective on a faulty step, which every
+    rank settles together), naming the faulty ranks, and the first faulty rank's batch is replayed on a
+    partner rank too (:func:`replay_across`), on a process group of the component's own, created at
+    ``setup`` (a collective of every rank), whose collectives time out after :data:`EXCHANGE_TIMEOUT_S`.
 
     ``local_grad_fault`` (set by a DDP communication hook, see the Lightning adapter) says whether
     this rank's own gradients were non-finite before the all-reduce averaged them.
@@ -473,16 +640,20 @@ class ReplayAttribution(GuardComponent):
         self._rng: dict[str, Any] | None = None  # the RNG state before the step's forward pass
         self._attrs: dict[str, Any] | None = None  # the model's attributes then (references)
         self._replayed: set[str] = set()  # the kinds already replayed (the first of each)
+        self._group: Any = None  # the exchange's process group (data parallelism only)
+        self._broken = False  # an exchange failed (timed out): the group's state is unknown, not used again
 
     def __getstate__(self) -> dict[str, Any]:
-        # The model's attributes and the RNG state belong to the live run (the attributes hold the
-        # Trainer): not part of a pickle of the guard.
+        # The model's attributes, the RNG state and the process group belong to the live run (the
+        # attributes hold the Trainer): not part of a pickle of the guard.
         state = self.__dict__.copy()
-        state.update(model=None, _rng=None, _attrs=None)
+        state.update(model=None, _rng=None, _attrs=None, _group=None)
         return state
 
     def setup(self, setup: Setup) -> None:
         self.model = setup.model
+        if setup.world_size > 1 and not setup.sharded and self._group is None:  # no replay of shards
+            self._group = exchange_group()
 
     def begin_step(self, step: int, logging: bool) -> None:
         self._rng = capture_rng()
@@ -509,28 +680,259 @@ class ReplayAttribution(GuardComponent):
         if kept is None:
             return event
         closure, precision, rng, attrs = kept
-        if attrs is not None and self.model is not None:
-            closure = replaying_from(self.model, attrs, closure)
         spike = float(event.value) if event.kind == "spike_skipped" else None
-        mine = attribute(closure, ctx.layout.params, model=self.model, rng=rng, precision=precision,
-                         spike_norm=spike)  # fmt: skip
+
+        def replay(closure: Callable[[], Any], rng: dict[str, Any] | None) -> dict[str, Any]:
+            if attrs is not None and self.model is not None:
+                closure = replaying_from(self.model, attrs, closure)
+            return attribute(closure, ctx.layout.params, model=self.model, rng=rng, precision=precision,
+                             spike_norm=spike)  # fmt: skip
+
+        mine = replay(closure, rng)
         local = ctx.extra.get("local_bad")
         mine["local_fault"] = bool(local.sum() > 0) if local is not None else True
-        result = gather_verdicts(mine)
+        if self._broken:  # no collective: the ranks may no longer be in step on it
+            result = {**mine, "faulty_ranks": [mine["rank"]] if mine["local_fault"] else [],
+                      "no_cross": "an earlier exchange failed"}  # fmt: skip
+        elif self._group is None:  # one process (or a loop that never called prepare: gathered as ever)
+            result = gather_verdicts(mine)
+        else:
+            result = replay_across(mine, closure, rng, replay, ctx.layout.params, group=self._group)
+            self._broken = bool(result.get("exchange_failed"))
         extra = {**event.extra, "replay": result}
         return dataclasses.replace(event, message=f"{event.message} {describe(result)}", extra=extra)
 
 
-def gather_verdicts(mine: dict[str, Any]) -> dict[str, Any]:
+def _said(exc: BaseException) -> str:
+    """An exception in an event's words: its type and the first line of its message, at most 200
+    characters (a collective's timeout carries pages of the backend's own text)."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first[:200]}{'...' if len(first) > 200 or len(text) > 1 else ''}"
+
+
+def exchange_group() -> Any:
+    """A process group of every rank for a cross-rank replay's exchange (a collective: every rank calls
+    it, in the same order), whose collectives time out after :data:`EXCHANGE_TIMEOUT_S`: gloo where it
+    is built (the exchange's objects travel on the host, and a gloo collective that times out raises
+    rather than aborting the process), else the default backend."""
+    import torch.distributed as dist
+
+    backend = "gloo" if dist.is_gloo_available() else None
+    return dist.new_group(backend=backend, timeout=timedelta(seconds=EXCHANGE_TIMEOUT_S))
+
+
+def gather_verdicts(mine: dict[str, Any], group: Any = None) -> dict[str, Any]:
     """Every rank's replay, gathered (a collective: every rank replays the same step); the verdict of
     the run is a rank's that reproduced the fault, else ``transient``, naming the faulty ranks."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
         return {**mine, "faulty_ranks": [mine["rank"]]}
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    reproduced = [r for r in everyone if r["verdict"] != "transient"]
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    return _gathered(everyone, mine)
+
+
+def _gathered(everyone: list[dict[str, Any]], mine: dict[str, Any]) -> dict[str, Any]:
+    reproduced = [r for r in everyone if r["verdict"] != TRANSIENT]
     chosen = reproduced[0] if reproduced else next((r for r in everyone if r["local_fault"]), mine)
     faulty = [r["rank"] for r in everyone if r["local_fault"]]
     return {**chosen, "faulty_ranks": faulty, "ranks": everyone}
+
+
+def replay_across(
+    mine: dict[str, Any],
+    closure: Callable[[], Any],
+    rng: dict[str, Any] | None,
+    replay: Callable[[Callable[[], Any], dict[str, Any] | None], dict[str, Any]],
+    params: Sequence[Tensor],
+    *,
+    group: Any = None,
+) -> dict[str, Any]:
+    """Every rank's own replay gathered, and the first faulty rank's batch replayed on a partner rank.
+
+    Every rank calls this on the same faulty step and takes part in each collective, in the same
+    order: (1) every rank's own replay is gathered, and the plan (:func:`plan_cross_replay`) is taken
+    from it, so it is the same on every rank; (2) the faulty rank ``r`` scatters its batch (on the
+    host) and its RNG state to the partner ``p``, the next rank that is not itself faulty; (3) ``p``
+    replays it (:func:`replay_batch_of`, which never raises) and broadcasts its result; the verdict is
+    :func:`conclude_cross`'s. A collective that fails (``group``'s timeout) ends this rank's exchange
+    with ``replay failed``.
+
+    Args:
+        mine: this rank's own replay (:func:`attribute`, with ``"local_fault"``).
+        closure: this rank's replay closure: a :class:`ReplayClosure` (or alike) takes part fully; a
+            plain callable only in the gathering, and then no rank replays another's batch.
+        rng: this rank's RNG state from before the step's forward pass (sent with its batch).
+        replay: ``replay(closure, rng) -> result`` (:func:`attribute` with the step's arguments).
+        params: the parameters replayed (their device is where another rank's batch goes).
+        group: the process group (:func:`exchange_group`); None: the default group.
+
+    Returns:
+        :func:`gather_verdicts`' result, and: ``"cross"`` (the partner's replay: :func:`attribute`'s
+        keys, ``"rank"`` the partner, ``"batch_of"`` the faulty rank), ``"reproduced_on"`` (the ranks
+        whose replay of that batch reproduced it), ``"suspect"`` (``{"rank", "host", "device",
+        "device_name"}``, a ``device`` verdict only); or ``"no_cross"``, why no batch was replayed on
+        another rank; ``"exchange_failed": True`` where a collective failed on this rank (the results
+        of the ranks may differ then, and the component makes no further exchange).
+    """
+    import torch.distributed as dist
+
+    try:
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, (mine, _takes_batches(closure)), group=group)
+    except Exception as exc:  # the group's timeout: the other ranks never came
+        faulty = [mine["rank"]] if mine["local_fault"] else []
+        why = f"the exchange failed: {_said(exc)}"
+        return {**mine, "faulty_ranks": faulty, "no_cross": why, "exchange_failed": True}
+    everyone = [m for m, _ in gathered]
+    result = _gathered(everyone, mine)
+    plan = plan_cross_replay(everyone, all(ready for _, ready in gathered))
+    if isinstance(plan, str):
+        return {**result, "no_cross": plan}
+    r, p = plan
+    me = dist.get_rank(group)
+    try:
+        inputs: list[Any] | None = None
+        if me == r:  # pickled here: a batch that cannot be sent must not leave the partner waiting
+            inputs = [None] * len(everyone)
+            inputs[p] = _pack(closure, rng, params[0].device if params else torch.device("cpu"))
+        box: list[Any] = [None]
+        dist.scatter_object_list(box, inputs, src=r, group=group)
+        out: list[Any] = [replay_batch_of(closure, box[0], replay, params, rank=p, of=r) if me == p else None]
+        dist.broadcast_object_list(out, src=p, group=group)
+        partner: dict[str, Any] = out[0]
+    except Exception as exc:  # the group's timeout
+        why = f"{FAILED}: the exchange failed: {_said(exc)}"
+        failed = {"verdict": why, "rank": p, "batch_of": r}
+        return {**conclude_cross(everyone[r], failed), "faulty_ranks": result["faulty_ranks"], "ranks": everyone,
+                "exchange_failed": True}  # fmt: skip
+    return {**conclude_cross(everyone[r], partner), "faulty_ranks": result["faulty_ranks"], "ranks": everyone}
+
+
+def plan_cross_replay(everyone: list[dict[str, Any]], ready: bool) -> tuple[int, int] | str:
+    """The faulty rank whose batch a partner replays, and the partner; or why none does.
+
+    The faulty ranks: those whose own gradients or loss were non-finite (``local_fault``) and whose own
+    replay reproduced the fault; else those with ``local_fault`` (a transient fault); else those whose
+    replay reproduced it (a finite spike: no rank's own values are flagged). The partner: the next rank
+    after it, cyclically, that is not faulty. Only the first faulty rank.
+
+    Example::
+
+        >>> healthy, faulty = {"verdict": "transient"}, {"verdict": "data or numerics", "local_fault": True}
+        >>> ranks = [healthy, faulty, faulty, healthy]
+        >>> plan_cross_replay(ranks, True), plan_cross_replay(ranks[1:3], True), plan_cross_replay(ranks, False)
+        ((1, 3), 'every rank (2) was faulty', 'the replay closure cannot take another batch')
+    """
+    world = len(everyone)
+    local = [i for i, r in enumerate(everyone) if r.get("local_fault")]
+    reproduced = [i for i, r in enumerate(everyone) if _reproduced(r)]
+    faulty = [i for i in local if i in reproduced] or local or reproduced
+    if not ready:
+        return "the replay closure cannot take another batch"
+    if not faulty:
+        return "no rank was found faulty"
+    if len(faulty) == world:
+        return f"every rank ({world}) was faulty"
+    r = faulty[0]
+    return r, next((r + k) % world for k in range(1, world) if (r + k) % world not in faulty)
+
+
+def _pack(closure: Any, rng: dict[str, Any] | None, device: torch.device) -> bytes | str:
+    """This rank's batch (on the host) and RNG state, pickled; or why they cannot be sent. Of the CUDA
+    generators, only that of this rank's ``device`` travels (:func:`_rng_here` puts it on the partner's)."""
+    try:
+        if rng is not None and "cuda" in rng:  # captured before the step's forward pass: one state per device
+            states, rng = rng["cuda"], {k: v for k, v in rng.items() if k != "cuda"}
+            if device.type == "cuda":
+                rng["cuda"] = states[_index(device)]
+        return pickle.dumps((move_batch(closure.batch, "cpu"), rng))
+    except Exception as exc:
+        return f"the batch could not be sent: {_said(exc)}"
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _rng_here(rng: dict[str, Any] | None, device: torch.device) -> dict[str, Any] | None:
+    """Another rank's RNG state (from :func:`_pack`) for this rank: its device's CUDA generator state on
+    this rank's ``device``, this rank's own on its other devices."""
+    if rng is None or "cuda" not in rng:
+        return rng
+    state, rng = rng["cuda"], {k: v for k, v in rng.items() if k != "cuda"}
+    if device.type == "cuda":
+        states = torch.cuda.get_rng_state_all()  # type: ignore[no-untyped-call]
+        states[_index(device)] = state
+        rng["cuda"] = states
+    return rng
+
+
+def replay_batch_of(
+    closure: Any,
+    payload: bytes | str | None,
+    replay: Callable[[Callable[[], Any], dict[str, Any] | None], dict[str, Any]],
+    params: Sequence[Tensor],
+    *,
+    rank: int,
+    of: int,
+) -> dict[str, Any]:
+    """The partner's replay of another rank's batch (``payload``, from :func:`_pack`): moved to this
+    rank's device, run through ``closure.on(batch)`` with the other rank's RNG state. Never raises:
+    whatever fails (the batch, the closure, the replay) is ``replay failed: <reason>``."""
+    try:
+        if not isinstance(payload, bytes):
+            raise RuntimeError(payload or "no batch arrived")
+        batch, rng = pickle.loads(payload)  # from a rank of this run, as every object collective's
+        device = params[0].device if params else torch.device("cpu")
+        out = replay(closure.on(move_batch(batch, device)), _rng_here(rng, device))
+    except Exception as exc:  # a replay must never crash the run, nor leave the other ranks waiting
+        error = f"{_said(exc)}"
+        out = {"verdict": f"{FAILED}: {error}", "error": error, "replays": 0, **where_am_i(params)}
+    return {**out, "rank": rank, "batch_of": of}
+
+
+def conclude_cross(own: dict[str, Any], partner: dict[str, Any]) -> dict[str, Any]:
+    """The verdict from the faulty rank's own replay of its batch (``own``) and the partner's: ``own``
+    with that verdict, ``"cross"`` (``partner``), ``"reproduced_on"`` and, a ``device`` verdict only,
+    ``"suspect"``. Where only the partner reproduced it, the forward origin is the partner's.
+
+    =========================  =====================  =================================================
+    partner                    faulty rank            verdict
+    =========================  =====================  =================================================
+    reproduced                 any                    the partner's (``data or numerics``, ``precision``)
+    did not reproduce          reproduced             ``device: rank r (host, device)``, a ``suspect``
+    failed                     reproduced             ``replay failed: rank p could not replay ...``
+    did not reproduce, failed  did not, or failed     the faulty rank's own (``transient``, ``replay failed``)
+    =========================  =====================  =================================================
+
+    Example::
+
+        >>> own = {"verdict": "data or numerics", "rank": 1, "host": "h", "device": "cuda:1", "device_name": "H100"}
+        >>> out = conclude_cross(own, {"verdict": "transient", "rank": 2})
+        >>> out["verdict"], out["suspect"]["device_name"], out["reproduced_on"]
+        ('device: rank 1 (h, cuda:1)', 'H100', [1])
+        >>> conclude_cross(own, {"verdict": "data or numerics", "rank": 2})["reproduced_on"]
+        [1, 2]
+    """
+    r, p = own["rank"], partner["rank"]
+    out = {**own, "cross": {**partner, "batch_of": r}}
+    out["reproduced_on"] = [x["rank"] for x in (own, partner) if _reproduced(x)]
+    if _reproduced(partner):
+        where = ("forward_origin", "input_nonfinite", "loss_finite", "produced", "weights_nonfinite")
+        if not _reproduced(own):
+            for key in where:
+                out.pop(key, None)
+            out.update({k: partner[k] for k in where if k in partner})
+        out["verdict"] = partner["verdict"]
+    elif _reproduced(own) and partner["verdict"] == TRANSIENT:
+        out["verdict"] = f"{DEVICE}: rank {r} ({own.get('host')}, {own.get('device')})"
+        out["suspect"] = {k: own[k] for k in ("rank", "host", "device", "device_name")}
+    elif _reproduced(own):
+        reason = str(partner["verdict"]).removeprefix(f"{FAILED}: ")
+        out["verdict"] = f"{FAILED}: rank {p} could not replay rank {r}'s batch: {reason}"
+    else:
+        out["verdict"] = own["verdict"]
+    return out

@@ -137,6 +137,7 @@ class StepContext:
         self.owners: Sequence[int] = ()
         self.total: Tensor | None = None
         self.layer_ids: Sequence[int] = ()
+        self.rollback_request: str | None = None  # a component's request for a rollback (request_rollback)
         self._record = record
         self._skip = skip
         self._flags: dict[str, Tensor] = {}
@@ -190,6 +191,12 @@ class StepContext:
         if self._skip is None or self.report is None:
             raise RuntimeError("StepContext.skip() is for settle(): after the step's decision")
         self._skip(self, cause, rolled_back)
+
+    def request_rollback(self, cause: str) -> None:
+        """Ask for a rollback at the end of this step (in ``settle``, from a component ordered before
+        the ``recovery`` component, 80, which takes it); the first request's cause is kept."""
+        if self.rollback_request is None:
+            self.rollback_request = cause
 
     def headline(self, event: GradEvent) -> None:
         """Make ``event`` the step's report's event (what a loop or an adapter acts on)."""

@@ -66,6 +66,7 @@ from lightning_gradguard.core.measure import Measurement, layer_norms, layer_nor
 from lightning_gradguard.core.options import build_components, build_detectors
 from lightning_gradguard.core.readouts import GuardReadouts
 from lightning_gradguard.core.recovery import Rollback, rank
+from lightning_gradguard.core.replicas import Replicas
 from lightning_gradguard.core.snapshot import RestoreError
 from lightning_gradguard.core.state import GuardState
 from lightning_gradguard.core.step_report import METRIC_PREFIX, StepReport, layer_metrics
@@ -150,6 +151,10 @@ class GuardCore(GuardReadouts, GuardState):
         checkpoints: the checkpoint gate (:class:`~lightning_gradguard.Checkpoints`, on by default): a
             save of an unhealthy state is deferred or skipped, a rollback quarantines the checkpoints
             it undid, a resume from a bad checkpoint is refused (``docs/checkpoints.md``); None: off.
+        replicas: the replica check (:class:`~lightning_gradguard.Replicas`): under data parallelism,
+            on logging steps (or every ``every`` steps), a bit-exact checksum of each layer's parameters
+            on every rank, gathered with the step's flags; a ``replica_divergence`` event names the odd
+            ranks, then ``action`` (warn, repair, rollback, stop; ``docs/replicas.md``). Default None: off.
         components: your own :class:`~lightning_gradguard.GuardComponent` instances, each plugged in
             by its hooks beside the built-in ones (``docs/writing-a-component.md``); default none.
 
@@ -207,6 +212,7 @@ class GuardCore(GuardReadouts, GuardState):
         track_updates: bool = False,
         replay: bool = True,
         checkpoints: Checkpoints | None = _CHECKPOINTS,
+        replicas: Replicas | None = None,
         components: Sequence[GuardComponent] | None = (),
     ) -> None:
         if model is not None and not isinstance(model, nn.Module):
@@ -252,7 +258,7 @@ class GuardCore(GuardReadouts, GuardState):
             norm_type=self.norm_type, track_timesteps=track_timesteps, timestep_history=self.timestep_history,
             spike_zscore=self.spike_zscore, spike_warmup=self.spike_warmup, skip_spikes=skip_spikes,
             rollback=rollback, on_rollback=on_rollback, track_updates=track_updates, replay=replay,
-            checkpoints=checkpoints, components=components,
+            checkpoints=checkpoints, replicas=replicas, components=components,
         )  # fmt: skip
         self._needs_host = any(c.needs_host for c in self.components)
         self._setup = Setup(record=self._record, guard_state=self._snapshot_state,

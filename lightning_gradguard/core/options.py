@@ -18,6 +18,7 @@ from lightning_gradguard.core.attribution import ReplayAttribution
 from lightning_gradguard.core.checkpoints import CheckpointGate, Checkpoints
 from lightning_gradguard.core.component import GuardComponent
 from lightning_gradguard.core.recovery import Recovery, Rollback
+from lightning_gradguard.core.replicas import ReplicaCheck, Replicas
 from lightning_gradguard.core.spike import SpikeStatistic
 from lightning_gradguard.core.timesteps import TimestepTracking, make_tracker
 from lightning_gradguard.core.updates import UpdateTracking
@@ -41,6 +42,7 @@ def build_components(
     track_updates: bool,
     replay: bool,
     checkpoints: Checkpoints | None = None,
+    replicas: Replicas | None = None,
     components: Sequence[GuardComponent] | None = (),
 ) -> list[GuardComponent]:
     """The components of the options, and the user's, in ``order`` (ties: as listed).
@@ -67,6 +69,15 @@ def build_components(
             f"Expected `checkpoints` to be a Checkpoints such as Checkpoints(quarantine='rename'), or None, "
             f"but got {checkpoints!r}."
         )
+    if replicas is not None and not isinstance(replicas, Replicas):
+        raise TypeError(
+            f"Expected `replicas` to be a Replicas such as Replicas(action='warn'), or None, but got {replicas!r}."
+        )
+    if replicas is not None and replicas.action == "rollback" and rollback is None:
+        raise ValueError(
+            "Expected `rollback` to be a Rollback(...) for Replicas(action='rollback'), but got None: a rollback "
+            "needs snapshots (or choose action='repair', 'warn' or 'stop')."
+        )
     built: list[GuardComponent] = []
     tracker = make_tracker(track_timesteps, norm_type)
     if tracker is not None:
@@ -86,6 +97,8 @@ def build_components(
         built.append(recovery)
     if checkpoints is not None:
         built.append(CheckpointGate(checkpoints))
+    if replicas is not None:
+        built.append(ReplicaCheck(replicas))
     return sorted([*built, *check_components(components, built)], key=lambda c: c.order)
 
 

@@ -208,6 +208,8 @@ class Recovery(GuardComponent):
         report, verdict = ctx.report, ctx.verdict
         assert report is not None and verdict is not None
         self.observe_step(ctx.number, verdict.loss_bad, ctx.raised("spike_high"), ctx.skip_reason)
+        if ctx.rollback_request is not None:  # another component's (a replica divergence)
+            self.request(ctx.rollback_request)
         if self.cause is None:
             return
         ctx.skip(self.cause, rolled_back=True)

@@ -14,7 +14,8 @@ notes``              clipped fraction is named); these are notes, not findings
                      dead or unused layers, a vanishing or exploding gradient through time, a
                      collapsing fp16 loss scale
 ``unhealthy``        non-finite steps, the guard stopping the run, vanishing layers, a spike or
-                     an explosion that no clipper handled
+                     an explosion that no clipper handled, replicas that diverged (repaired or not:
+                     the device that corrupted them is still there)
 ==================== =========================================================================
 
 A non-finite *loss* is a forward-pass or loss fault, never "exploding gradients": clipping cannot
@@ -30,6 +31,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lightning_gradguard.health.ranks import DIVERGENCE, named_ranks, where
 from lightning_gradguard.primitives.text import plural
 
 __all__ = ["SEVERITIES", "Evidence", "block_of", "findings_of", "natural_key", "severity_of", "summarise_layers"]
@@ -325,19 +327,42 @@ def _recovered(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, 
     return out
 
 
+def _diverged(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
+    """``replica_divergence``: data-parallel replicas that should hold the same weights did not."""
+    found = [e for e in events if e["kind"] == DIVERGENCE]
+    if not found:
+        return []
+    odd = {r["rank"]: where(r) for e in found for r in named_ranks(e)}
+    majority = all((e.get("extra") or {}).get("majority") for e in found)
+    who = ", ".join(odd[r] for r in sorted(odd))
+    layers = summarise_layers(_layers(found), ev.order) or "unknown layers"
+    actions = ", ".join(dict.fromkeys(str(e.get("action")) for e in found))
+    head = f"{who} apart from the majority" if majority else f"no majority: {who} disagree"
+    what = f"replicas diverged at {_steps(found)} ({head}) in {layers} ({actions})"
+    advice = (
+        "a faulty device returns wrong finite values (silent data corruption): run the vendor's diagnostics on "
+        "the suspect devices (nvidia-smi -q, dcgmi diag) or leave their host out; Replicas(action='repair') "
+        "copies the majority's weights, 'rollback' restores a snapshot"
+        if majority
+        else "with two replicas no majority tells which is wrong: run the vendor's diagnostics on both devices, "
+        "or train on 3 or more replicas so that a majority can name the faulty one"
+    )
+    return [{"kind": DIVERGENCE, "severity": "unhealthy", "what": what, "advice": advice}]
+
+
 def findings_of(events: Sequence[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:
     """The findings of a run's events, the guard's own stop first; a component's own kinds last."""
     rows = list(events)
     spikes = [int(e["step"]) for e in rows if e["kind"] == "spike"]
     return [
-        *_stopped(rows, ev), *_nonfinite(rows, ev), *_grew(rows, spikes, ev), *_spiky(rows, ev),
+        *_stopped(rows, ev), *_diverged(rows, ev), *_nonfinite(rows, ev), *_grew(rows, spikes, ev), *_spiky(rows, ev),
         *_recovered(rows, ev), *_simple(rows, ev), *_components(rows, ev),
     ]  # fmt: skip
 
 
 # Every kind a finding above speaks for (the rest are a component's own, or informational).
 _KNOWN = frozenset({"stopped", "nonfinite", "amp_overflow", "exploding", "spike", "rollback", "spike_skipped",
-                    "update_spike", "moment_collapse", *_SIMPLE})  # fmt: skip
+                    "update_spike", "moment_collapse", DIVERGENCE, *_SIMPLE})  # fmt: skip
 
 
 def _components(events: list[Mapping[str, Any]], ev: Evidence) -> list[dict[str, Any]]:

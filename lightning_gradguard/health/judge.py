@@ -19,10 +19,12 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_gradguard.health.findings import SEVERITIES, Evidence, findings_of, natural_key, severity_of
+from lightning_gradguard.health.ranks import per_rank, suspect_devices
 from lightning_gradguard.health.replay import DEFAULTS, replay_caveat, replay_events, run_option
 from lightning_gradguard.primitives.ranges import batch_count, batch_ranges
 from lightning_gradguard.primitives.text import plural
@@ -43,6 +45,7 @@ KINDS = (  # the findings --fail-on can name
     "stopped",
     "rollback",
     "spike_skipped",
+    "replica_divergence",
 )
 VANISH = DEFAULTS["vanish_threshold"]
 _FLAG_OF = {"vanishing": "vanishing", "dead": "dead", "spike": "spiky", "unused": "unused"}
@@ -62,7 +65,8 @@ class RunHealth:
     know (a clipper at work, large early gradients); ``events_from`` says whether the findings come
     from the events the live guard recorded or from a replay of the logged series (older files);
     ``logged_steps`` counts the logging steps (0: a run shorter than its ``log_every_n_steps``, judged
-    by its recorded events alone).
+    by its recorded events alone); ``per_rank`` and ``suspect_devices`` are what the events say of each
+    rank of a data-parallel run and the devices they suspect (:mod:`.ranks`; empty for one process).
     """
 
     run: str
@@ -78,6 +82,8 @@ class RunHealth:
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     skipped_batches: list[dict[str, Any]] = field(default_factory=list)
     replays: list[dict[str, Any]] = field(default_factory=list)
+    per_rank: dict[str, dict[str, Any]] = field(default_factory=dict)
+    suspect_devices: list[dict[str, Any]] = field(default_factory=list)
     timesteps: dict[str, dict[str, float]] = field(default_factory=dict)
     profiles: dict[str, list[float]] = field(default_factory=dict)
     alert_kinds: dict[str, int] = field(default_factory=dict)
@@ -97,6 +103,12 @@ class RunHealth:
         if self.nonfinite_steps:
             found.add("nonfinite")
         return found
+
+    def fails(self, fail_on: Iterable[str] = ()) -> bool:
+        """Whether ``gradguard report`` exits 1 for this run: non-finite steps or replicas that diverged
+        (always: the model's state is wrong), or a finding of a kind that ``fail_on`` names."""
+        kinds = self.kinds()
+        return bool(self.nonfinite_steps) or "replica_divergence" in kinds or bool(kinds & set(fail_on))
 
     @property
     def healthy(self) -> bool:
@@ -177,6 +189,7 @@ def judge_run(run: str, data: RunData) -> RunHealth:
     rep.event_count = len(events)
     rep.rollbacks, rep.skipped_batches = _recovery(events)
     rep.replays = [_replay_of(e) for e in events if "replay" in (e.get("extra") or {})]
+    rep.per_rank, rep.suspect_devices = per_rank(events), suspect_devices(events)
     rep.skipped_steps = max(rep.skipped_steps, sum(1 for e in events if str(e.get("action", "")) == "skipped"))
     rep.layers = _layer_stats(ours, events)
     rep.layer_order = rep.layer_order or sorted(rep.layers, key=natural_key)

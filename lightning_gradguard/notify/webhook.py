@@ -25,7 +25,9 @@ or a checkpoint.
 
 The body is ``{"text": ..., "run": ..., "event": {...}}``: ``text`` is what Slack, Mattermost and
 Discord's Slack-compatible endpoint (``.../slack``) show; ``event`` is the structured
-:class:`~lightning_gradguard.events.GradEvent` (without its ``extra``).
+:class:`~lightning_gradguard.events.GradEvent` (without its ``extra``); an event that names ranks (a
+replica divergence, a replay in a run of several processes) adds ``"ranks": [{"rank", "host",
+"device"}]`` (:func:`~lightning_gradguard.health.ranks.named_ranks`).
 
 Example::
 
@@ -58,6 +60,7 @@ from urllib.parse import urlsplit
 from lightning_gradguard._validate import check_int, check_number
 from lightning_gradguard.core.alerts import warn
 from lightning_gradguard.events import GradEvent
+from lightning_gradguard.health.ranks import named_ranks
 
 __all__ = ["WebhookAlert"]
 
@@ -136,12 +139,13 @@ class WebhookAlert:
     def on_alert(self, event: GradEvent, message: str, run: str = "") -> None:
         """Queue one alert (never blocks: a full queue drops it and counts it in :attr:`dropped`)."""
         name = self.run_name or run or socket.gethostname()
-        body = {
-            "text": f"[{name}] step {event.step}: {message}",
-            "run": name,
-            "event": {k: v if not (isinstance(v, float) and not math.isfinite(v)) else None
-                      for k, v in event.as_dict().items() if k != "extra"},
-        }  # fmt: skip
+        row = event.as_dict()
+        fields: dict[str, Any] = {k: v if not (isinstance(v, float) and not math.isfinite(v)) else None
+                                  for k, v in row.items() if k != "extra"}  # fmt: skip
+        ranks = named_ranks(row)  # a divergence's odd ranks, a replay's suspects: where to look
+        if ranks:
+            fields["ranks"] = ranks
+        body = {"text": f"[{name}] step {event.step}: {message}", "run": name, "event": fields}
         self._ensure_thread()
         try:
             self._queue.put_nowait(json.dumps(body).encode())

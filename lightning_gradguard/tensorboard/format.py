@@ -135,8 +135,9 @@ def write_events(writer: Any, events: list[tuple[GradEvent, bool]], step: int) -
     return _write_json(writer, EVENTS_TAG, rows, step)
 
 
-# events whose extra is written too: a rollback's cause, snapshot and batches; a replay's verdict
-_EXTRA_KINDS = ("rollback", "spike_skipped", "nonfinite")
+# events whose extra is written too: a rollback's cause, snapshot and batches; a replay's verdict; the
+# ranks, hosts and devices of a replica divergence
+_EXTRA_KINDS = ("rollback", "spike_skipped", "nonfinite", "replica_divergence")
 
 
 def _row(event: GradEvent) -> dict[str, Any]:

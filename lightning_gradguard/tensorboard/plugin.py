@@ -47,6 +47,7 @@ from werkzeug import wrappers
 from lightning_gradguard.core.timesteps import summarize_profile
 from lightning_gradguard.health.findings import natural_key
 from lightning_gradguard.health.judge import ReportError, RunData, judge_run, rollback_batches, skipped_steps_of
+from lightning_gradguard.health.ranks import named_ranks
 from lightning_gradguard.health.replay import replay_events, run_option
 from lightning_gradguard.primitives.ranges import format_batch_ranges
 from lightning_gradguard.tensorboard import format as tbformat
@@ -265,12 +266,15 @@ class GradGuardPlugin(base_plugin.TBPlugin):  # type: ignore[misc]
     def events(self, ctx: Any, eid: str, run: str) -> list[dict[str, Any]]:
         """The events of the run (recorded, or replayed from an older file's logged steps: ``replayed``);
         a rollback's with the batches it undid as ranges, in the words of ``gradguard report``
-        (``batches``: ``0:0–0:20 (21 batches)``), from either version's event."""
+        (``batches``: ``0:0–0:20 (21 batches)``), from either version's event; an event that names ranks
+        (a replica divergence, a replay in a run of several processes) with them (``ranks``: ``[1, 3]``)."""
         out = []
         data = self.read(ctx, eid, run)
         for e in self._events_of(data, run):
             batches = rollback_batches(e.get("extra") or {}) if e.get("kind") == "rollback" else []
-            out.append({**e, "batches": format_batch_ranges(batches)} if batches else e)
+            ranks = [r["rank"] for r in named_ranks(e)]
+            added = {"batches": format_batch_ranges(batches)} if batches else {}
+            out.append({**e, **added, **({"ranks": ranks} if ranks else {})} if added or ranks else e)
         return out
 
     def timesteps(self, ctx: Any, eid: str, run: str) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def _logged(label: str) -> dict[str, list[tuple[int, float]]]:
 
 
 JUDGEMENT = ("verdict", "severity", "findings", "notes", "events_from", "event_count", "vanish_threshold", "replays",
-             "rollbacks", "skipped_batches", "logged_steps")  # fmt: skip
+             "rollbacks", "skipped_batches", "logged_steps", "per_rank", "suspect_devices")  # fmt: skip
 
 
 def _split(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -94,6 +94,9 @@ EXPECTED: dict[str, Any] = {
     "skipped_batches": [{"step": 5, "reason": "nonfinite"}, {"step": 9, "reason": "nonfinite"}],
     "rollbacks": [],
     "replays": [],
+    # one process: no event names a rank (no replica check, no replay), so nothing per rank, no suspect
+    "per_rank": {},
+    "suspect_devices": [],
     "logged_steps": 16,  # log_every_n_steps=1 over 16 steps
     # 0.2.0 recorded no threshold: the guard's default, 1e-8; the pre-split run recorded 1e-8
     "vanish_threshold": 1e-8,
@@ -181,7 +184,8 @@ def test_the_cli_judges_an_older_event_file_as_a_person_does(label: str) -> None
     judged = _split(now)[1]
     assert set(judged) == {*JUDGEMENT, "flags"}  # a new key of the judgement needs an expectation here
     _check_judgement(label, judged)
-    for key in ("flags", "skipped_batches", "rollbacks", "replays", "logged_steps", "vanish_threshold", "event_count"):
+    for key in ("flags", "skipped_batches", "rollbacks", "replays", "logged_steps", "vanish_threshold", "event_count",
+                "per_rank", "suspect_devices"):  # fmt: skip
         assert judged[key] == EXPECTED[key], key
 
 

@@ -3,7 +3,9 @@
 * :func:`replay_closure`: ``training_step`` again on the step's (last) batch, with ``self.log`` and
   ``self.log_dict`` silenced (a replay's values must not reach the run's metrics: measured, an
   ``on_epoch=True`` metric otherwise reports the replay's value). The core runs it with the module's
-  attributes as they were at ``on_train_batch_start`` and puts them back afterwards.
+  attributes as they were at ``on_train_batch_start`` and puts them back afterwards. It is a
+  :class:`~lightning_gradguard.core.attribution.ReplayClosure`: under DDP the core can run it on
+  another rank's batch too (a cross-rank replay: which device?).
 * :func:`replay_precision`: the run's autocast (the precision plugin's forward context).
 * :func:`why_no_replay`: where a replay cannot work, said once at ``on_fit_start``.
 * :func:`keep_local_faults`: under DDP, a communication hook (the default all-reduce plus one
@@ -19,6 +21,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from lightning_gradguard.core.attribution import ReplayClosure
+
 __all__ = ["keep_local_faults", "replay_closure", "replay_precision", "why_no_replay"]
 
 
@@ -26,11 +30,13 @@ def _silent(*args: Any, **kwargs: Any) -> None:
     """``self.log`` during a replay: the replay's values must not reach the run's metrics."""
 
 
-def replay_closure(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Callable[[], Any]:
+def replay_closure(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> ReplayClosure:
     """``training_step(batch, batch_idx)`` of ``pl_module`` with ``self.log`` and ``self.log_dict``
-    silenced for its duration (a module's own ``log`` attribute, if it set one, is put back)."""
+    silenced for its duration (a module's own ``log`` attribute, if it set one, is put back); its
+    ``.on(other)`` runs ``training_step(other, batch_idx)`` (another rank's batch, already on this
+    rank's device)."""
 
-    def closure() -> Any:
+    def step(batch: Any) -> Any:
         state = vars(pl_module)
         own = {name: state[name] for name in ("log", "log_dict") if name in state}
         for name in ("log", "log_dict"):
@@ -44,7 +50,7 @@ def replay_closure(pl_module: pl.LightningModule, batch: Any, batch_idx: int) ->
                 else:
                     del state[name]
 
-    return closure
+    return ReplayClosure(step, batch)
 
 
 def replay_precision(trainer: pl.Trainer) -> Callable[[], Any] | None:

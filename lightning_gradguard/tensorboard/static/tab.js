@@ -8,7 +8,8 @@
 // non-finite steps marked, skipped steps in their own colour, the thresholds in the legend) with the
 // events on the same time axis, and the same for the update-to-weight ratios (track_updates);
 // one per-timestep heatmap per tracked sequence (timesteps x logging steps, with the horizon
-// line); the events table, whose rows jump to their step. Every cell shows its value on hover.
+// line); the events table, whose rows jump to their step (with the ranks an event names: a replica
+// divergence's odd ranks, a replay's suspects). Every cell shows its value on hover.
 
 const SVG = 'http://www.w3.org/2000/svg';
 const VIRIDIS = [
@@ -27,7 +28,7 @@ const KIND_COLOURS = {
   nonfinite: NONFINITE, amp_overflow: '#9467bd', exploding: EXPLODING, spike: '#e377c2',
   vanishing: '#7f7f7f', dead: '#8c564b', unused: '#bcbd22', loss_scale_collapse: '#17becf',
   vanishing_in_time: '#1f77b4', exploding_in_time: '#ff9896', stopped: '#000000', rollback: '#2ca02c',
-  spike_skipped: '#c5b0d5',
+  spike_skipped: '#c5b0d5', replica_divergence: '#8b0000',
 };
 
 const STYLE = `
@@ -322,11 +323,13 @@ function eventsView(events, jumpTo) {
     return section;
   }
   const table = el('table', {class: 'gg-events'});
-  table.appendChild(el('tr', {}, ['step', 'kind', 'origin', 'layers', 'message'].map((h) => el('th', {}, [h]))));
+  const heads = ['step', 'kind', 'ranks', 'origin', 'layers', 'message'];
+  table.appendChild(el('tr', {}, heads.map((h) => el('th', {}, [h]))));
   for (const e of events) {
     const row = el('tr', {class: 'gg-event', 'data-step': e.step, 'data-kind': e.kind}, [
       el('td', {}, [String(e.step)]),
       el('td', {class: 'gg-kind', style: `color: ${KIND_COLOURS[e.kind] || '#555'}`}, [e.kind]),
+      el('td', {class: 'gg-ranks'}, [(e.ranks || []).join(', ')]),  // a divergence's odd ranks, a replay's suspects
       el('td', {}, [e.origin || '']),
       el('td', {}, [(e.layers || []).join(', ')]),
       el('td', {}, [e.message || '',
