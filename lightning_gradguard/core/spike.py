@@ -17,10 +17,16 @@ the flags are summed across ranks, so the decision is shared, and each rank's z-
 same collective, so that the event reports the largest, the one that decided.
 
 The statistics are float64 where the device has it (float32 on Apple's MPS).
+
+When nothing on the device reads the statistic (no ``skip_spikes``, no rollback on confirmed spikes:
+the ``spike`` event alone), the same rule runs on the host instead, on the total norm the step reads
+anyway, after the read (a deferred step's, when it settles): no kernel at all on the step. A
+checkpoint's and a snapshot's state is the same either way.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,7 +34,15 @@ from torch import Tensor
 
 from lightning_gradguard.core.component import GuardComponent, Setup, StepContext
 from lightning_gradguard.detectors.base import Observation
-from lightning_gradguard.detectors.spike import ALPHA, MIN_STD, NEW_LEVEL, spike_restart, spike_score, spike_update
+from lightning_gradguard.detectors.spike import (
+    ALPHA,
+    FLOATS,
+    MIN_STD,
+    NEW_LEVEL,
+    spike_restart,
+    spike_score,
+    spike_update,
+)
 from lightning_gradguard.events import GradEvent
 
 __all__ = ["SpikeStatistic"]
@@ -43,6 +57,7 @@ class _Tensors:
 
 
 _TORCH = _Tensors()
+_TINY = torch.finfo(torch.float32).tiny  # the floor of the norm's log, as on the device
 
 
 class SpikeStatistic(GuardComponent):
@@ -75,7 +90,9 @@ class SpikeStatistic(GuardComponent):
         self.event_zscore, self.skip_zscore, self.confirm_zscore = event_zscore, skip_zscore, confirm_zscore
         self.new_level = new_level
         self.loss_on = skip_zscore is not None or confirm_zscore is not None
+        self.on_host = not self.loss_on  # no decision on the device reads it: the rule on host floats
         self.state: Tensor | None = None  # (2, 4): rows norm, loss; columns n, mean, m2, flagged in a row
+        self._rows: list[list[float]] | None = None  # the same, on the host (on_host)
         self.rank, self.world_size = 0, 1
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
@@ -93,7 +110,7 @@ class SpikeStatistic(GuardComponent):
     def _values(self, total: Tensor, loss: Tensor | None) -> tuple[Tensor, Tensor]:
         state = self._state(total.device)
         total = total.detach().to(state.dtype).reshape(())
-        norm_x = torch.log(total.clamp(min=torch.finfo(torch.float32).tiny))
+        norm_x = torch.log(total.clamp(min=_TINY))
         norm_ok = torch.isfinite(total) & (total > 0)
         if loss is None:
             loss_x, loss_ok = torch.zeros_like(norm_x), torch.zeros_like(norm_ok)
@@ -129,12 +146,37 @@ class SpikeStatistic(GuardComponent):
             state = torch.where(restart.unsqueeze(1), torch.zeros_like(state), counted)
         self.state = state
 
+    def _host_rows(self) -> list[list[float]]:
+        """The statistics as host floats (a loaded or restored tensor is read once)."""
+        if self._rows is None:
+            self._rows = self.state.tolist() if self.state is not None else [[0.0] * 4, [0.0] * 4]
+            self.state = None
+        return self._rows
+
+    def _host_step(self, total: float, healthy: bool) -> float:
+        """``on_host``: the step's z-score of log(total norm), then the step fed into the statistics:
+        ``score`` and ``feed`` on floats, as the device runs them (the loss row only counts the run)."""
+        rows = self._host_rows()
+        n, mean, m2, run = rows[0]
+        ok = math.isfinite(total) and total > 0
+        x = math.log(max(total, _TINY)) if ok else 0.0
+        z = float(spike_score(n, mean, m2, x, ok, warmup=self.warmup, floor=MIN_STD, ops=FLOATS))
+        spiked = self.event_zscore is not None and z > self.event_zscore
+        rows[0][:3] = spike_update(n, mean, m2, x, ok and healthy and not spiked, warmup=self.warmup, alpha=ALPHA,
+                                   ops=FLOATS)  # fmt: skip
+        run, restart = spike_restart(run, spiked, new_level=self.new_level, ops=FLOATS)
+        if restart:
+            self._rows = [[0.0] * 4, [0.0] * 4]
+        else:
+            rows[0][3] = rows[1][3] = float(run)
+        return z
+
     @property
     def stats(self) -> tuple[int, float, float]:
         """(finite steps seen, μ, σ) of log(total norm) (one host read); σ is NaN during the warm-up."""
-        if self.state is None:
+        if self.state is None and self._rows is None:
             return 0, 0.0, float("nan")
-        n, mean, m2, _ = self.state[0].tolist()
+        n, mean, m2, _ = self._rows[0] if self._rows is not None else self.state[0].tolist()  # type: ignore[index]
         return int(n), mean, float("nan") if n < self.warmup else max(m2, 0.0) ** 0.5
 
     # ------------------------------------------------------------------ the hooks
@@ -157,6 +199,8 @@ class SpikeStatistic(GuardComponent):
         return None
 
     def register(self, ctx: StepContext) -> None:
+        if self.on_host:  # scored in observe, from the read
+            return
         m = ctx.measurement
         assert m is not None
         loss = ctx.extra.get("spike_loss")
@@ -176,6 +220,8 @@ class SpikeStatistic(GuardComponent):
         self._step = (m.total, loss, norm_z)  # type: ignore[assignment]
 
     def flags_reduced(self, ctx: StepContext, flags: dict[str, Tensor]) -> None:
+        if self.on_host:
+            return
         assert self._step is not None
         total, loss, norm_z = self._step
         self._step = None
@@ -199,11 +245,13 @@ class SpikeStatistic(GuardComponent):
         )  # fmt: skip
 
     def observe(self, ctx: StepContext, obs: Observation) -> None:
-        obs.spike_z = ctx.read["spike_norm_z"]
+        obs.spike_z = self._host_step(obs.total, obs.finite) if self.on_host else ctx.read["spike_norm_z"]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The statistics as plain floats (one host read: checkpoints only)."""
+        if self._rows is not None:
+            return {"norm": list(self._rows[0]), "loss": list(self._rows[1])}
         if self.state is None:
             return {}
         norm, loss = self.state.tolist()
@@ -213,6 +261,7 @@ class SpikeStatistic(GuardComponent):
         if "norm" in state:
             rows = [list(state["norm"]), list(state.get("loss", [0.0] * 4))]
             self.state = torch.tensor([(row + [0.0] * 4)[:4] for row in rows], dtype=torch.float64)
+            self._rows = None
 
     def load_legacy(self, state: dict[str, Any]) -> None:
         """A checkpoint of 0.2.x/0.3.x: the host statistic of the ``spike`` event (``spike``: n, mean,
@@ -228,9 +277,15 @@ class SpikeStatistic(GuardComponent):
             rows[0] = [float(host["n"]), float(host.get("mean", 0.0)), float(host.get("m2", 0.0)), rows[0][3]]
         if device or (isinstance(host, dict) and "n" in host):
             self.state = torch.tensor(rows, dtype=torch.float64)
+            self._rows = None
 
     def snapshot_state(self) -> Any:
+        if self._rows is not None:
+            return [list(row) for row in self._rows]
         return None if self.state is None else self.state.clone()  # a device copy: no host read
 
     def load_snapshot_state(self, state: Any) -> None:
-        self.state = None if state is None else state.clone()
+        if isinstance(state, list):
+            self.state, self._rows = None, [list(row) for row in state]
+        else:
+            self.state, self._rows = (None if state is None else state.clone()), None
