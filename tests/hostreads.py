@@ -27,7 +27,9 @@ of a CPU tensor does nothing and is not counted (a value read from it is); nor i
 same steps under ``torch.cuda.set_sync_debug_mode("error")`` for those.
 
 Opening the first region imports ``torch._dynamo`` (the dispatch mode's machinery): a few seconds,
-once per process. Single-process code only (no DTensor, no multi-process tests).
+once per process. Single-process code only (no DTensor, no multi-process tests). A region counts the
+reads of the thread that opened it: a background thread's (the guard's image renderer) never blocks
+the step, and would land in whichever step it overlaps.
 """
 
 from __future__ import annotations
@@ -85,8 +87,11 @@ class _Region:
     def __init__(self, under: str | None) -> None:
         self.calls: list[HostReadCall] = []
         self.under = under
+        self.thread = threading.get_ident()  # the thread whose reads count (the wrapped methods are global)
 
     def record(self, what: str) -> None:
+        if threading.get_ident() != self.thread:  # another thread's (a background renderer's): not this code's
+            return
         where, files = _stack()
         if self.under is None or any(f.startswith(self.under) for f in files):
             self.calls.append(HostReadCall(what, where))

@@ -8,6 +8,7 @@ survived a detector that knew seven Tensor method names, called from package fra
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -137,6 +138,17 @@ def test_nested_regions_each_see_every_read_once() -> None:
         t.tolist()
     assert [c.what for c in inner] == ["Tensor.__float__", "aten.equal"]
     assert [c.what for c in outer] == ["Tensor.__float__", "aten.equal", "Tensor.tolist"]
+
+
+def test_a_region_counts_its_own_thread_s_reads_not_a_background_thread_s() -> None:
+    """The guard's image renderer reads on its own thread, at any time: a step's count must not catch it."""
+    t = torch.tensor([1.0, 2.0])
+    with host_reads() as calls:
+        worker = threading.Thread(target=t.tolist)
+        worker.start()
+        worker.join()
+        t.numpy()
+    assert [c.what for c in calls] == ["Tensor.numpy"]
 
 
 def test_the_package_filter_keeps_the_reads_made_under_package_frames() -> None:
