@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard, GradGuardWarning
-from lightning_gradguard.core import attribution
+from lightning_gradguard.core import cross_replay
 from lightning_gradguard.integrations.lightning import replay
 from tests.helpers import Once, leave_when_written, once
 
@@ -131,7 +131,7 @@ def fit(scenario: str) -> dict[str, Any]:
         callbacks=[reference, guard],
     )  # fmt: skip
     replay.replay_closure = plain_closure if scenario == "plain" else PLAIN  # type: ignore[assignment]
-    attribution.EXCHANGE_TIMEOUT_S = 3.0 if scenario == "slow" else 300.0  # read when the group is made
+    cross_replay.EXCHANGE_TIMEOUT_S = 3.0 if scenario == "slow" else 300.0  # read when the group is made
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GradGuardWarning)
         trainer.fit(Net(scenario))

@@ -34,7 +34,6 @@ devices, and the layers that differ; then the action:
 from __future__ import annotations
 
 import dataclasses
-import platform
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard.core.component import GuardComponent, Setup, StepContext
+from lightning_gradguard.core.verdicts import where_am_i
 from lightning_gradguard.errors import warn
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.primitives.text import plural
@@ -193,7 +193,8 @@ class ReplicaCheck(GuardComponent):
         if self.world <= 1:
             self._off = "one process: nothing to compare"
             return
-        me = _where_am_i(setup.model)
+        first = next(iter(setup.model.parameters()), None) if setup.model is not None else None
+        me = {k: v for k, v in where_am_i([_local(first)] if first is not None else []).items() if k != "rank"}
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() == self.world:
@@ -338,15 +339,6 @@ class ReplicaCheck(GuardComponent):
 
     def config(self) -> dict[str, Any]:
         return {"replicas": dataclasses.asdict(self.options)}
-
-
-def _where_am_i(model: Any) -> dict[str, str]:
-    device = torch.device("cpu")
-    for p in model.parameters() if model is not None else ():
-        device = _local(p).device
-        break
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"host": platform.node(), "device": str(device), "device_name": name}
 
 
 def _vote(slots: Sequence[_Slot], sums: list[list[int]]) -> tuple[list[int], list[int], list[str], bool]:

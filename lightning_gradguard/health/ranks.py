@@ -16,7 +16,7 @@ tells which replica is wrong). Only a run of several processes has ranks to spea
 single-process replay (no gathered ``ranks``, no cross-rank replay) names none.
 
 This module imports nothing but the standard library (the report imports no torch): the verdict
-words are :mod:`~lightning_gradguard.core.attribution`'s ``TRANSIENT`` and ``DEVICE``, restated.
+words ``TRANSIENT`` and ``DEVICE`` of :mod:`~lightning_gradguard.core.verdicts` are restated.
 
 Example::
 
@@ -38,7 +38,7 @@ from typing import Any
 __all__ = ["DIVERGENCE", "named_ranks", "per_rank", "suspect_devices", "where"]
 
 DIVERGENCE = "replica_divergence"
-TRANSIENT, DEVICE = "transient", "device"  # core/attribution.py's TRANSIENT and DEVICE
+TRANSIENT, DEVICE = "transient", "device"  # as in core/verdicts.py
 
 
 def _replay(event: Mapping[str, Any]) -> dict[str, Any] | None:

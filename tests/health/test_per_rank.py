@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 
-from lightning_gradguard.core.attribution import DEVICE, TRANSIENT, conclude_cross, describe
+from lightning_gradguard.core.attribution import describe
+from lightning_gradguard.core.cross_replay import conclude_cross
+from lightning_gradguard.core.verdicts import DEVICE, TRANSIENT
 from lightning_gradguard.events import GradEvent
 from lightning_gradguard.health import ranks as per_rank_module
 from lightning_gradguard.tensorboard import format as tbformat

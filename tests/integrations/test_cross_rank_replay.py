@@ -21,13 +21,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard.core.attribution import (
+from lightning_gradguard.core.attribution import attribute, describe
+from lightning_gradguard.core.cross_replay import (
     ReplayClosure,
     _pack,
     _rng_here,
-    attribute,
     conclude_cross,
-    describe,
     plan_cross_replay,
     replay_batch_of,
 )

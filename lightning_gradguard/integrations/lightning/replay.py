@@ -4,7 +4,7 @@
   ``self.log_dict`` silenced (a replay's values must not reach the run's metrics: measured, an
   ``on_epoch=True`` metric otherwise reports the replay's value). The core runs it with the module's
   attributes as they were at ``on_train_batch_start`` and puts them back afterwards. It is a
-  :class:`~lightning_gradguard.core.attribution.ReplayClosure`: under DDP the core can run it on
+  :class:`~lightning_gradguard.core.cross_replay.ReplayClosure`: under DDP the core can run it on
   another rank's batch too (a cross-rank replay: which device?).
 * :func:`replay_precision`: the run's autocast (the precision plugin's forward context).
 * :func:`why_no_replay`: where a replay cannot work, said once at ``on_fit_start``.
@@ -21,7 +21,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from lightning_gradguard.core.attribution import ReplayClosure
+from lightning_gradguard.core.cross_replay import ReplayClosure
 
 __all__ = ["keep_local_faults", "replay_closure", "replay_precision", "why_no_replay"]
 
