@@ -58,6 +58,21 @@ def test_the_body_is_the_text_the_run_and_the_event_without_extra_non_finite_as_
     assert (alert.sent, alert.failed, alert.dropped) == (2, 0, 0)
 
 
+def test_an_event_that_names_ranks_carries_them_with_their_hosts_and_devices() -> None:
+    """A replica divergence names the odd rank: the payload says where to look (the rest of ``extra``
+    stays out)."""
+    divergence = GradEvent("replica_divergence", step=7, layers=("l1",), message="apart", action="repaired",
+                           extra={"ranks": [1], "apart": [0, 1, 2], "majority": True, "layers": ["l1"],
+                                  "devices": {"1": {"host": "node-b", "device": "cuda:1"}}})  # fmt: skip
+    with Hook().running() as hook:
+        alert = WebhookAlert(hook.url, close_timeout=HANG_GUARD)
+        alert.on_alert(divergence, "apart", "ddp")
+        alert.close()
+    (post,) = hook.posts
+    assert post["event"]["ranks"] == [{"rank": 1, "host": "node-b", "device": "cuda:1"}]
+    assert set(post["event"]) == {*GradEvent.__dataclass_fields__} - {"extra"} | {"ranks"}
+
+
 def test_the_run_is_named_by_the_option_else_the_guard_else_the_host() -> None:
     with Hook().running() as hook:
         for run_name, run in (("mine", "guard/1"), (None, "guard/1"), (None, ""), (None, None)):
