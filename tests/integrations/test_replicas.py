@@ -197,3 +197,17 @@ def test_only_check_steps_add_to_the_collective(runs: dict[str, list[dict[str, A
     for step in range(16):
         extra = 3 * layers * 2 if (step + 1) % 4 == 0 else 0  # world x layers x two 16-bit halves
         assert warn[str(step)] == off[str(step)] + extra, step
+
+
+# ---------------------------------------------------------------------------- HSDP, 4 processes
+def test_under_hsdp_the_check_compares_each_shard_across_its_replicate_dimension(tmp_path: Path) -> None:
+    """FSDP2 over a 2-D mesh [[0, 1], [2, 3]] (replicate, shard): ranks 0 and 2 hold one shard, 1 and 3
+    the other. Rank 2's flipped bit makes 0 and 2 disagree in l1, and no one else; with two replicas no
+    majority tells which is wrong, so both are named, on every rank alike."""
+    proc = launch(Path(__file__).resolve().parents[1] / "hsdp_replica_run.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"hsdp{r}.json").read_text()) for r in range(4)]
+    assert all(r["mesh"] == [[0, 1], [2, 3]] for r in ranks)
+    expected = [{"step": s, "layers": ["l1"], "ranks": [0, 2], "apart": [0, 2], "majority": False} for s in (7, 11)]
+    assert all(r["divergences"] == expected for r in ranks), [r["divergences"] for r in ranks]
+    assert all(r["checks"] == 3 for r in ranks)  # steps 3, 7, 11: the flip at 5 is found at the next check
