@@ -177,6 +177,7 @@ def test_the_sender_is_a_daemon_thread_by_name() -> None:
         assert sender.daemon  # a run that ends never waits for it (close() is called at exit)
         gate.set()
         alert.close()
+    assert not sender.is_alive()  # close() stopped it: it does not linger to the end of the process
 
 
 class _Headers(BaseHTTPRequestHandler):
