@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -391,22 +389,6 @@ def test_a_fault_without_a_total_norm_is_reported_as_nan() -> None:
                   optimizer_idx=0)  # fmt: skip
     event, skipped = core.policy.decide(Verdict(False, True, False), math.nan, lambda: fault, lambda e: e)
     assert event is not None and skipped and math.isnan(event.value) and event.origin == "loss"
-
-
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[Any]:
-    """A one-rank gloo process group and its CPU mesh, in this process, torn down after the test."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed, and no process group of its own")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_sharded_models_non_finite_loss_is_named_from_the_flags_shared_with_its_norms(mesh: Any) -> None:
