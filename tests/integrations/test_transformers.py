@@ -366,7 +366,6 @@ def test_a_guard_the_trainer_recreated_from_a_checkpoint_is_refused(tmp_path: Pa
 
 
 # ------------------------------------------------------------------------------ distributed
-@pytest.mark.slow
 def test_ddp_under_torchrun_a_fault_on_one_rank_is_skipped_by_both(tmp_path: Path) -> None:
     script = ROOT / "tests" / "hf_ddp_run.py"
     for attempt in range(2):
