@@ -170,6 +170,20 @@ class Recovery(GuardComponent):
         self._positions: dict[int, list[tuple[int, int]]] = {}
 
     # ------------------------------------------------------------ the hooks
+    def chain_model_hook(self, model: Any, user: Callable[[GradEvent], Any] | None) -> None:
+        """After a rollback, ``model.on_gradguard_rollback(event)`` (when the model defines one) runs after
+        the ``on_rollback`` option's callable ``user``: the state the guard cannot see (an adapter calls
+        this at setup, with the model its trainer trains)."""
+        hook = getattr(model, "on_gradguard_rollback", None)
+
+        def on_rollback(event: GradEvent) -> None:
+            if user is not None:
+                user(event)
+            if callable(hook):
+                hook(event)
+
+        self.on_rollback = on_rollback if (user is not None or callable(hook)) else None
+
     def setup(self, setup: Setup) -> None:
         """What a snapshot covers; the skip file beside the logs (``setup.log_dir``): a resumed run's is
         merged with its checkpoint's list, a fresh run starts it empty."""

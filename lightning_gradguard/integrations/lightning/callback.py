@@ -235,7 +235,7 @@ class GradGuard(GuardCore, _Base):
         recovery = self.component("recovery")
         if recovery is not None:
             user = self.__dict__.setdefault("_user_on_rollback", getattr(recovery, "on_rollback", None))
-            trainer_glue.hook_module(recovery, pl_module, user)
+            recovery.chain_model_hook(pl_module, user)  # type: ignore[attr-defined]
         replayer = self.component("replay")
         self._replay_off = replay.why_no_replay(trainer, pl_module) if replayer is not None else None
         if replayer is not None and self._replay_off is None:

@@ -13,11 +13,10 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_gradguard.core.alerts import AlertRouter
-from lightning_gradguard.events import GradEvent
 from lightning_gradguard.notify.wandb import WandbAlert
 
 __all__ = [
-    "cadence", "check_trainer", "connect_wandb", "hook_module", "profile_gatherer", "run_name",
+    "cadence", "check_trainer", "connect_wandb", "profile_gatherer", "run_name",
     "warn_without_optimizer",
 ]  # fmt: skip
 
@@ -95,20 +94,6 @@ def profile_gatherer(trainer: pl.Trainer) -> Callable[[Any], list[Any]] | None:
         return out
 
     return gather
-
-
-def hook_module(recovery: Any, pl_module: pl.LightningModule, user: Callable[[GradEvent], Any] | None) -> None:
-    """After a rollback, the LightningModule's ``on_gradguard_rollback(event)`` (when it defines one)
-    runs after the ``on_rollback`` option's callable ``user``: the state the guard cannot see."""
-    hook = getattr(pl_module, "on_gradguard_rollback", None)
-
-    def on_rollback(event: GradEvent) -> None:
-        if user is not None:
-            user(event)
-        if callable(hook):
-            hook(event)
-
-    recovery.on_rollback = on_rollback if (user is not None or callable(hook)) else None
 
 
 def connect_wandb(trainer: pl.Trainer, alerts: AlertRouter, previous: WandbAlert | None) -> WandbAlert | None:

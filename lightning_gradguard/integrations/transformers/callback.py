@@ -192,7 +192,7 @@ class GradGuardCallback(GuardCore, TrainerCallback, ExportableState):
         recovery = self.component("recovery")
         if recovery is not None:
             user = self.__dict__.setdefault("_user_on_rollback", getattr(recovery, "on_rollback", None))
-            trainer_glue.hook_model(recovery, model, user)
+            recovery.chain_model_hook(model, user)  # type: ignore[attr-defined]
         self._tap = ForwardTap(model, lambda: self.begin_step(self._step_now), self.observe_loss)
         self.replay_off = trainer_glue.why_no_replay() if self.component("replay") is not None else None
         if self.replay_off is not None and state.is_world_process_zero:

@@ -15,10 +15,9 @@ from torch import Tensor
 
 from lightning_gradguard.core.alerts import is_rank_zero
 from lightning_gradguard.errors import warn
-from lightning_gradguard.events import GradEvent
 
 __all__ = [
-    "STATE_NAME", "DataLayout", "cadence", "check_trainer", "find_handler", "gatherer", "hook_model", "rank",
+    "STATE_NAME", "DataLayout", "cadence", "check_trainer", "find_handler", "gatherer", "rank",
     "reducer", "resumed_state", "scaler_unscaled", "sharded", "why_no_replay", "world_size",
 ]  # fmt: skip
 
@@ -184,20 +183,6 @@ def sharded(model: Any) -> bool:
     except ImportError:  # pragma: no cover - torch without distributed
         return False
     return isinstance(model, FullyShardedDataParallel)
-
-
-def hook_model(recovery: Any, model: Any, user: Callable[[GradEvent], Any] | None) -> None:
-    """After a rollback, the model's ``on_gradguard_rollback(event)`` (when it defines one) runs after the
-    ``on_rollback`` option's callable ``user``: the state the guard cannot see."""
-    hook = getattr(model, "on_gradguard_rollback", None)
-
-    def on_rollback(event: GradEvent) -> None:
-        if user is not None:
-            user(event)
-        if callable(hook):
-            hook(event)
-
-    recovery.on_rollback = on_rollback if (user is not None or callable(hook)) else None
 
 
 def resumed_state(state: Any) -> dict[str, Any] | None:
